@@ -1,0 +1,57 @@
+# ds4-workbench: the two commands every user runs are `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+VBIN    := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TINY    := data/tiny.gguf
+
+.PHONY: demo test bench lab venv blas clean browser-deps
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	$(MAKE) --no-print-directory blas
+	touch $(STAMP)
+
+# OpenBLAS for MLX's CPU backend: the mlx[cpu] wheel bundles the slow netlib reference
+# BLAS. Install Debian's OpenBLAS where we may (root), then make every process of the
+# venv load it first through a .pth hook (see workbench/_blas.py).
+blas:
+	@if [ "$$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenblas.so.0'; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1)) || true; \
+	  fi; \
+	fi
+	@$(VPY) -m workbench._blas --install-pth
+
+$(TINY): $(STAMP)
+	$(VBIN)/workbench synth --preset tiny --out $(TINY)
+
+demo: $(STAMP) $(TINY)
+	$(VBIN)/workbench demo --model $(TINY)
+
+test: $(STAMP) browser-deps
+	$(VBIN)/python -m pytest -q -p no:cacheprovider
+
+# Debian's Chromium for the JupyterLab browser test (skipped where it cannot be had).
+browser-deps:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+	  echo "warning: chromium could not be installed; the browser test will be skipped"; \
+	fi
+
+bench: $(STAMP) $(TINY)
+	$(VBIN)/workbench bench
+
+lab: $(STAMP)
+	$(VPY) -m workbench.kernelspec --prefix $(VENV)
+	$(VBIN)/jupyter lab --notebook-dir=notebooks
+
+clean:
+	rm -rf build data/*.gguf

@@ -1,0 +1,65 @@
+"""The ``workbench`` command line: one sub-command per module in ``workbench.commands``.
+
+Each command module defines ``HELP`` (one line), ``configure(parser)`` and
+``run(args) -> int``. Every command accepts ``--json`` where it prints results, and on
+bad input exits non-zero with a one-line reason (a :class:`WorkbenchError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from workbench.errors import WorkbenchError
+
+COMMANDS = {
+    "synth": "workbench.commands.synth",
+    "inspect": "workbench.commands.inspect",
+    "doctor": "workbench.commands.doctor",
+    "run": "workbench.commands.run",
+    "vectors": "workbench.commands.vectors",
+    "kv": "workbench.commands.kv",
+    "demo": "workbench.commands.demo",
+    "bench": "workbench.commands.bench",
+}
+
+
+def _available() -> dict:
+    mods = {}
+    for name, path in COMMANDS.items():
+        try:
+            mods[name] = importlib.import_module(path)
+        except ModuleNotFoundError as err:
+            if err.name != path:  # a real import error inside an existing command
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="DeepSeek V4 Flash workbench (MLX, ds4 GGUF, KV cache)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, mod in _available().items():
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.configure(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workbench import _blas
+
+    _blas.preload()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except WorkbenchError as err:
+        print(f"workbench {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"workbench {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

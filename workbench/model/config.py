@@ -1,0 +1,169 @@
+"""Model hyperparameters, read from a ds4 GGUF's ``deepseek4.*`` metadata.
+
+Every dimension the model, the state layout and the KV format use comes from here, so a
+tiny synthetic model and the real 43-layer one differ only in numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from workbench.errors import WorkbenchError
+
+PREFIX = "deepseek4."
+
+
+class ConfigError(WorkbenchError):
+    """A required metadata key is missing or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """DeepSeek V4 Flash hyperparameters (names follow ds4; real values in comments)."""
+
+    n_layer: int  # 43
+    n_embd: int  # 4096
+    n_vocab: int  # 129280
+    n_head: int  # 64 query heads
+    n_head_kv: int  # 1 (one shared K=V row)
+    head_dim: int  # 512 (key_length == value_length)
+    n_rot: int  # 64, the last dims of each head
+    q_lora_rank: int  # 1024
+    o_lora_rank: int  # 1024
+    o_groups: int  # 8
+    n_expert: int  # 256
+    n_expert_used: int  # 6
+    n_ff_exp: int  # 2048
+    n_expert_shared: int  # 1
+    n_hash_layer: int  # 3
+    n_swa: int  # 128 raw sliding window
+    idx_heads: int  # 64
+    idx_dim: int  # 128
+    idx_topk: int  # 512
+    n_hc: int  # 4 hyper-connection streams
+    sinkhorn_iters: int  # 20
+    compress_ratios: tuple[int, ...]  # per layer: 0, 4 or 128
+    swiglu_clamp: tuple[float, ...]  # per layer, 10.0
+    rope_freq_base: float = 10000.0
+    compress_rope_freq_base: float = 160000.0
+    rope_scaling_factor: float = 16.0
+    rope_orig_ctx: int = 65536
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    expert_weights_scale: float = 1.5
+    rms_eps: float = 1e-6
+    hc_eps: float = 1e-6
+    expert_weights_norm: bool = True
+    context_length: int = 1048576
+    name: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    # ---- derived -------------------------------------------------------------
+    def ratio(self, layer: int) -> int:
+        """Compression ratio of a layer: 0 (raw only), 4 (with indexer) or 128."""
+        return self.compress_ratios[layer]
+
+    @property
+    def hc_dim(self) -> int:
+        return self.n_hc * self.n_embd
+
+    @property
+    def hc_mix(self) -> int:
+        """Width of the HC projection output: pre (n_hc) + post (n_hc) + combine (n_hc²)."""
+        return 2 * self.n_hc + self.n_hc * self.n_hc
+
+    @property
+    def n_nope(self) -> int:
+        return self.head_dim - self.n_rot
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> "ModelArgs":
+        """Build from GGUF metadata; raise ConfigError naming every missing key."""
+        missing: list[str] = []
+
+        def get(key: str, default: Any = None, required: bool = True) -> Any:
+            full = PREFIX + key
+            if full in meta:
+                return meta[full]
+            if required:
+                missing.append(full)
+            return default
+
+        n_layer = int(get("block_count", 0))
+        ratios = get("attention.compress_ratios", [])
+        clamp = get("swiglu_clamp_exp", [])
+        args = dict(
+            n_layer=n_layer,
+            n_embd=int(get("embedding_length", 0)),
+            n_vocab=int(get("vocab_size", 0)),
+            n_head=int(get("attention.head_count", 0)),
+            n_head_kv=int(get("attention.head_count_kv", 1)),
+            head_dim=int(get("attention.key_length", 0)),
+            n_rot=int(get("rope.dimension_count", 0)),
+            q_lora_rank=int(get("attention.q_lora_rank", 0)),
+            o_lora_rank=int(get("attention.output_lora_rank", 0)),
+            o_groups=int(get("attention.output_group_count", 0)),
+            n_expert=int(get("expert_count", 0)),
+            n_expert_used=int(get("expert_used_count", 0)),
+            n_ff_exp=int(get("expert_feed_forward_length", 0)),
+            n_expert_shared=int(get("expert_shared_count", 1)),
+            n_hash_layer=int(get("hash_layer_count", 0)),
+            n_swa=int(get("attention.sliding_window", 0)),
+            idx_heads=int(get("attention.indexer.head_count", 0)),
+            idx_dim=int(get("attention.indexer.key_length", 0)),
+            idx_topk=int(get("attention.indexer.top_k", 0)),
+            n_hc=int(get("hyper_connection.count", 0)),
+            sinkhorn_iters=int(get("hyper_connection.sinkhorn_iterations", 0)),
+            compress_ratios=tuple(int(r) for r in list(ratios)[:n_layer]),
+            swiglu_clamp=tuple(float(c) for c in list(clamp)[:n_layer]),
+            rope_freq_base=float(get("rope.freq_base", 10000.0)),
+            compress_rope_freq_base=float(get("attention.compress_rope_freq_base", 160000.0)),
+            rope_scaling_factor=float(get("rope.scaling.factor", 16.0)),
+            rope_orig_ctx=int(get("rope.scaling.original_context_length", 65536)),
+            yarn_beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
+            yarn_beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
+            expert_weights_scale=float(get("expert_weights_scale", 1.5)),
+            rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            hc_eps=float(get("hyper_connection.epsilon", 1e-6)),
+            expert_weights_norm=bool(get("expert_weights_norm", True)),
+            context_length=int(get("context_length", 1048576, required=False)),
+            name=str(meta.get("general.name", "")),
+        )
+        if missing:
+            raise ConfigError("missing metadata: " + ", ".join(missing))
+        problems = cls(**args).problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(**args)
+
+    def problems(self) -> list[str]:
+        """Internal-consistency problems (not the real model's constants)."""
+        p: list[str] = []
+        if len(self.compress_ratios) < self.n_layer:
+            p.append(f"{PREFIX}attention.compress_ratios has {len(self.compress_ratios)} entries, need {self.n_layer}")
+        if len(self.swiglu_clamp) < self.n_layer:
+            p.append(f"{PREFIX}swiglu_clamp_exp has {len(self.swiglu_clamp)} entries, need {self.n_layer}")
+        for i, r in enumerate(self.compress_ratios):
+            if r not in (0, 4, 128):
+                p.append(f"{PREFIX}attention.compress_ratios[{i}] = {r}, expected 0, 4 or 128")
+        if self.n_hash_layer > self.n_layer:
+            p.append(f"{PREFIX}hash_layer_count {self.n_hash_layer} > block_count {self.n_layer}")
+        if self.n_expert_used > self.n_expert:
+            p.append(f"{PREFIX}expert_used_count {self.n_expert_used} > expert_count {self.n_expert}")
+        if self.n_rot > self.head_dim or self.n_rot % 2:
+            p.append(f"{PREFIX}rope.dimension_count {self.n_rot} must be even and <= key_length {self.head_dim}")
+        if self.n_nope % 64:
+            p.append(f"key_length - rope dims = {self.n_nope} must be a multiple of 64 (FP8 blocks)")
+        if self.idx_dim and self.idx_dim != 128 and 4 in self.compress_ratios:
+            p.append(f"{PREFIX}attention.indexer.key_length {self.idx_dim} must be 128 (Hadamard-128)")
+        if self.o_groups and self.n_head % self.o_groups:
+            p.append(f"{PREFIX}attention.head_count {self.n_head} not divisible by output_group_count {self.o_groups}")
+        if self.n_swa <= 0:
+            p.append(f"{PREFIX}attention.sliding_window must be > 0")
+        return p
+
+
+def ds4_ratio_schedule(n_layer: int) -> tuple[int, ...]:
+    """ds4's layer schedule: layers 0-1 dense, then ratio 4 on even and 128 on odd layers."""
+    return tuple(0 if L < 2 else (4 if L % 2 == 0 else 128) for L in range(n_layer))

@@ -1,0 +1,187 @@
+"""The plain per-session state: what a checkpoint holds, and its layout from the config.
+
+No model code lives here, so ``workbench.kv`` can save, load, size and break down a
+state without loading weights. Arrays are MLX arrays (float32 for KV rows and frontiers);
+anything with the buffer protocol (NumPy) is accepted where a state is built from disk.
+
+Per layer L with compression ratio r (0, 4 or 128), in ds4's terms:
+
+* ``raw``       [min(T, n_swa), head_dim]   the raw sliding window, logical position order
+                                            (positions T - n_raw .. T - 1)
+* ``comp``      [floor(T / r), head_dim]    compressed KV rows (r > 0)
+* ``comp_kv``   [coff*r, coff*head_dim]     compressor frontier values, coff = 2 if r == 4 else 1
+* ``comp_score``[coff*r, coff*head_dim]     compressor frontier scores (empty slot: -1e30)
+* ``idx``       [floor(T / 4), idx_dim]     indexer rows (r == 4 only)
+* ``idx_kv``    [8, 2*idx_dim]              indexer compressor frontier values (r == 4)
+* ``idx_score`` [8, 2*idx_dim]              indexer compressor frontier scores (r == 4)
+
+Frontier slot rules (ds4): ratio 128 puts token p in slot ``p % 128``; ratio 4 keeps the
+previous complete window in slots 0..3 and the current partial one in slots 4..7 (token p
+in slot ``4 + p % 4``), copying 4..7 to 0..3 when a window completes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import mlx.core as mx
+
+from workbench.model.config import ModelArgs, ds4_ratio_schedule
+
+EMPTY_SCORE = -1e30  # score of an empty frontier slot (ds4's -inf stand-in)
+F32 = 4  # bytes per stored element: every KV tensor is float32 on disk
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Shapes of a session state, derived from the model's config (or ds4's defaults)."""
+
+    n_layer: int
+    head_dim: int
+    idx_dim: int
+    n_vocab: int
+    n_swa: int
+    ratios: tuple[int, ...]
+
+    @classmethod
+    def from_args(cls, args: ModelArgs) -> "StateLayout":
+        return cls(args.n_layer, args.head_dim, args.idx_dim, args.n_vocab, args.n_swa,
+                   tuple(args.compress_ratios[: args.n_layer]))
+
+    @classmethod
+    def ds4(cls, n_layer: int = 43, head_dim: int = 512, idx_dim: int = 128,
+            n_vocab: int = 129280, n_swa: int = 128) -> "StateLayout":
+        """ds4-server's layout (its layer schedule is fixed, not stored in .kv files)."""
+        return cls(n_layer, head_dim, idx_dim, n_vocab, n_swa, ds4_ratio_schedule(n_layer))
+
+    @staticmethod
+    def coff(ratio: int) -> int:
+        return 2 if ratio == 4 else 1
+
+    def comp_frontier_shape(self, layer: int) -> tuple[int, int]:
+        r = self.ratios[layer]
+        c = self.coff(r)
+        return (c * r, c * self.head_dim)
+
+    def idx_frontier_shape(self) -> tuple[int, int]:
+        return (8, 2 * self.idx_dim)
+
+    def n_raw(self, n_tokens: int) -> int:
+        return min(n_tokens, self.n_swa)
+
+    def n_comp(self, layer: int, n_tokens: int) -> int:
+        r = self.ratios[layer]
+        return n_tokens // r if r else 0
+
+    def n_idx(self, layer: int, n_tokens: int) -> int:
+        return n_tokens // 4 if self.ratios[layer] == 4 else 0
+
+
+@dataclass
+class LayerState:
+    """One layer's KV state; fields absent for the layer's ratio are None."""
+
+    raw: Any
+    comp: Any = None
+    comp_kv: Any = None
+    comp_score: Any = None
+    idx: Any = None
+    idx_kv: Any = None
+    idx_score: Any = None
+
+    def tensors(self) -> Iterator[tuple[str, Any]]:
+        """(kind, array) in ds4's payload order, skipping absent fields."""
+        for name in ("raw", "comp", "comp_kv", "comp_score", "idx", "idx_kv", "idx_score"):
+            value = getattr(self, name)
+            if value is not None:
+                yield name, value
+
+
+# payload kinds grouped for the per-layer byte breakdown
+KIND_OF = {
+    "raw": "raw window",
+    "comp": "compressed",
+    "comp_kv": "frontiers",
+    "comp_score": "frontiers",
+    "idx": "indexer",
+    "idx_kv": "frontiers",
+    "idx_score": "frontiers",
+}
+
+
+@dataclass
+class SessionState:
+    """Everything needed to continue a session: tokens, next-token logits, per-layer KV."""
+
+    layout: StateLayout
+    ctx: int  # context limit the session was created with
+    prefill_chunk: int  # chunk size of the prefill schedule (ds4: min(ctx, 2048))
+    tokens: list[int] = field(default_factory=list)
+    logits: Any = None  # [n_vocab] float32 after the last token, None when empty
+    layers: list[LayerState] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, layout: StateLayout, ctx: int, prefill_chunk: int | None = None) -> "SessionState":
+        chunk = prefill_chunk if prefill_chunk is not None else min(ctx, 2048)
+        layers = []
+        for L in range(layout.n_layer):
+            r = layout.ratios[L]
+            ls = LayerState(raw=mx.zeros((0, layout.head_dim), mx.float32))
+            if r:
+                shape = layout.comp_frontier_shape(L)
+                ls.comp = mx.zeros((0, layout.head_dim), mx.float32)
+                ls.comp_kv = mx.zeros(shape, mx.float32)
+                ls.comp_score = mx.full(shape, EMPTY_SCORE, mx.float32)
+            if r == 4:
+                shape = layout.idx_frontier_shape()
+                ls.idx = mx.zeros((0, layout.idx_dim), mx.float32)
+                ls.idx_kv = mx.zeros(shape, mx.float32)
+                ls.idx_score = mx.full(shape, EMPTY_SCORE, mx.float32)
+            layers.append(ls)
+        return cls(layout=layout, ctx=ctx, prefill_chunk=chunk, layers=layers)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def copy(self) -> "SessionState":
+        """An independent copy (MLX arrays are immutable, so sharing them is safe)."""
+        return replace(self, tokens=list(self.tokens), layers=[replace(ls) for ls in self.layers])
+
+    def problems(self) -> list[str]:
+        """Shape inconsistencies against the layout and token count (empty when valid)."""
+        lay, T, out = self.layout, self.n_tokens, []
+        if len(self.layers) != lay.n_layer:
+            return [f"{len(self.layers)} layers, layout has {lay.n_layer}"]
+        if T and (self.logits is None or tuple(self.logits.shape) != (lay.n_vocab,)):
+            out.append(f"logits shape {None if self.logits is None else tuple(self.logits.shape)}, expected ({lay.n_vocab},)")
+        for L, ls in enumerate(self.layers):
+            r = lay.ratios[L]
+            want = {"raw": (lay.n_raw(T), lay.head_dim)}
+            if r:
+                want.update(comp=(lay.n_comp(L, T), lay.head_dim), comp_kv=lay.comp_frontier_shape(L),
+                            comp_score=lay.comp_frontier_shape(L))
+            if r == 4:
+                want.update(idx=(lay.n_idx(L, T), lay.idx_dim), idx_kv=lay.idx_frontier_shape(),
+                            idx_score=lay.idx_frontier_shape())
+            for name in ("raw", "comp", "comp_kv", "comp_score", "idx", "idx_kv", "idx_score"):
+                value = getattr(ls, name)
+                if name not in want:
+                    if value is not None:
+                        out.append(f"layer {L}: unexpected {name} for ratio {r}")
+                elif value is None or tuple(value.shape) != want[name]:
+                    got = None if value is None else tuple(value.shape)
+                    out.append(f"layer {L}: {name} shape {got}, expected {want[name]}")
+        return out
+
+    def layer_bytes(self) -> list[dict]:
+        """Per-layer, per-kind float32 bytes of the KV payload (rows: layer, kind, bytes)."""
+        rows = []
+        for L, ls in enumerate(self.layers):
+            per: dict[str, int] = {}
+            for name, arr in ls.tensors():
+                kind = KIND_OF[name]
+                per[kind] = per.get(kind, 0) + int(arr.size) * F32
+            rows.extend({"layer": L, "ratio": self.layout.ratios[L], "kind": k, "bytes": b} for k, b in per.items())
+        return rows

@@ -77,6 +77,25 @@ class StateLayout:
     def n_idx(self, layer: int, n_tokens: int) -> int:
         return n_tokens // 4 if self.ratios[layer] == 4 else 0
 
+    def layer_bytes_at(self, n_tokens: int) -> list[dict]:
+        """Per-layer, per-kind float32 KV bytes a state of ``n_tokens`` holds (no state needed).
+
+        Same rows as :meth:`SessionState.layer_bytes`: layer, ratio, kind, bytes.
+        """
+        rows = []
+        for L, r in enumerate(self.ratios):
+            per = {"raw window": self.n_raw(n_tokens) * self.head_dim * F32}
+            if r:
+                fr = self.comp_frontier_shape(L)
+                per["compressed"] = self.n_comp(L, n_tokens) * self.head_dim * F32
+                per["frontiers"] = 2 * fr[0] * fr[1] * F32
+            if r == 4:
+                fr = self.idx_frontier_shape()
+                per["indexer"] = self.n_idx(L, n_tokens) * self.idx_dim * F32
+                per["frontiers"] += 2 * fr[0] * fr[1] * F32
+            rows.extend({"layer": L, "ratio": r, "kind": k, "bytes": b} for k, b in per.items())
+        return rows
+
 
 @dataclass
 class LayerState:

@@ -1,0 +1,38 @@
+"""The session state's layout: shapes, byte breakdown and validation."""
+
+import mlx.core as mx
+
+from workbench.state import EMPTY_SCORE, SessionState, StateLayout
+
+
+def test_ds4_layout_fixed_and_per_token_bytes():
+    lay = StateLayout.ds4()
+    assert lay.ratios[:5] == (0, 0, 4, 128, 4) and lay.ratios.count(4) == 21 and lay.ratios.count(128) == 20
+    # spec (ds4-kvcache.md §1.4): 11,272,192 raw + 1,720,320 + 10,485,760 frontiers at T >= 128
+    kv = lambda T: sum(r["bytes"] for r in lay.layer_bytes_at(T))
+    assert kv(256) - kv(128) == 128 * (13764 - 4)  # per token minus the 4-byte token id
+    fixed = kv(128) - 128 * (13764 - 4)
+    assert fixed == 11_272_192 + 1_720_320 + 10_485_760
+
+
+def test_empty_state_is_valid_and_breakdown_matches_layout():
+    lay = StateLayout(n_layer=4, head_dim=128, idx_dim=128, n_vocab=1000, n_swa=128, ratios=(0, 0, 4, 128))
+    s = SessionState.empty(lay, ctx=4096)
+    assert s.prefill_chunk == 2048 and s.problems() == []
+    assert s.layers[2].comp_score.shape == (8, 256) and s.layers[2].comp_score[0, 0].item() == mx.array(EMPTY_SCORE).item()
+    assert s.layers[3].comp_kv.shape == (128, 128) and s.layers[3].idx is None
+    assert s.layer_bytes() == [r for r in lay.layer_bytes_at(0)]
+
+
+def test_problems_name_the_layer_and_field():
+    lay = StateLayout(n_layer=3, head_dim=128, idx_dim=128, n_vocab=10, n_swa=4, ratios=(0, 4, 128))
+    s = SessionState.empty(lay, ctx=64)
+    s.tokens = [1, 2, 3, 4, 5]
+    s.logits = mx.zeros((10,))
+    s.layers[0].raw = mx.zeros((5, 128))  # window is 4
+    probs = s.problems()
+    assert any("layer 0: raw shape (5, 128), expected (4, 128)" in p for p in probs)
+    assert any("layer 1: comp shape (0, 128), expected (1, 128)" in p for p in probs)
+    c = s.copy()
+    c.tokens.append(9)
+    assert s.n_tokens == 5

@@ -1,0 +1,313 @@
+"""The float64 NumPy reference (tests/npref.py): its own checks, and the MLX model held to it.
+
+Part 1 checks the reference against the spec's definitions (grids, Hadamard, Sinkhorn,
+RoPE, HC) and, on a mini GGUF written here with the ``gguf`` package, its cache rules.
+Part 2 compares the MLX pieces and the whole MLX model on the tiny synthetic model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+
+import npref
+
+# ---------------------------------------------------------------------------------------
+# Part 1: the reference against the spec
+# ---------------------------------------------------------------------------------------
+
+
+def test_e4m3_grid_matches_the_code_table():
+    g = npref.E4M3_GRID
+    assert g.shape == (127,) and g[0] == 0.0 and g[-1] == 448.0
+    assert np.all(np.diff(g) > 0)
+    assert g[1] == 2.0 ** -9 and g[7] == 7 * 2.0 ** -9 and g[8] == 2.0 ** -6  # subnormals, min normal
+    assert g[56] == 1.0 and g[57] == 1.125  # 8 steps per binade
+    assert list(g[-5:]) == [320.0, 352.0, 384.0, 416.0, 448.0]
+
+
+def test_e2m1_grid():
+    assert list(npref.E2M1_GRID) == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def test_fp8_rounding_ties_go_to_the_even_code():
+    block = np.zeros(64)
+    block[0] = 300.0  # amax in (224, 448] -> scale 1
+    ties = {1: (1.0625, 1.0), 2: (1.1875, 1.25), 3: (2.0 ** -10, 0.0), 4: (3 * 2.0 ** -10, 2 * 2.0 ** -9),
+            5: (-1.0625, -1.0), 6: (432.0, 448.0), 7: (336.0, 320.0), 8: (1.07, 1.125)}
+    for k, (v, _) in ties.items():
+        block[k] = v
+    out = npref.fp8_e4m3_sim(block)
+    for k, (_, want) in ties.items():
+        assert out[k] == want, (block[k], out[k], want)
+    assert out[0] == 288.0  # 300 is nearer 288 than 320
+
+
+def test_fp8_scale_is_per_block_power_of_two():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 128)) * np.array([1e-3] * 64 + [50.0] * 64)
+    y = npref.fp8_e4m3_sim(x)
+    for row_x, row_y in zip(x, y):
+        for b in (0, 64):
+            s = 2.0 ** math.ceil(math.log2(np.max(np.abs(row_x[b:b + 64])) / 448))
+            codes = np.abs(row_y[b:b + 64]) / s
+            assert np.all(np.isin(codes, npref.E4M3_GRID))
+            assert np.max(np.abs(row_y[b:b + 64] - row_x[b:b + 64]) / s) <= 16.0  # half a top step
+    assert np.array_equal(npref.fp8_e4m3_sim(y), y)  # idempotent
+
+
+def test_fp8_amax_floor():
+    s = 2.0 ** -22  # amax floored at 1e-4: 2^ceil(log2(1e-4 / 448)) = 2^-22
+    y = npref.fp8_e4m3_sim(np.array([1e-9] + [1e-10] * 63))  # 1e-9/s = 0.0042 -> code 2
+    assert y[0] == 2 * 2.0 ** -9 * s and np.all(y[1:] == 0.0)
+
+
+def test_fp4_rounding_ties_and_grid():
+    block = np.zeros(32)
+    block[0] = 6.0  # scale 1
+    ties = {1: (0.25, 0.0), 2: (0.75, 1.0), 3: (1.25, 1.0), 4: (1.75, 2.0), 5: (2.5, 2.0),
+            6: (3.5, 4.0), 7: (5.0, 4.0), 8: (-2.5, -2.0), 9: (5.1, 6.0)}
+    for k, (v, _) in ties.items():
+        block[k] = v
+    out = npref.fp4_e2m1_sim(block)
+    for k, (_, want) in ties.items():
+        assert out[k] == want, (block[k], out[k], want)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 64))
+    y = npref.fp4_e2m1_sim(x)
+    for row_x, row_y in zip(x, y):
+        for b in (0, 32):
+            s = 2.0 ** math.ceil(math.log2(np.max(np.abs(row_x[b:b + 32])) / 6))
+            assert np.all(np.isin(np.abs(row_y[b:b + 32]) / s, npref.E2M1_GRID))
+    assert np.array_equal(npref.fp4_e2m1_sim(y), y)
+
+
+def test_hadamard_is_orthogonal_symmetric_and_sylvester():
+    h = npref.hadamard_matrix(128)
+    assert np.allclose(h @ h.T, np.eye(128), atol=1e-14)
+    assert np.array_equal(h, h.T)
+    h64 = npref.hadamard_matrix(64) * 8.0
+    assert np.array_equal(h * math.sqrt(128), np.block([[h64, h64], [h64, -h64]]))
+    x = np.random.default_rng(3).normal(size=(5, 128))
+    assert np.allclose(npref.hadamard(npref.hadamard(x)), x, atol=1e-13)
+    assert np.allclose(npref.hadamard(np.eye(128)[0]), np.full(128, 1 / math.sqrt(128)))
+
+
+def test_sinkhorn_is_near_doubly_stochastic():
+    a = np.random.default_rng(4).normal(size=(4, 4)) * 3
+    c = npref.sinkhorn(a, 20, 1e-6)
+    assert np.all(c > 0)
+    assert np.allclose(c.sum(axis=0), 1.0, atol=1e-5)
+    assert np.allclose(c.sum(axis=1), 1.0, atol=1e-3)
+    one = npref.sinkhorn(a, 1, 1e-6)  # softmax + eps, then one column step
+    sm = np.exp(a) / np.exp(a).sum(axis=1, keepdims=True) + 1e-6
+    assert np.allclose(one, sm / (sm.sum(axis=0) + 1e-6), rtol=1e-14)
+
+
+def test_hc_pre_post_match_the_matrix_form():
+    rng = np.random.default_rng(5)
+    n, d = 4, 32
+    x = rng.normal(size=(n, d))
+    fn, scale, base = rng.normal(size=(24, n * d)) * 0.1, rng.normal(size=3), rng.normal(size=24)
+    y, post, c = npref.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    flat = x.reshape(-1)
+    m = fn @ (flat / np.sqrt(np.mean(flat ** 2) + 1e-6))
+    pre = 1 / (1 + np.exp(-(m[:4] * scale[0] + base[:4]))) + 1e-6
+    assert np.allclose(y, pre @ x, rtol=1e-13)
+    assert np.allclose(post, 2 / (1 + np.exp(-(m[4:8] * scale[1] + base[4:8]))), rtol=1e-13)
+    assert np.allclose(c, npref.sinkhorn((m[8:] * scale[2] + base[8:]).reshape(4, 4), 20, 1e-6))
+    f = rng.normal(size=d)
+    cm = rng.random((4, 4))  # not symmetric: pins the transpose
+    assert np.allclose(npref.hc_post(f, x, post, cm), np.outer(post, f) + cm.T @ x, rtol=1e-13)
+
+
+REAL_YARN = npref.Yarn(factor=16.0, orig_ctx=65536, beta_fast=32.0, beta_slow=1.0)
+
+
+def test_yarn_ramp_on_the_real_parameters():
+    theta = npref.rope_angles(1.0, 64, 160000.0, REAL_YARN)
+    omega = 160000.0 ** (-np.arange(32) / 32)
+    assert np.allclose(theta[:16], omega[:16], rtol=1e-15)  # low = 15: pairs 0..15 unscaled
+    assert np.allclose(theta[25:], omega[25:] / 16, rtol=1e-15)  # high = 25
+    ramp = 1 - (np.arange(16, 25) - 15) / 10
+    assert np.allclose(theta[16:25], omega[16:25] * (ramp + (1 - ramp) / 16), rtol=1e-15)
+    plain = npref.rope_angles(3.0, 64, 10000.0, None)
+    assert np.allclose(plain, 3.0 * 10000.0 ** (-np.arange(32) / 32), rtol=1e-15)
+
+
+@pytest.mark.parametrize("yarn,base", [(None, 10000.0), (REAL_YARN, 160000.0)])
+def test_rope_tail_is_relative_interleaved_and_invertible(yarn, base):
+    rng = np.random.default_rng(6)
+    q, k = rng.normal(size=128), rng.normal(size=128)
+    rq, rk = npref.rope_tail(q, 37, 64, base, yarn), npref.rope_tail(k, 5, 64, base, yarn)
+    assert np.array_equal(rq[:64], q[:64])  # nope dims untouched
+    sq, sk = npref.rope_tail(q, 1037, 64, base, yarn), npref.rope_tail(k, 1005, 64, base, yarn)
+    assert math.isclose(rq @ rk, sq @ sk, rel_tol=1e-9)  # depends on p - p' only
+    back = npref.rope_tail(rq, 37, 64, base, yarn, inverse=True)
+    assert np.allclose(back, q, atol=1e-13)
+    e = np.zeros(128)
+    e[64] = 1.0  # pair 0 = dims (64, 65): rotated in its own plane
+    r = npref.rope_tail(e, 2, 64, base, yarn)
+    assert np.allclose(r[64:66], [math.cos(2.0), math.sin(2.0)]) and np.all(r[66:] == 0)
+
+
+# ---- a mini ds4-layout GGUF, written here, for the reference's cache rules ----------------
+
+MINI = dict(n_layer=4, n_embd=64, n_vocab=300, n_head=2, head_dim=128, n_rot=64, q_lora=64, o_lora=32,
+            o_groups=2, n_expert=4, n_used=2, n_ff=64, n_hash=2, n_swa=16, idx_heads=2, idx_dim=128,
+            idx_topk=4, ratios=[0, 0, 4, 128])
+
+
+def write_mini_gguf(path: Path, seed: int = 0) -> None:
+    """A 4-layer ds4-layout GGUF (ratios 0,0,4,128) with random weights, for the reference only."""
+    m, rng = MINI, np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "deepseek4")
+    kv = {"block_count": m["n_layer"], "embedding_length": m["n_embd"], "vocab_size": m["n_vocab"],
+          "attention.head_count": m["n_head"], "attention.head_count_kv": 1,
+          "attention.key_length": m["head_dim"], "attention.value_length": m["head_dim"],
+          "rope.dimension_count": m["n_rot"], "attention.q_lora_rank": m["q_lora"],
+          "attention.output_lora_rank": m["o_lora"], "attention.output_group_count": m["o_groups"],
+          "expert_count": m["n_expert"], "expert_used_count": m["n_used"],
+          "expert_feed_forward_length": m["n_ff"], "expert_shared_count": 1, "hash_layer_count": m["n_hash"],
+          "attention.sliding_window": m["n_swa"], "attention.indexer.head_count": m["idx_heads"],
+          "attention.indexer.key_length": m["idx_dim"], "attention.indexer.top_k": m["idx_topk"],
+          "hyper_connection.count": 4, "hyper_connection.sinkhorn_iterations": 20,
+          "rope.scaling.original_context_length": 65536}
+    for k, v in kv.items():
+        w.add_uint32("deepseek4." + k, v)
+    fl = {"rope.freq_base": 10000.0, "rope.scaling.factor": 16.0, "rope.scaling.yarn_beta_fast": 32.0,
+          "rope.scaling.yarn_beta_slow": 1.0, "attention.compress_rope_freq_base": 160000.0,
+          "expert_weights_scale": 1.5, "attention.layer_norm_rms_epsilon": 1e-6, "hyper_connection.epsilon": 1e-6}
+    for k, v in fl.items():
+        w.add_float32("deepseek4." + k, v)
+    w.add_bool("deepseek4.expert_weights_norm", True)
+    w.add_array("deepseek4.attention.compress_ratios", m["ratios"])
+    w.add_array("deepseek4.swiglu_clamp_exp", [10.0] * m["n_layer"])
+
+    def mat(*shape: int, fan_in: int | None = None) -> np.ndarray:
+        return (rng.normal(size=shape) / math.sqrt(fan_in or shape[-1])).astype(np.float32)
+
+    def put(name: str, arr: np.ndarray, kind: str) -> None:
+        if kind == "q8":
+            w.add_tensor(name, quantize(arr, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, arr.astype(np.float16 if kind == "f16" else np.float32))
+
+    d, hd, hc = m["n_embd"], m["head_dim"], 4 * m["n_embd"]
+    put("token_embd.weight", rng.normal(size=(m["n_vocab"], d)).astype(np.float32), "f16")
+    put("output_hc_fn.weight", mat(4, hc), "f16")
+    put("output_hc_scale.weight", np.array([0.5], np.float32), "f32")
+    put("output_hc_base.weight", mat(4, fan_in=1) * 0.1, "f32")
+    put("output_norm.weight", 1 + mat(d, fan_in=1) * 0.1, "f32")
+    put("output.weight", mat(m["n_vocab"], d), "q8")
+    for L, r in enumerate(m["ratios"]):
+        b = f"blk.{L}."
+        for sub in ("attn", "ffn"):
+            put(b + f"hc_{sub}_fn.weight", mat(24, hc), "f16")
+            put(b + f"hc_{sub}_scale.weight", np.array([0.5, 0.5, 0.5], np.float32), "f32")
+            put(b + f"hc_{sub}_base.weight", mat(24, fan_in=1) * 0.1, "f32")
+        put(b + "attn_norm.weight", 1 + mat(d, fan_in=1) * 0.1, "f32")
+        put(b + "attn_q_a.weight", mat(m["q_lora"], d), "q8")
+        put(b + "attn_q_a_norm.weight", 1 + mat(m["q_lora"], fan_in=1) * 0.1, "f32")
+        put(b + "attn_q_b.weight", mat(m["n_head"] * hd, m["q_lora"]), "q8")
+        put(b + "attn_kv.weight", mat(hd, d), "q8")
+        put(b + "attn_kv_a_norm.weight", 1 + mat(hd, fan_in=1) * 0.1, "f32")
+        put(b + "attn_sinks.weight", mat(m["n_head"], fan_in=1), "f32")
+        per_group = m["n_head"] // m["o_groups"] * hd
+        put(b + "attn_output_a.weight", mat(m["o_groups"] * m["o_lora"], per_group), "q8")
+        put(b + "attn_output_b.weight", mat(d, m["o_groups"] * m["o_lora"]) * 0.5, "q8")
+        if r:
+            coff = 2 if r == 4 else 1
+            put(b + "attn_compressor_ape.weight", mat(r, coff * hd, fan_in=1), "f16")
+            put(b + "attn_compressor_kv.weight", mat(coff * hd, d), "f16")
+            put(b + "attn_compressor_gate.weight", mat(coff * hd, d), "f16")
+            put(b + "attn_compressor_norm.weight", 1 + mat(hd, fan_in=1) * 0.1, "f32")
+        if r == 4:
+            idim = m["idx_dim"]
+            put(b + "indexer.attn_q_b.weight", mat(m["idx_heads"] * idim, m["q_lora"]), "f16")
+            put(b + "indexer.proj.weight", mat(m["idx_heads"], d), "f16")
+            put(b + "indexer_compressor_ape.weight", mat(4, 2 * idim, fan_in=1), "f16")
+            put(b + "indexer_compressor_kv.weight", mat(2 * idim, d), "f16")
+            put(b + "indexer_compressor_gate.weight", mat(2 * idim, d), "f16")
+            put(b + "indexer_compressor_norm.weight", 1 + mat(idim, fan_in=1) * 0.1, "f32")
+        put(b + "ffn_norm.weight", 1 + mat(d, fan_in=1) * 0.1, "f32")
+        put(b + "ffn_gate_inp.weight", mat(m["n_expert"], d), "f16")
+        if L < m["n_hash"]:
+            tid = np.stack([rng.permutation(m["n_expert"])[:m["n_used"]] for _ in range(m["n_vocab"])])
+            w.add_tensor(b + "ffn_gate_tid2eid.weight", tid.astype(np.int32))
+        else:
+            put(b + "exp_probs_b.bias", mat(m["n_expert"], fan_in=1) * 0.1, "f32")
+        put(b + "ffn_gate_exps.weight", mat(m["n_expert"], m["n_ff"], d), "q8")
+        put(b + "ffn_up_exps.weight", mat(m["n_expert"], m["n_ff"], d), "q8")
+        put(b + "ffn_down_exps.weight", mat(m["n_expert"], d, m["n_ff"]), "q8")
+        put(b + "ffn_gate_shexp.weight", mat(m["n_ff"], d), "q8")
+        put(b + "ffn_up_shexp.weight", mat(m["n_ff"], d), "q8")
+        put(b + "ffn_down_shexp.weight", mat(d, m["n_ff"]), "q8")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def mini_ref(tmp_path_factory) -> npref.RefModel:
+    path = tmp_path_factory.mktemp("mini") / "mini.gguf"
+    write_mini_gguf(path)
+    return npref.RefModel(path)
+
+
+def mini_tokens(n: int) -> list[int]:
+    return [(17 * i * i + 5 * i + 3) % MINI["n_vocab"] for i in range(n)]
+
+
+def test_reference_reads_hyperparameters_from_metadata(mini_ref):
+    hp = mini_ref.hp
+    assert (hp.n_layer, hp.n_embd, hp.n_swa, hp.idx_topk, hp.ratios) == (4, 64, 16, 4, (0, 0, 4, 128))
+    assert hp.yarn == REAL_YARN and hp.compress_rope_base == 160000.0
+
+
+def test_reference_cache_rules(mini_ref):
+    """Raw window = last n_swa rows; compressed/indexer row counts; FP8/FP4 grids; top-k."""
+    ref, hp = mini_ref, mini_ref.hp
+    ref.reset()
+    tokens = mini_tokens(132)
+    pushed: list[list[np.ndarray]] = [[] for _ in range(hp.n_layer)]
+    for t in tokens:
+        logits = ref.step(t)
+        for L in range(hp.n_layer):
+            pushed[L].append(ref.raw[L][-1])
+    assert logits.shape == (hp.n_vocab,) and np.all(np.isfinite(logits))
+    T = len(tokens)
+    for L, r in enumerate(hp.ratios):
+        assert len(ref.raw[L]) == hp.n_swa
+        assert all(a is b for a, b in zip(ref.raw[L], pushed[L][-hp.n_swa:]))
+        assert len(ref.comp[L]) == (T // r if r else 0)
+        assert len(ref.idx[L]) == (T // 4 if r == 4 else 0)
+        for row in ref.raw[L] + ref.comp[L]:
+            nope = row[:hp.head_dim - hp.n_rot]
+            assert np.array_equal(npref.fp8_e4m3_sim(nope), nope)
+        for row in ref.idx[L]:
+            assert np.array_equal(npref.fp4_e2m1_sim(row), row)
+    sel, scores = ref.selected[2], ref.index_scores[2]
+    assert len(sel) == hp.idx_topk and scores.shape == (T // 4,)
+    assert sel == sorted(np.argsort(-scores, kind="stable")[:hp.idx_topk].tolist())
+    assert ref.selected[3] is None  # ratio-128 layers see every compressed row
+
+
+def test_reference_reset_reproduces_and_is_causal(mini_ref):
+    ref = mini_ref
+    ref.reset()
+    a = ref.feed(mini_tokens(20))
+    ref.reset()
+    prefix = [ref.step(t) for t in mini_tokens(20)]
+    assert np.array_equal(prefix[-1], a)
+    ref.reset()
+    other = mini_tokens(10) + [(t + 1) % MINI["n_vocab"] for t in mini_tokens(20)[10:]]
+    changed = [ref.step(t) for t in other]
+    assert np.array_equal(changed[9], prefix[9])  # logits after 10 tokens ignore later ones
+    assert not np.allclose(changed[19], prefix[19])

@@ -96,6 +96,28 @@ def test_from_gguf_reads_the_two_arrays() -> None:
     assert t.encode("Hello world") == [19923, 2058]
 
 
+def test_from_a_gguf_file_on_disk(tmp_path: Path, tok: Tokenizer) -> None:
+    """A tokenizer-only GGUF written by gguf-py and read back by the workbench reader."""
+    import gguf
+
+    reader = pytest.importorskip("workbench.gguf.reader")
+    tokens, merges = official_vocab()
+    path = tmp_path / "tokenizer-only.gguf"
+    w = gguf.GGUFWriter(str(path), arch="deepseek4")
+    w.add_token_list(list(tokens))
+    w.add_token_merges(list(merges))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with reader.GGUFFile(path) as f:
+        t = Tokenizer.from_gguf(f)
+    assert t.source == str(path)
+    text = SAMPLES[1] + SAMPLES[5]
+    assert t.encode(text) == tok.encode(text)
+    assert (t.bos, t.eos, t.dsml) == (tok.bos, tok.eos, tok.dsml)
+
+
 def test_from_gguf_missing_key_names_file_and_key() -> None:
     f = SimpleNamespace(path="bad.gguf", metadata={"tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(TokenizerError, match=r"bad\.gguf.*tokenizer\.ggml\.merges"):

@@ -101,7 +101,8 @@ class TokenizerError(WorkbenchError):
 class HasMetadata(Protocol):
     """What :meth:`Tokenizer.from_gguf` needs of a GGUF file: its metadata mapping."""
 
-    metadata: Mapping[str, Any]
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
 
 
 def official_pre_tokenizer() -> pre_tokenizers.PreTokenizer:

@@ -414,7 +414,10 @@ class RefModel:
 
     Per-layer caches after the tokens fed so far (lists of float64 rows, oldest first):
     ``raw[L]`` the last n_swa KV rows [head_dim], ``comp[L]`` compressed KV rows [head_dim]
-    (ratio > 0), ``idx[L]`` indexer rows [idx_dim] (ratio 4); ``selected[L]`` the compressed
+    (ratio > 0), ``idx[L]`` indexer rows [idx_dim] (ratio 4). ``raw_exact``, ``comp_exact`` and
+    ``idx_exact`` hold the same rows before their FP8 / FP4 rounding (after RoPE, and after the
+    Hadamard for indexer rows), so a comparison can tell a rounding-boundary flip from an
+    error. ``selected[L]`` the compressed
     rows the indexer let the last token see (None when all were visible) and
     ``index_scores[L]`` the last token's indexer scores [n_comp] (None when not scored).
     """
@@ -487,6 +490,9 @@ class RefModel:
         self.raw: list[list[np.ndarray]] = [[] for _ in range(hp.n_layer)]
         self.comp: list[list[np.ndarray]] = [[] for _ in range(hp.n_layer)]
         self.idx: list[list[np.ndarray]] = [[] for _ in range(hp.n_layer)]
+        self.raw_exact: list[list[np.ndarray]] = [[] for _ in range(hp.n_layer)]
+        self.comp_exact: list[list[np.ndarray]] = [[] for _ in range(hp.n_layer)]
+        self.idx_exact: list[list[np.ndarray]] = [[] for _ in range(hp.n_layer)]
         self.selected: list[list[int] | None] = [None] * hp.n_layer
         self.index_scores: list[np.ndarray | None] = [None] * hp.n_layer
         self.compressors: list[Compressor | None] = []
@@ -562,10 +568,12 @@ class RefModel:
         # KV path: one shared row, RoPE on the tail, FP8 on the nope dims, into the raw window
         kv = rms(w["attn_kv"] @ h, hp.rms_eps) * w["attn_kv_a_norm"]
         kv = rope_tail(kv, p, hp.n_rot, base, yarn)
+        self.raw_exact[L].append(kv.copy())
         kv[:n_nope] = fp8_e4m3_sim(kv[:n_nope])
         self.raw[L].append(kv)
         if len(self.raw[L]) > hp.n_swa:
             self.raw[L].pop(0)
+            self.raw_exact[L].pop(0)
 
         # compressors (attention rows; ratio-4 layers also indexer rows)
         if r:
@@ -574,6 +582,7 @@ class RefModel:
                 wkv, wgate, ape, cnorm = w["compressor"]
                 row = rms(pooled, hp.rms_eps) * cnorm
                 row = rope_tail(row, p + 1 - r, hp.n_rot, base, yarn)
+                self.comp_exact[L].append(row.copy())
                 row[:n_nope] = fp8_e4m3_sim(row[:n_nope])
                 self.comp[L].append(row)
         if r == 4:
@@ -581,8 +590,9 @@ class RefModel:
             if pooled is not None:
                 cnorm = w["indexer_compressor"][3]
                 row = rms(pooled, hp.rms_eps) * cnorm
-                row = rope_tail(row, p + 1 - r, hp.n_rot, base, yarn)
-                self.idx[L].append(fp4_e2m1_sim(hadamard(row)))
+                row = hadamard(rope_tail(row, p + 1 - r, hp.n_rot, base, yarn))
+                self.idx_exact[L].append(row)
+                self.idx[L].append(fp4_e2m1_sim(row))
 
         # which compressed rows this token sees (§3.1)
         visible = list(range(len(self.comp[L])))

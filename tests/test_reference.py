@@ -311,3 +311,112 @@ def test_reference_reset_reproduces_and_is_causal(mini_ref):
     changed = [ref.step(t) for t in other]
     assert np.array_equal(changed[9], prefix[9])  # logits after 10 tokens ignore later ones
     assert not np.allclose(changed[19], prefix[19])
+
+
+# ---------------------------------------------------------------------------------------
+# Part 2a: the MLX pieces against the reference, on random inputs
+# ---------------------------------------------------------------------------------------
+
+mx = pytest.importorskip("mlx.core")
+
+
+def _f32(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.normal(size=shape) * scale).astype(np.float32)
+
+
+def _midpoints(grid: np.ndarray) -> np.ndarray:
+    return (grid[:-1] + grid[1:]) / 2
+
+
+def _qat():
+    return pytest.importorskip("workbench.model.qat")
+
+
+def test_mlx_fp8_matches_reference_exactly():
+    """Exact: both sides round the same float32 input with a power-of-two scale, and every
+    E4M3 value times that scale is a float32 (so any difference is a wrong rounding)."""
+    qat, rng = _qat(), np.random.default_rng(10)
+    x = _f32(rng, 6, 448) * np.repeat(np.float32([1e-6, 1e-3, 0.1, 1.0, 7.0, 3000.0, 1.0]), 64)
+    # every midpoint of the grid, both signs, 63 per block next to a 448 that fixes the scale
+    # at 1; the same again at scale 2^-3
+    mids = np.concatenate([_midpoints(npref.E4M3_GRID), -_midpoints(npref.E4M3_GRID)]).reshape(4, 63)
+    ties = np.concatenate([np.full((4, 1), 448.0), mids], axis=1).reshape(1, 256)
+    ties = np.concatenate([ties, ties * 0.125]).astype(np.float32)
+    for arr in (x, ties):
+        got = np.array(qat.fp8_e4m3_sim(mx.array(arr), block=64))
+        want = npref.fp8_e4m3_sim(arr.astype(np.float64), block=64)
+        bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+        assert bad.size == 0, [(arr.reshape(-1)[i], got.reshape(-1)[i], want.reshape(-1)[i]) for i in bad[:8]]
+
+
+def test_mlx_fp4_matches_reference_exactly():
+    """Exact, for the same reason as FP8 (E2M1 values times a power of two are float32)."""
+    qat, rng = _qat(), np.random.default_rng(11)
+    x = _f32(rng, 5, 128) * np.repeat(np.float32([1e-30, 0.01, 1.0, 300.0]), 32)
+    mids = np.concatenate([_midpoints(npref.E2M1_GRID), -_midpoints(npref.E2M1_GRID), [6.0, 0.0]])
+    ties = np.tile(mids, (2, 2)).astype(np.float32)  # [2, 32]: amax 6, scale 1
+    ties = np.concatenate([ties, ties * np.float32(2.0 ** -20)])
+    for arr in (x, ties):
+        got = np.array(qat.fp4_e2m1_sim(mx.array(arr), block=32))
+        want = npref.fp4_e2m1_sim(arr.astype(np.float64), block=32)
+        bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+        assert bad.size == 0, [(arr.reshape(-1)[i], got.reshape(-1)[i], want.reshape(-1)[i]) for i in bad[:8]]
+
+
+def test_mlx_hadamard_matches_reference():
+    """The matrix is exact (±1/sqrt(128) rounded to float32 once); the transform is a
+    float32 sum of 128 terms, held to 1e-6 of the input's L2 norm (~20 float32 ulps)."""
+    qat, rng = _qat(), np.random.default_rng(12)
+    x = _f32(rng, 7, 128, scale=3.0)
+    got = np.array(qat.hadamard(mx.array(x)))
+    want = npref.hadamard(x.astype(np.float64))
+    norms = np.linalg.norm(x.astype(np.float64), axis=-1, keepdims=True)
+    assert np.max(np.abs(got - want) / norms) < 1e-6
+    ident = np.array(qat.hadamard(mx.array(np.eye(128, dtype=np.float32))))
+    assert np.array_equal(ident, npref.hadamard_matrix(128).astype(np.float32))
+
+
+@pytest.mark.parametrize("regime", ["dense", "yarn"])
+def test_mlx_rope_tail_matches_reference(regime):
+    """float32 application of float64 angles: held to 2e-6 absolute on O(1) inputs (a few
+    float32 ulps); positions up to 65535 so a float32 angle would already fail."""
+    rope = pytest.importorskip("workbench.model.rope")
+    rng = np.random.default_rng(13)
+    base, yarn_ref = (10000.0, None) if regime == "dense" else (160000.0, REAL_YARN)
+    yarn = None if yarn_ref is None else rope.YarnParams(factor=16.0, orig_ctx=65536, beta_fast=32.0, beta_slow=1.0)
+    positions = np.array([0, 1, 5, 127, 128, 4099, 65535])
+    x = _f32(rng, 3, positions.size, 128)
+    for inverse in (False, True):
+        got = np.array(rope.rope_tail(mx.array(x), positions, 64, base, yarn, inverse=inverse))
+        want = np.stack([[npref.rope_tail(x[b, t].astype(np.float64), positions[t], 64, base, yarn_ref, inverse)
+                          for t in range(positions.size)] for b in range(3)])
+        assert np.array_equal(got[..., :64], x[..., :64])
+        assert np.max(np.abs(got - want)) < 2e-6
+    there = rope.rope_tail(mx.array(x), positions, 64, base, yarn)
+    back = np.array(rope.rope_tail(there, positions, 64, base, yarn, inverse=True))
+    assert np.max(np.abs(back - x)) < 2e-6
+
+
+def test_mlx_hc_pre_post_match_reference():
+    """float32 against float64 through 20 Sinkhorn rounds: relative 2e-5 (measured ~1e-6)."""
+    hyper = pytest.importorskip("workbench.model.hyperconn")
+    rng = np.random.default_rng(14)
+    T, n, d = 5, 4, 64
+    x = _f32(rng, T, n, d)
+    fn, scale, base = _f32(rng, 24, n * d, scale=0.2), _f32(rng, 3), _f32(rng, 24)
+    y, post, comb = (np.array(a) for a in hyper.hc_pre(mx.array(x), mx.array(fn), mx.array(scale), mx.array(base),
+                                                      20, 1e-6, 1e-6))
+    assert y.shape == (T, d) and post.shape == (T, n) and comb.shape == (T, n, n)
+    for t in range(T):
+        ry, rpost, rc = npref.hc_pre(x[t].astype(np.float64), fn.astype(np.float64), scale.astype(np.float64),
+                                     base.astype(np.float64), 20, 1e-6, 1e-6)
+        np.testing.assert_allclose(y[t], ry, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(post[t], rpost, rtol=2e-5)
+        np.testing.assert_allclose(comb[t], rc, rtol=2e-5)  # comb[t, a, b] = C[a][b]
+    f = _f32(rng, T, d)
+    comb = rng.random((T, n, n)).astype(np.float32)  # not symmetric: pins the transpose
+    got = np.array(hyper.hc_post(mx.array(f), mx.array(x), mx.array(post), mx.array(comb)))
+    for t in range(T):
+        want = npref.hc_post(f[t].astype(np.float64), x[t].astype(np.float64), post[t].astype(np.float64),
+                             comb[t].astype(np.float64))
+        np.testing.assert_allclose(got[t], want, rtol=2e-5, atol=2e-6)

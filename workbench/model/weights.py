@@ -1,0 +1,130 @@
+"""GGUF tensors → model parameters: the one place that knows ds4's tensor names.
+
+How each kind of tensor is kept (chosen for CPU prefill speed within memory):
+
+* Routed experts (IQ2_XXS / Q2_K / Q4_K): left in the memory-mapped file as
+  ``QTensor`` s; a chunk dequantizes only the experts it uses (see :mod:`moe`).
+* Q8_0 matrices (attention projections, shared expert, output head): converted once to
+  MLX affine 8-bit (:class:`~workbench.model.ops.AffineQ8`, ~1.25 bytes per weight),
+  used as is for 1-4-row decode and dequantized in one fast pass per prefill chunk
+  for a float32 BLAS matmul.
+* F16 / F32 tensors (hyper-connections, compressors, indexer, router, norms): widened to
+  float32 (they are small next to the experts).
+* The F16 token embedding: a zero-copy view of the file, read row by row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from workbench.gguf.quants import QTensor, dequantize, q8_0_to_affine
+from workbench.gguf.reader import GGUFFile
+from workbench.gguf.types import F16, Q8_0
+from workbench.model.attention import Attention, AttentionWeights
+from workbench.model.compressor import Compressor, CompressorWeights
+from workbench.model.config import ModelArgs
+from workbench.model.indexer import Indexer, IndexerWeights
+from workbench.model.model import Block, HCWeights, Model
+from workbench.model.moe import MoE, MoEWeights
+from workbench.model.ops import AffineQ8, Weight
+from workbench.model.rope import RopeSpec
+
+
+class Tensors:
+    """Typed access to one GGUF file's tensors."""
+
+    def __init__(self, f: GGUFFile) -> None:
+        self.f = f
+
+    def has(self, name: str) -> bool:
+        return name in self.f.tensors
+
+    def float(self, name: str) -> mx.array:
+        """A float32 (or int32 for I32) copy in the logical shape."""
+        info = self.f.tensor(name)
+        out = dequantize(self.f.raw(name), info.ggml_type).reshape(info.shape)
+        mx.eval(out)
+        return out
+
+    def matrix(self, name: str) -> Weight:
+        """A 2-D weight: Q8_0 → :class:`AffineQ8`, anything else → float32."""
+        info = self.f.tensor(name)
+        if info.ggml_type != Q8_0:
+            return self.float(name)
+        wq, scales, biases = q8_0_to_affine(QTensor(self.f.raw(name), info.ggml_type, info.shape))
+        mx.eval(wq, scales, biases)
+        return AffineQ8(wq, scales, biases)
+
+    def experts(self, name: str) -> QTensor:
+        """A 3-D routed-expert tensor, left quantized in the mapped file."""
+        info = self.f.tensor(name)
+        return QTensor(self.f.raw(name), info.ggml_type, info.shape)
+
+    def embedding(self, name: str) -> np.ndarray | mx.array:
+        """``[n_vocab, n_embd]``: a float16 view of the file when F16, else float32."""
+        info = self.f.tensor(name)
+        if info.ggml_type == F16:
+            return self.f.raw(name).view(np.float16).reshape(info.shape)
+        return self.float(name)
+
+
+def _hc(t: Tensors, prefix: str) -> HCWeights:
+    return HCWeights(t.float(prefix + "_fn.weight"), t.float(prefix + "_scale.weight"), t.float(prefix + "_base.weight"))
+
+
+def _compressor(t: Tensors, prefix: str) -> CompressorWeights:
+    return CompressorWeights(t.float(prefix + "_kv.weight"), t.float(prefix + "_gate.weight"),
+                             t.float(prefix + "_ape.weight"), t.float(prefix + "_norm.weight"))
+
+
+def build_block(args: ModelArgs, t: Tensors, L: int) -> Block:
+    """Layer L's modules from tensors ``blk.L.*``."""
+    b = f"blk.{L}."
+    r = args.ratio(L)
+    rope = RopeSpec.for_layer(args, L)
+    eps = args.rms_eps
+    aw = AttentionWeights(
+        wq_a=t.matrix(b + "attn_q_a.weight"), q_a_norm=t.float(b + "attn_q_a_norm.weight"),
+        wq_b=t.matrix(b + "attn_q_b.weight"), wkv=t.matrix(b + "attn_kv.weight"),
+        kv_norm=t.float(b + "attn_kv_a_norm.weight"), sinks=t.float(b + "attn_sinks.weight"),
+        wo_a=t.matrix(b + "attn_output_a.weight"), wo_b=t.matrix(b + "attn_output_b.weight"))
+    compressor = indexer = None
+    if r:
+        compressor = Compressor(r, args.head_dim, _compressor(t, b + "attn_compressor"), rope, eps, "attn", args.n_nope)
+    if r == 4:
+        idx_comp = Compressor(4, args.idx_dim, _compressor(t, b + "indexer_compressor"), rope, eps, "index")
+        iw = IndexerWeights(t.float(b + "indexer.attn_q_b.weight"), t.float(b + "indexer.proj.weight"))
+        indexer = Indexer(args.idx_heads, args.idx_dim, args.idx_topk, 4, iw, idx_comp, rope)
+    attention = Attention(args.n_head, args.head_dim, args.n_rot, args.n_swa, args.o_groups, eps, aw, rope,
+                          r, compressor, indexer)
+    hashed = L < args.n_hash_layer
+    mw = MoEWeights(
+        router=t.float(b + "ffn_gate_inp.weight"),
+        bias=t.float(b + "exp_probs_b.bias") if t.has(b + "exp_probs_b.bias") else None,
+        tid2eid=t.float(b + "ffn_gate_tid2eid.weight").astype(mx.int32) if hashed else None,
+        gate_exps=t.experts(b + "ffn_gate_exps.weight"), up_exps=t.experts(b + "ffn_up_exps.weight"),
+        down_exps=t.experts(b + "ffn_down_exps.weight"),
+        gate_sh=t.matrix(b + "ffn_gate_shexp.weight"), up_sh=t.matrix(b + "ffn_up_shexp.weight"),
+        down_sh=t.matrix(b + "ffn_down_shexp.weight"))
+    moe = MoE(args.n_expert_used, hashed, args.expert_weights_scale, args.swiglu_clamp[L], mw)
+    return Block(args, _hc(t, b + "hc_attn"), t.float(b + "attn_norm.weight"), attention,
+                 _hc(t, b + "hc_ffn"), t.float(b + "ffn_norm.weight"), moe)
+
+
+def load_model(f: GGUFFile, args: ModelArgs, on_layer: Callable[[int], None] | None = None) -> Model:
+    """Build the model from an open (already validated) ds4 GGUF file.
+
+    ``on_layer(L)`` is called after each layer is built. The model keeps views into the
+    file's mapping (experts, embedding), so the mapping must stay open while it is used.
+    """
+    t = Tensors(f)
+    blocks = []
+    for L in range(args.n_layer):
+        blocks.append(build_block(args, t, L))
+        if on_layer is not None:
+            on_layer(L)
+    return Model(args, t.embedding("token_embd.weight"), blocks, _hc(t, "output_hc"),
+                 t.float("output_norm.weight"), t.matrix("output.weight"))

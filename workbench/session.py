@@ -1,0 +1,234 @@
+"""A live session: a loaded model plus one :class:`~workbench.state.SessionState`.
+
+    s = load("data/tiny.gguf", ctx=4096)
+    stats = s.prefill(tokens)            # chunked, layer-major within a chunk
+    out = s.decode(16, Sampler(temperature=0))
+    snap = s.snapshot(); ...; s.restore(snap)
+
+Prefill chunks end on absolute multiples of the chunk size (ds4's schedule), so a prefill
+resumed from any length follows the cold schedule; chunking changes only float rounding,
+never the math (every token sees exactly what token-by-token decoding would show it).
+``state.logits`` always holds the next-token logits after the last token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import mlx.core as mx
+
+from workbench.errors import WorkbenchError
+from workbench.gguf.layout import validate_ds4
+from workbench.gguf.reader import GGUFFile
+from workbench.model.config import ModelArgs
+from workbench.model.model import Model
+from workbench.model.weights import load_model
+from workbench.sampling import Sampler, greedy
+from workbench.state import SessionState, StateLayout
+
+DEFAULT_CTX = 32768
+MAX_PREFILL_CHUNK = 2048  # ds4's prefill cap
+
+
+class SessionError(WorkbenchError):
+    """A session operation that cannot be done (context full, bad state, bad tokens)."""
+
+
+class ModelFileError(WorkbenchError):
+    """A GGUF file that is not a usable ds4 model."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback receives.
+
+    ``stage`` is "load" (done/total in layers) or "prefill" (done/total in tokens of this
+    call); ``elapsed_s`` counts from the start of the call.
+    """
+
+    stage: str
+    done: int
+    total: int
+    elapsed_s: float
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """One prefill call: tokens added, wall seconds, chunks run."""
+
+    tokens: int
+    seconds: float
+    chunks: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def chunk_schedule(start: int, n: int, chunk: int) -> list[tuple[int, int]]:
+    """Chunks ``[a, b)`` covering positions start..start+n, each ending on an absolute
+    multiple of ``chunk`` except possibly the last."""
+    out, a, end = [], start, start + n
+    while a < end:
+        b = min(end, (a // chunk + 1) * chunk)
+        out.append((a, b))
+        a = b
+    return out
+
+
+class Session:
+    """A model and its live state. ``state`` is replaced (never mutated) by each call."""
+
+    def __init__(self, model: Model, ctx: int, path: str | None = None, file: GGUFFile | None = None) -> None:
+        args = model.args
+        if ctx < 1:
+            raise SessionError(f"ctx must be >= 1, got {ctx}")
+        if ctx > args.context_length:
+            raise SessionError(f"ctx {ctx} exceeds the model's context length {args.context_length}")
+        self.model, self.args, self.ctx, self.path, self._file = model, args, ctx, path, file
+        self.layout = StateLayout.from_args(args)
+        self.state = SessionState.empty(self.layout, ctx, min(ctx, MAX_PREFILL_CHUNK))
+
+    # ---- state ---------------------------------------------------------------------
+    @property
+    def tokens(self) -> list[int]:
+        return list(self.state.tokens)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.state.n_tokens
+
+    @property
+    def logits(self) -> mx.array | None:
+        """Next-token logits ``[n_vocab]`` float32 (None before any token)."""
+        return self.state.logits
+
+    def reset(self) -> None:
+        """Forget every token."""
+        self.state = SessionState.empty(self.layout, self.ctx, self.state.prefill_chunk)
+
+    def snapshot(self) -> SessionState:
+        """An independent in-memory copy of the state."""
+        return self.state.copy()
+
+    def restore(self, state: SessionState) -> None:
+        """Continue from ``state`` (copied); it must fit this model and context."""
+        if state.layout != self.layout:
+            raise SessionError("state layout does not match this model")
+        if state.n_tokens > self.ctx:
+            raise SessionError(f"state holds {state.n_tokens} tokens, more than this session's ctx {self.ctx}")
+        problems = state.problems()
+        if problems:
+            raise SessionError("inconsistent state: " + "; ".join(problems[:5]))
+        self.state = state.copy()
+
+    def close(self) -> None:
+        """Release the GGUF mapping (the session is unusable afterwards)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # ---- running -------------------------------------------------------------------
+    def _check_tokens(self, tokens: list[int]) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.args.n_vocab]
+        if bad:
+            raise SessionError(f"token ids outside the vocabulary of {self.args.n_vocab}: {bad[:5]}")
+        if self.n_tokens + len(tokens) > self.ctx:
+            raise SessionError(f"context full: {self.n_tokens} tokens + {len(tokens)} new > ctx {self.ctx}")
+
+    def _run(self, tokens: list[int], on_layer: Callable[[int], None] | None = None) -> None:
+        """One chunk through the model, appended to the state."""
+        st = self.state
+        logits, layers = self.model(tokens, st.n_tokens, st.layers, on_layer)
+        self.state = SessionState(layout=st.layout, ctx=st.ctx, prefill_chunk=st.prefill_chunk,
+                                  tokens=st.tokens + list(tokens), logits=logits, layers=layers)
+
+    def prefill(self, tokens: Iterable[int], chunk: int | None = None,
+                progress: ProgressFn | None = None) -> PrefillStats:
+        """Append tokens, in chunks ending on absolute multiples of ``chunk`` (default
+        ``state.prefill_chunk``). ``progress`` gets a :class:`Progress` after every layer
+        of every chunk. Raises SessionError (before any work) when the context would
+        overflow."""
+        tokens = [int(t) for t in tokens]
+        chunk = self.state.prefill_chunk if chunk is None else int(chunk)
+        if chunk < 1:
+            raise SessionError(f"chunk must be >= 1, got {chunk}")
+        self._check_tokens(tokens)
+        t0 = time.perf_counter()
+        start, n = self.n_tokens, len(tokens)
+        sched = chunk_schedule(start, n, chunk)
+        n_layer = self.args.n_layer
+        for a, b in sched:
+            on_layer = None
+            if progress is not None:
+                def on_layer(L: int, a: int = a, b: int = b) -> None:
+                    done = a - start + (b - a) * (L + 1) // n_layer
+                    progress(Progress("prefill", done, n, time.perf_counter() - t0))
+            self._run(tokens[a - start : b - start], on_layer)
+        return PrefillStats(n, time.perf_counter() - t0, len(sched))
+
+    def step(self, token: int) -> mx.array:
+        """Feed one token; return the new next-token logits ``[n_vocab]``."""
+        self._check_tokens([int(token)])
+        self._run([int(token)])
+        return self.state.logits
+
+    def decode(self, max_tokens: int, sampler: Callable[[mx.array], int] | None = None,
+               stop: Iterable[int] | None = None,
+               on_token: Callable[[int], None] | None = None) -> list[int]:
+        """Generate up to ``max_tokens`` tokens from the current logits.
+
+        Each token is sampled (greedy by default) and fed back. A token in ``stop`` ends
+        generation: it is returned but not fed, so the state ends before it.
+        ``on_token(id)`` is called as each token is chosen (for streaming).
+        """
+        if self.state.logits is None:
+            raise SessionError("decode needs a prefilled session (no logits yet)")
+        if self.n_tokens + max_tokens > self.ctx:
+            raise SessionError(f"context full: {self.n_tokens} tokens + {max_tokens} to generate > ctx {self.ctx}")
+        pick = sampler if sampler is not None else greedy
+        stops = set(stop or ())
+        out: list[int] = []
+        for _ in range(max_tokens):
+            tok = int(pick(self.state.logits))
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if tok in stops:
+                break
+            self.step(tok)
+        return out
+
+
+def load(path: str | os.PathLike[str], ctx: int = DEFAULT_CTX, progress: ProgressFn | None = None) -> Session:
+    """Open a ds4 GGUF, validate it, build the model and return an empty session.
+
+    Raises ModelFileError listing every layout problem found by ``validate_ds4``.
+    ``progress`` receives ``Progress("load", layers_done, n_layer, elapsed_s)``.
+    """
+    t0 = time.perf_counter()
+    f = GGUFFile(path)
+    try:
+        problems = validate_ds4(f)
+        if problems:
+            raise ModelFileError(f"{f.path}: not a usable ds4 model: " + "; ".join(problems))
+        args = ModelArgs.from_metadata(f.metadata)
+        on_layer = None
+        if progress is not None:
+            def on_layer(L: int) -> None:
+                progress(Progress("load", L + 1, args.n_layer, time.perf_counter() - t0))
+        model = load_model(f, args, on_layer)
+        return Session(model, ctx, path=f.path, file=f)
+    except BaseException:
+        f.close()
+        raise
+
+
+__all__ = ["Progress", "PrefillStats", "Session", "SessionError", "ModelFileError", "Sampler", "load",
+           "chunk_schedule"]

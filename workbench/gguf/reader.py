@@ -1,0 +1,341 @@
+"""A memory-mapped GGUF v3 reader: metadata, the tensor index and zero-copy tensor bytes.
+
+Opening a file parses the header, the metadata and the tensor infos, and checks every
+tensor's geometry against the file (type, dims, offset, alignment, bounds, overlap).
+Tensor data is never read here: :meth:`GGUFFile.raw` returns a ``uint8`` view of the
+mapping, shaped as rows of whole quant blocks, and the OS pages bytes in on use.
+
+Container facts (ds4-architecture §1.1): little-endian; header u32 magic ``GGUF``, u32
+version (only 3), u64 n_tensors, u64 n_kv; strings are u64 length + UTF-8 bytes; arrays
+are u32 item type + u64 count + items; tensor infos are name, u32 ndim, ndim x u64 dims
+(``dims[0]`` fastest), u32 ggml type, u64 offset relative to the data start, which is
+the end of the infos rounded up to ``general.alignment`` (u32, default 32).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+from workbench.gguf.types import GGML_TYPES
+
+MAGIC = b"GGUF"
+VERSION = 3
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 8
+MAX_ARRAY_NESTING = 8  # arrays of arrays deeper than this are refused (no unbounded recursion)
+
+# GGUF metadata value types
+UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
+VALUE_TYPE_NAMES = {
+    UINT8: "u8", INT8: "i8", UINT16: "u16", INT16: "i16", UINT32: "u32", INT32: "i32", FLOAT32: "f32",
+    BOOL: "bool", STRING: "string", ARRAY: "array", UINT64: "u64", INT64: "i64", FLOAT64: "f64",
+}
+# fixed-size scalar types: (struct format, numpy dtype)
+_SCALARS: dict[int, tuple[str, str]] = {
+    UINT8: ("<B", "<u1"), INT8: ("<b", "<i1"), UINT16: ("<H", "<u2"), INT16: ("<h", "<i2"),
+    UINT32: ("<I", "<u4"), INT32: ("<i", "<i4"), FLOAT32: ("<f", "<f4"), BOOL: ("<B", "<u1"),
+    UINT64: ("<Q", "<u8"), INT64: ("<q", "<i8"), FLOAT64: ("<d", "<f8"),
+}
+# smallest possible encodings, used to reject absurd counts before allocating anything
+_MIN_KV_BYTES = 8 + 4 + 1  # empty key, type, a one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, ndim, one dim, type, offset
+_MIN_ITEM_BYTES = {**{t: struct.calcsize(fmt) for t, (fmt, _) in _SCALARS.items()}, STRING: 8, ARRAY: 12}
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GGUFError(WorkbenchError):
+    """A file is not a well-formed GGUF v3 file; the message starts with the file path."""
+
+
+def value_type_name(vtype: int | tuple[int, int]) -> str:
+    """Readable GGUF value type: ``u32``, ``string``, ``array[string]`` ..."""
+    if isinstance(vtype, tuple):
+        return f"array[{VALUE_TYPE_NAMES.get(vtype[1], str(vtype[1]))}]"
+    return VALUE_TYPE_NAMES.get(vtype, str(vtype))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the index. ``dims`` is GGUF order (``dims[0]`` fastest);
+    ``shape`` the logical row-major shape (reversed dims); ``offset`` absolute in bytes."""
+
+    name: str
+    ggml_type: int
+    dims: tuple[int, ...]
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.ggml_type].name
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (``dims[0]`` elements, a whole number of blocks)."""
+        t = GGML_TYPES[self.ggml_type]
+        return self.dims[0] // t.block_elems * t.block_bytes
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the mapping; every failure is a GGUFError."""
+
+    def __init__(self, path: str, buf: mmap.mmap, size: int) -> None:
+        self.path = path
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+
+    def fail(self, what: str) -> GGUFError:
+        return GGUFError(f"{self.path}: {what}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"truncated at byte {self.pos} reading {what}: "
+                            f"need {n} bytes, {self.size - self.pos} left (file is {self.size} bytes)")
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        (v,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return v
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        (v,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"the length of {what}")
+        self.need(n, f"{what} ({n} bytes)")
+        start = self.pos
+        self.pos += n
+        try:
+            return self.buf[start:self.pos].decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise self.fail(f"{what} at byte {start} is not valid UTF-8 ({err.reason})") from None
+
+    def scalar(self, vtype: int, what: str) -> Any:
+        fmt, _ = _SCALARS[vtype]
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return bool(v) if vtype == BOOL else v
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> tuple[Any, int | tuple[int, int]]:
+        """Read one metadata value of type ``vtype``; return (python value, type id).
+        ``depth`` counts the arrays this value is nested in."""
+        if vtype in _SCALARS:
+            return self.scalar(vtype, what), vtype
+        if vtype == STRING:
+            return self.string(what), vtype
+        if vtype == ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise self.fail(f"{what}: arrays nested deeper than {MAX_ARRAY_NESTING} levels")
+            item = self.u32(f"the item type of {what}")
+            count = self.u64(f"the item count of {what}")
+            if item not in _MIN_ITEM_BYTES:
+                raise self.fail(f"{what}: unknown array item type {item}")
+            # reject counts the rest of the file cannot hold before allocating anything
+            self.need(count * _MIN_ITEM_BYTES[item], f"{what} ({count} items of {value_type_name(item)})")
+            return self.array(item, count, what, depth), (ARRAY, item)
+        raise self.fail(f"{what}: unknown value type {vtype}")
+
+    def array(self, item: int, count: int, what: str, depth: int) -> list[Any]:
+        if item in _SCALARS:
+            fmt, dtype = _SCALARS[item]
+            a = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
+            self.pos += count * a.itemsize
+            return a.astype(bool).tolist() if item == BOOL else a.tolist()
+        if item == STRING:
+            return self.string_array(count, what)
+        return [self.value(item, f"{what}[{i}]", depth + 1)[0] for i in range(count)]
+
+    def string_array(self, count: int, what: str) -> list[str]:
+        """``count`` strings: one pass slicing bytes off the mapping, then one decode each."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        raw: list[bytes] = [b""] * count
+        for i in range(count):
+            if size - pos < 8:
+                self.pos = pos
+                self.need(8, f"the length of {what}[{i}]")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > size - pos:
+                self.pos = pos
+                self.need(n, f"{what}[{i}] ({n} bytes)")
+            raw[i] = buf[pos:pos + n]
+            pos += n
+        self.pos = pos
+        try:
+            return [b.decode("utf-8") for b in raw]
+        except UnicodeDecodeError:
+            bad = next(i for i, b in enumerate(raw) if not _is_utf8(b))
+            raise self.fail(f"{what}[{bad}] is not valid UTF-8") from None
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class GGUFFile:
+    """An open GGUF v3 file. Use as a context manager or call :meth:`close`.
+
+    Attributes: ``path``, ``version``, ``alignment``, ``data_offset`` (absolute byte where
+    tensor data starts), ``file_size`` (bytes), ``metadata`` (key -> python value; arrays
+    as lists), ``metadata_types`` (key -> GGUF value type id, arrays as ``(9, item_type)``),
+    ``tensors`` (name -> :class:`TensorInfo`, in file order).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.metadata: dict[str, Any] = {}
+        self.metadata_types: dict[str, int | tuple[int, int]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._mm: mmap.mmap | None = None
+        try:
+            with open(self.path, "rb") as fh:
+                self.file_size = os.fstat(fh.fileno()).st_size
+                if self.file_size == 0:
+                    raise GGUFError(f"{self.path}: not a GGUF file (empty)")
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as err:
+            raise GGUFError(f"{self.path}: cannot open: {err.strerror or err}") from None
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- parsing --------------------------------------------------------------------
+    def _parse(self) -> None:
+        assert self._mm is not None
+        c = _Cursor(self.path, self._mm, self.file_size)
+        if self.file_size < 4 or self._mm[:4] != MAGIC:
+            raise c.fail(f"not a GGUF file (magic {bytes(self._mm[:4])!r}, expected {MAGIC!r})")
+        c.pos = 4
+        self.version = c.u32("the version")
+        if self.version != VERSION:
+            hint = " (big-endian file?)" if self.version > 0xFFFF else ""
+            raise c.fail(f"GGUF version {self.version} is not supported{hint}; only version {VERSION} is")
+        n_tensors = c.u64("the tensor count")
+        n_kv = c.u64("the metadata count")
+        left = self.file_size - c.pos
+        if n_kv * _MIN_KV_BYTES > left:
+            raise c.fail(f"header claims {n_kv} metadata entries, the remaining {left} bytes cannot hold them")
+        if n_tensors * _MIN_TENSOR_INFO_BYTES > left:
+            raise c.fail(f"header claims {n_tensors} tensors, the remaining {left} bytes cannot hold them")
+
+        for i in range(n_kv):
+            key = c.string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise c.fail(f"duplicate metadata key {key!r}")
+            vtype = c.u32(f"the value type of {key!r}")
+            self.metadata[key], self.metadata_types[key] = c.value(vtype, f"the value of {key!r}")
+
+        self.alignment = DEFAULT_ALIGNMENT
+        if "general.alignment" in self.metadata:
+            a, at = self.metadata["general.alignment"], self.metadata_types["general.alignment"]
+            if at != UINT32 or a <= 0 or a & (a - 1):
+                raise c.fail(f"bad general.alignment {a!r} ({value_type_name(at)}): need a power of two u32")
+            self.alignment = a
+
+        infos = [self._tensor_info(c, i) for i in range(n_tensors)]
+        self.data_offset = -(-c.pos // self.alignment) * self.alignment
+        for name, ggml_type, dims, rel in infos:
+            self._add_tensor(name, ggml_type, dims, rel)
+        self._check_overlaps()
+
+    def _tensor_info(self, c: _Cursor, i: int) -> tuple[str, int, tuple[int, ...], int]:
+        name = c.string(f"the name of tensor #{i}")
+        ndim = c.u32(f"the ndim of tensor {name!r}")
+        if not 1 <= ndim <= MAX_DIMS:
+            raise c.fail(f"tensor {name!r} has {ndim} dims, expected 1..{MAX_DIMS}")
+        dims = tuple(c.u64(f"dim {k} of tensor {name!r}") for k in range(ndim))
+        ggml_type = c.u32(f"the type of tensor {name!r}")
+        rel = c.u64(f"the offset of tensor {name!r}")
+        return name, ggml_type, dims, rel
+
+    def _add_tensor(self, name: str, ggml_type: int, dims: tuple[int, ...], rel: int) -> None:
+        fail: Callable[[str], GGUFError] = lambda what: GGUFError(f"{self.path}: tensor {name!r}: {what}")
+        if name in self.tensors:
+            raise GGUFError(f"{self.path}: duplicate tensor name {name!r}")
+        if ggml_type not in GGML_TYPES:
+            raise fail(f"unknown ggml type id {ggml_type}")
+        t = GGML_TYPES[ggml_type]
+        if 0 in dims:
+            raise fail(f"zero dim in {list(dims)}")
+        if dims[0] % t.block_elems:
+            raise fail(f"dims[0] = {dims[0]} is not a multiple of the {t.name} block size {t.block_elems}")
+        n_rows = 1
+        for d in dims[1:]:
+            n_rows *= d
+        if n_rows * dims[0] >= 1 << 63:
+            raise fail(f"dims {list(dims)} overflow: {n_rows * dims[0]} elements")
+        nbytes = n_rows * (dims[0] // t.block_elems) * t.block_bytes
+        if nbytes > self.file_size:
+            raise fail(f"dims {list(dims)} ({t.name}) need {nbytes} bytes, more than the whole file ({self.file_size})")
+        if rel % self.alignment:
+            raise fail(f"offset {rel} is not a multiple of the alignment {self.alignment}")
+        offset = self.data_offset + rel
+        if offset + nbytes > self.file_size:
+            raise fail(f"data [{offset}, {offset + nbytes}) runs past the end of the file ({self.file_size} bytes)")
+        self.tensors[name] = TensorInfo(name, ggml_type, dims, tuple(reversed(dims)), offset, nbytes)
+
+    def _check_overlaps(self) -> None:
+        by_offset = sorted(self.tensors.values(), key=lambda t: t.offset)
+        for a, b in zip(by_offset, by_offset[1:]):
+            if b.offset < a.offset + a.nbytes:
+                raise GGUFError(f"{self.path}: tensors {a.name!r} [{a.offset}, {a.offset + a.nbytes}) and "
+                                f"{b.name!r} [{b.offset}, {b.offset + b.nbytes}) overlap")
+
+    # ---- access ---------------------------------------------------------------------
+    def tensor(self, name: str) -> TensorInfo:
+        """The index entry of ``name``; GGUFError when the file has no such tensor."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise GGUFError(f"{self.path}: no tensor named {name!r}") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy ``uint8`` view of a tensor's bytes, shaped ``[*shape[:-1], row_bytes]``
+        (each last-axis row is ``shape[-1]`` elements as whole quant blocks). The view keeps
+        the mapping alive after :meth:`close`."""
+        t = self.tensor(name)
+        if self._mm is None:
+            raise GGUFError(f"{self.path}: file is closed")
+        a = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        return a.reshape(*t.shape[:-1], t.row_bytes)
+
+    def close(self) -> None:
+        """Drop the mapping. Views from :meth:`raw` stay valid: they hold their own reference."""
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # views still exported; the mapping goes when they do
+                pass
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({self.path!r}, v{self.version}, {len(self.metadata)} keys, {len(self.tensors)} tensors)"

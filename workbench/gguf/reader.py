@@ -126,8 +126,8 @@ class _Cursor:
             raise self.fail(f"{what} at byte {start} is not valid UTF-8 ({err.reason})") from None
 
     def scalar(self, vtype: int, what: str) -> Any:
-        fmt, _ = _SCALARS[vtype]
-        n = struct.calcsize(fmt)
+        fmt = _SCALARS[vtype][0]
+        n = _MIN_ITEM_BYTES[vtype]
         self.need(n, what)
         (v,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += n
@@ -181,16 +181,12 @@ class _Cursor:
         try:
             return [b.decode("utf-8") for b in raw]
         except UnicodeDecodeError:
-            bad = next(i for i, b in enumerate(raw) if not _is_utf8(b))
-            raise self.fail(f"{what}[{bad}] is not valid UTF-8") from None
-
-
-def _is_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+            for i, b in enumerate(raw):
+                try:
+                    b.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise self.fail(f"{what}[{i}] is not valid UTF-8 ({err.reason})") from None
+            raise
 
 
 class GGUFFile:

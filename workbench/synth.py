@@ -1,0 +1,468 @@
+"""Synthetic ds4-layout GGUF models: the real file's tensors, types, metadata and tokenizer,
+with random weights at chosen widths.
+
+Presets (deterministic per seed):
+
+* ``tiny``: 6 layers (ratios 0,0,4,128,4,128), n_embd 256, 4 heads × 128, 8 experts × 256
+  with 2 used, IQ2_XXS gate/up and Q2_K down experts, indexer top-k 8; about 110 MB.
+* ``tiny-q4``: the same with Q4_K for all three expert tensors.
+* ``real-dims-N``: the real widths (ds4-architecture.md §0) for the first N layers
+  (1 <= N <= 43) with q2 expert types; about 1.6 GB + 1.95 GB per layer.
+
+Weights are random but scaled so that activations stay finite and well conditioned over
+long contexts: projections have RMS 1/sqrt(fan_in) (they roughly preserve the RMS of a
+normalised input), norms are near 1, the HC projections are small so the Sinkhorn inputs are
+O(1), the HC bases make the pre weights about 1/n_hc, the post gains about 1 and the
+combine matrix diagonal-heavy, sinks, APE, router and expert biases are small, and the
+compressor gates are small enough that their per-channel softmax is not degenerate.
+
+Quantized tensors are valid random blocks: random codes and sub-block scales, with each
+block's f16 ``d`` (and ``dmin``) chosen so the block's expected mean is 0 and its expected
+RMS is the target. All randomness comes from SFC64 raw output, one stream per tensor seeded
+by (seed, crc32(name)), so files are byte-identical across runs and NumPy versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, Union
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+from workbench.gguf.types import F16, F32, GGML_TYPES, I32, IQ2_XXS, Q2_K, Q4_K, Q8_0
+from workbench.gguf.writer import MetaValue, TensorInfo, ValueType, write_gguf
+from workbench.model.config import PREFIX, ModelArgs, ds4_ratio_schedule
+from workbench.vocab import official_vocab
+
+REAL_N_LAYER = 43
+CHUNK_BYTES = 2 << 20  # bytes of tensor data produced per chunk: bounds memory, stays cache-friendly
+
+
+class SynthError(WorkbenchError):
+    """Unknown preset or bad synthesis parameters."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A synthetic model: its hyperparameters and the ggml types of the routed experts
+    (``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``)."""
+
+    name: str
+    args: ModelArgs
+    expert_types: tuple[int, int, int]
+
+
+EXPERTS_Q2 = (IQ2_XXS, IQ2_XXS, Q2_K)
+EXPERTS_Q4 = (Q4_K, Q4_K, Q4_K)
+
+
+def _tiny_args() -> ModelArgs:
+    n_layer = 6
+    return ModelArgs(
+        n_layer=n_layer, n_embd=256, n_vocab=129280, n_head=4, n_head_kv=1, head_dim=128, n_rot=64,
+        q_lora_rank=128, o_lora_rank=64, o_groups=2, n_expert=8, n_expert_used=2, n_ff_exp=256,
+        n_expert_shared=1, n_hash_layer=3, n_swa=128, idx_heads=4, idx_dim=128, idx_topk=8,
+        n_hc=4, sinkhorn_iters=20, compress_ratios=ds4_ratio_schedule(n_layer),
+        swiglu_clamp=(10.0,) * n_layer, context_length=65536,
+        name="DeepSeek-V4-Flash synthetic tiny")
+
+
+def _real_args(n_layer: int) -> ModelArgs:
+    return ModelArgs(
+        n_layer=n_layer, n_embd=4096, n_vocab=129280, n_head=64, n_head_kv=1, head_dim=512, n_rot=64,
+        q_lora_rank=1024, o_lora_rank=1024, o_groups=8, n_expert=256, n_expert_used=6, n_ff_exp=2048,
+        n_expert_shared=1, n_hash_layer=min(3, n_layer), n_swa=128, idx_heads=64, idx_dim=128,
+        idx_topk=512, n_hc=4, sinkhorn_iters=20, compress_ratios=ds4_ratio_schedule(n_layer),
+        swiglu_clamp=(10.0,) * n_layer, context_length=1048576,
+        name=f"DeepSeek-V4-Flash synthetic real-dims-{n_layer}")
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", _tiny_args(), EXPERTS_Q2),
+    "tiny-q4": Preset("tiny-q4", replace(_tiny_args(), name="DeepSeek-V4-Flash synthetic tiny-q4"), EXPERTS_Q4),
+}
+PRESET_NAMES = (*PRESETS, "real-dims-N")
+_REAL_DIMS = re.compile(r"real-dims-(\d+)")
+
+
+def resolve_preset(name: str) -> Preset:
+    """The preset called ``name``: one of :data:`PRESETS` or ``real-dims-N``, 1 <= N <= 43."""
+    if name in PRESETS:
+        return PRESETS[name]
+    m = _REAL_DIMS.fullmatch(name)
+    if m is None:
+        raise SynthError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    n = int(m.group(1))
+    if not 1 <= n <= REAL_N_LAYER:
+        raise SynthError(f"preset {name!r}: N must be 1..{REAL_N_LAYER}, got {n}")
+    return Preset(name, _real_args(n), EXPERTS_Q2)
+
+
+# ---- what each tensor holds ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Noise:
+    """Independent values with mean ``mean`` and standard deviation ``std`` (uniform for
+    float tensors; block-structured with expected mean 0 for quantized ones)."""
+
+    std: float
+    mean: float = 0.0
+
+
+@dataclass(frozen=True)
+class HCBase:
+    """An HC bias vector. ``combine=True``: a sublayer's [2·n_hc + n_hc²] base (pre, post,
+    combine); ``False``: the output head's [n_hc] base (pre only). Pre biases give
+    sigmoid ≈ 1/n_hc, post biases 2·sigmoid ≈ 1, the combine bias is 2 on the diagonal."""
+
+    n_hc: int
+    combine: bool
+    jitter: float = 0.1
+
+
+@dataclass(frozen=True)
+class ExpertIds:
+    """``tid2eid`` rows: for each token id, distinct random expert ids in [0, n_expert)."""
+
+    n_expert: int
+
+
+Fill = Union[Noise, HCBase, ExpertIds]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of a synthetic file: ``shape`` is the logical row-major shape (GGUF dims
+    reversed), ``fill`` how its values are drawn."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    fill: Fill
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.name, tuple(reversed(self.shape)), self.ggml_type)
+
+
+def _linear(fan_in: int) -> Noise:
+    """A projection that roughly preserves the RMS of a unit-RMS input."""
+    return Noise(1.0 / math.sqrt(fan_in))
+
+
+NORM = Noise(0.05, 1.0)
+HC_SCALE = Noise(0.1, 1.0)
+
+
+def plan_tensors(preset: Preset) -> list[PlannedTensor]:
+    """Every tensor of the preset's file, in file order, with ds4's names, logical shapes
+    and types (ds4-architecture.md §1.3)."""
+    a = preset.args
+    gate_t, up_t, down_t = preset.expert_types
+    E, hc_dim, mix = a.n_embd, a.hc_dim, a.hc_mix
+    q_dim = a.n_head * a.head_dim
+    shared_ff = a.n_ff_exp * a.n_expert_shared
+    hc_fn = Noise(0.5 / math.sqrt(hc_dim))  # HC mix values of std ~0.5
+
+    def T(name: str, shape: tuple[int, ...], ggml_type: int, fill: Fill) -> PlannedTensor:
+        return PlannedTensor(name, tuple(int(s) for s in shape), ggml_type, fill)
+
+    plan = [T("token_embd.weight", (a.n_vocab, E), F16, Noise(1.0))]
+    for L in range(a.n_layer):
+        r = a.ratio(L)
+        b = f"blk.{L}."
+        plan += [
+            T(b + "hc_attn_fn.weight", (mix, hc_dim), F16, hc_fn),
+            T(b + "hc_attn_scale.weight", (3,), F32, HC_SCALE),
+            T(b + "hc_attn_base.weight", (mix,), F32, HCBase(a.n_hc, combine=True)),
+            T(b + "attn_norm.weight", (E,), F32, NORM),
+            T(b + "attn_q_a.weight", (a.q_lora_rank, E), Q8_0, _linear(E)),
+            T(b + "attn_q_a_norm.weight", (a.q_lora_rank,), F32, NORM),
+            T(b + "attn_q_b.weight", (q_dim, a.q_lora_rank), Q8_0, _linear(a.q_lora_rank)),
+            T(b + "attn_kv.weight", (a.head_dim, E), Q8_0, _linear(E)),
+            T(b + "attn_kv_a_norm.weight", (a.head_dim,), F32, NORM),
+            T(b + "attn_sinks.weight", (a.n_head,), F32, Noise(0.1)),
+            T(b + "attn_output_a.weight", (a.o_groups * a.o_lora_rank, q_dim // a.o_groups), Q8_0,
+              _linear(q_dim // a.o_groups)),
+            T(b + "attn_output_b.weight", (E, a.o_groups * a.o_lora_rank), Q8_0,
+              _linear(a.o_groups * a.o_lora_rank)),
+        ]
+        if r > 0:
+            w = (2 if r == 4 else 1) * a.head_dim
+            plan += [
+                T(b + "attn_compressor_ape.weight", (r, w), F16, Noise(0.2)),
+                T(b + "attn_compressor_kv.weight", (w, E), F16, _linear(E)),
+                T(b + "attn_compressor_gate.weight", (w, E), F16, Noise(0.5 / math.sqrt(E))),
+                T(b + "attn_compressor_norm.weight", (a.head_dim,), F32, NORM),
+            ]
+        if r == 4:
+            wi = 2 * a.idx_dim
+            plan += [
+                T(b + "indexer.attn_q_b.weight", (a.idx_heads * a.idx_dim, a.q_lora_rank), F16,
+                  _linear(a.q_lora_rank)),
+                T(b + "indexer.proj.weight", (a.idx_heads, E), F16, _linear(E)),
+                T(b + "indexer_compressor_ape.weight", (4, wi), F16, Noise(0.2)),
+                T(b + "indexer_compressor_kv.weight", (wi, E), F16, _linear(E)),
+                T(b + "indexer_compressor_gate.weight", (wi, E), F16, Noise(0.5 / math.sqrt(E))),
+                T(b + "indexer_compressor_norm.weight", (a.idx_dim,), F32, NORM),
+            ]
+        plan += [
+            T(b + "hc_ffn_fn.weight", (mix, hc_dim), F16, hc_fn),
+            T(b + "hc_ffn_scale.weight", (3,), F32, HC_SCALE),
+            T(b + "hc_ffn_base.weight", (mix,), F32, HCBase(a.n_hc, combine=True)),
+            T(b + "ffn_norm.weight", (E,), F32, NORM),
+            T(b + "ffn_gate_inp.weight", (a.n_expert, E), F16, Noise(0.5 / math.sqrt(E))),
+        ]
+        if L < a.n_hash_layer:
+            plan.append(T(b + "ffn_gate_tid2eid.weight", (a.n_vocab, a.n_expert_used), I32,
+                          ExpertIds(a.n_expert)))
+        else:
+            plan.append(T(b + "exp_probs_b.bias", (a.n_expert,), F32, Noise(0.01)))
+        plan += [
+            T(b + "ffn_gate_exps.weight", (a.n_expert, a.n_ff_exp, E), gate_t, _linear(E)),
+            T(b + "ffn_up_exps.weight", (a.n_expert, a.n_ff_exp, E), up_t, _linear(E)),
+            T(b + "ffn_down_exps.weight", (a.n_expert, E, a.n_ff_exp), down_t, _linear(a.n_ff_exp)),
+            T(b + "ffn_gate_shexp.weight", (shared_ff, E), Q8_0, _linear(E)),
+            T(b + "ffn_up_shexp.weight", (shared_ff, E), Q8_0, _linear(E)),
+            T(b + "ffn_down_shexp.weight", (E, shared_ff), Q8_0, _linear(shared_ff)),
+        ]
+    plan += [
+        T("output_hc_fn.weight", (a.n_hc, hc_dim), F16, hc_fn),
+        T("output_hc_scale.weight", (1,), F32, HC_SCALE),
+        T("output_hc_base.weight", (a.n_hc,), F32, HCBase(a.n_hc, combine=False)),
+        T("output_norm.weight", (E,), F32, NORM),
+        T("output.weight", (a.n_vocab, E), Q8_0, _linear(E)),
+    ]
+    return plan
+
+
+def metadata(preset: Preset, seed: int) -> dict[str, MetaValue]:
+    """The GGUF key/value pairs: ``general.*``, every ``deepseek4.*`` key ds4 reads
+    (ds4-architecture.md §1.2) with the preset's values, and the official tokenizer."""
+    a = preset.args
+    tokens, merges = official_vocab()
+    if len(tokens) != a.n_vocab:
+        raise SynthError(f"preset {preset.name}: vocab_size {a.n_vocab} but the official "
+                         f"tokenizer has {len(tokens)} tokens")
+    u32, f32 = MetaValue.u32, MetaValue.f32
+    k = {
+        "block_count": u32(a.n_layer),
+        "context_length": u32(a.context_length),
+        "embedding_length": u32(a.n_embd),
+        "vocab_size": u32(a.n_vocab),
+        "attention.head_count": u32(a.n_head),
+        "attention.head_count_kv": u32(a.n_head_kv),
+        "attention.key_length": u32(a.head_dim),
+        "attention.value_length": u32(a.head_dim),
+        "rope.dimension_count": u32(a.n_rot),
+        "attention.q_lora_rank": u32(a.q_lora_rank),
+        "attention.output_lora_rank": u32(a.o_lora_rank),
+        "attention.output_group_count": u32(a.o_groups),
+        "expert_count": u32(a.n_expert),
+        "expert_used_count": u32(a.n_expert_used),
+        "expert_feed_forward_length": u32(a.n_ff_exp),
+        "expert_shared_count": u32(a.n_expert_shared),
+        "hash_layer_count": u32(a.n_hash_layer),
+        "expert_group_count": u32(0),
+        "expert_group_used_count": u32(0),
+        "attention.sliding_window": u32(a.n_swa),
+        "attention.indexer.head_count": u32(a.idx_heads),
+        "attention.indexer.key_length": u32(a.idx_dim),
+        "attention.indexer.top_k": u32(a.idx_topk),
+        "hyper_connection.count": u32(a.n_hc),
+        "hyper_connection.sinkhorn_iterations": u32(a.sinkhorn_iters),
+        "attention.compress_ratios": MetaValue.array(ValueType.UINT32, a.compress_ratios),
+        "swiglu_clamp_exp": MetaValue.array(ValueType.FLOAT32, a.swiglu_clamp),
+        "rope.scaling.original_context_length": u32(a.rope_orig_ctx),
+        "rope.freq_base": f32(a.rope_freq_base),
+        "rope.scaling.factor": f32(a.rope_scaling_factor),
+        "rope.scaling.yarn_beta_fast": f32(a.yarn_beta_fast),
+        "rope.scaling.yarn_beta_slow": f32(a.yarn_beta_slow),
+        "attention.compress_rope_freq_base": f32(a.compress_rope_freq_base),
+        "expert_weights_scale": f32(a.expert_weights_scale),
+        "attention.layer_norm_rms_epsilon": f32(a.rms_eps),
+        "hyper_connection.epsilon": f32(a.hc_eps),
+        "expert_weights_norm": MetaValue.bool_(a.expert_weights_norm),
+    }
+    return {
+        "general.architecture": MetaValue.str_("deepseek4"),
+        "general.name": MetaValue.str_(a.name),
+        "workbench.synth.preset": MetaValue.str_(preset.name),
+        "workbench.synth.seed": MetaValue.u64(seed),
+        **{PREFIX + key: v for key, v in k.items()},
+        "tokenizer.ggml.model": MetaValue.str_("gpt2"),
+        "tokenizer.ggml.pre": MetaValue.str_("joyai-llm"),
+        "tokenizer.ggml.tokens": MetaValue.array(ValueType.STRING, tokens),
+        "tokenizer.ggml.merges": MetaValue.array(ValueType.STRING, merges),
+        "tokenizer.ggml.bos_token_id": u32(0),
+        "tokenizer.ggml.eos_token_id": u32(1),
+    }
+
+
+# ---- random data, chunk by chunk ------------------------------------------------------------
+
+# Second moments of the random codes (uniform over their ranges), used to pick block scales:
+_Q8_0_MEAN_SQ = 1398144 / 256  # mean of q² over int8 -128..127
+_Q2_K_Q_VAR = 1.25  # variance of q uniform on 0..3
+_Q4_K_Q_VAR = 21.25  # variance of q uniform on 0..15
+_IQ2XXS_GRID_MEAN_SQ = 1094513 / 2048  # mean of byte² over ggml's iq2xxs grid (256 × 8 magnitudes)
+
+
+def _bitgen(seed: int, name: str) -> np.random.SFC64:
+    return np.random.SFC64(np.random.SeedSequence([seed, zlib.crc32(name.encode("utf-8"))]))
+
+
+def _random_bytes(bg: np.random.SFC64, n: int) -> np.ndarray:
+    """``n`` uniformly random, writable uint8."""
+    return bg.random_raw((n + 7) // 8).view(np.uint8)[:n]
+
+
+def _spans(total: int, unit_bytes: int) -> Iterator[int]:
+    """Sizes (in units of ``unit_bytes`` of output) of consecutive chunks covering ``total``
+    units. Every chunk but the last is a multiple of 8 units, so each consumes whole 64-bit
+    random words and the bytes do not depend on :data:`CHUNK_BYTES`."""
+    step = max(8, CHUNK_BYTES // unit_bytes // 8 * 8)
+    for start in range(0, total, step):
+        yield min(step, total - start)
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    """float [n] -> [n, 2] uint8 of little-endian f16."""
+    return x.astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def _float_chunks(t: PlannedTensor, bg: np.random.SFC64) -> Iterator[np.ndarray]:
+    fill = t.fill
+    assert isinstance(fill, Noise)
+    dtype = "<f2" if t.ggml_type == F16 else "<f4"
+    n = t.info.n_elements
+    amplitude = fill.std * math.sqrt(3.0) / 32768.0  # int16 -> uniform of the given std
+    for k in _spans(n, 2):
+        u = _random_bytes(bg, 2 * k).view("<i2").astype(np.float32)
+        yield (u * np.float32(amplitude) + np.float32(fill.mean)).astype(dtype)
+
+
+def _hc_base(t: PlannedTensor, bg: np.random.SFC64) -> Iterator[np.ndarray]:
+    fill = t.fill
+    assert isinstance(fill, HCBase)
+    n = fill.n_hc
+    pre = math.log(1.0 / (n - 1))  # sigmoid(pre) = 1/n_hc
+    if fill.combine:
+        base = np.concatenate([np.full(n, pre), np.zeros(n), 2.0 * np.eye(n).ravel()])
+    else:
+        base = np.full(n, pre)
+    u = _random_bytes(bg, 2 * base.size).view("<i2").astype(np.float64) / 32768.0
+    yield (base + fill.jitter * math.sqrt(3.0) * u).astype("<f4")
+
+
+def _expert_ids(t: PlannedTensor, bg: np.random.SFC64) -> Iterator[np.ndarray]:
+    """Rows of distinct ids by Floyd's sampling, vectorised over rows."""
+    fill = t.fill
+    assert isinstance(fill, ExpertIds)
+    n_rows, k = t.shape
+    if k > fill.n_expert:
+        raise SynthError(f"{t.name}: {k} ids per row but only {fill.n_expert} experts")
+    for rows in _spans(n_rows, 4 * k):
+        ids = np.empty((rows, k), dtype="<i4")
+        for col, j in enumerate(range(fill.n_expert - k, fill.n_expert)):
+            draw = (bg.random_raw(rows) % np.uint64(j + 1)).astype(np.int32)
+            taken = (ids[:, :col] == draw[:, None]).any(axis=1)
+            ids[:, col] = np.where(taken, j, draw)
+        yield ids
+
+
+def _q8_0_blocks(nb: int, std: float, bg: np.random.SFC64) -> np.ndarray:
+    """int8 codes uniform on -128..127, one constant scale."""
+    blocks = _random_bytes(bg, nb * 34).reshape(nb, 34)
+    blocks[:, 0:2] = _f16_bytes(np.array([std / math.sqrt(_Q8_0_MEAN_SQ)]))
+    return blocks
+
+
+def _q2_k_blocks(nb: int, std: float, bg: np.random.SFC64) -> np.ndarray:
+    """16 sub-blocks with scale sc in 1..15 and min m = sc, dmin = 1.5·d: each sub-block is
+    d·sc·(q − 1.5), mean 0; d sets the expected block RMS to ``std``."""
+    blocks = _random_bytes(bg, nb * 84).reshape(nb, 84)
+    sc = 1 + blocks[:, 0:16] % 15
+    blocks[:, 0:16] = sc | (sc << 4)
+    d = std / np.sqrt(_Q2_K_Q_VAR * (sc.astype(np.float32) ** 2).mean(axis=1))
+    d16 = d.astype("<f2")
+    blocks[:, 80:82] = d16.view(np.uint8).reshape(-1, 2)
+    blocks[:, 82:84] = _f16_bytes(d16.astype(np.float32) * 1.5)
+    return blocks
+
+
+def _q4_k_blocks(nb: int, std: float, bg: np.random.SFC64) -> np.ndarray:
+    """8 sub-blocks with 6-bit scale sc in 1..63 and min m = sc, dmin = 7.5·d: each
+    sub-block is d·sc·(q − 7.5), mean 0; d sets the expected block RMS to ``std``."""
+    blocks = _random_bytes(bg, nb * 144).reshape(nb, 144)
+    sc = 1 + blocks[:, 4:12] % 63  # [nb, 8]; mins equal the scales
+    lo, hi = sc[:, :4], sc[:, 4:]
+    packed = np.empty((nb, 12), dtype=np.uint8)
+    packed[:, 0:4] = lo | ((hi >> 4) << 6)
+    packed[:, 4:8] = lo | ((hi >> 4) << 6)
+    packed[:, 8:12] = (hi & 15) | ((hi & 15) << 4)
+    blocks[:, 4:16] = packed
+    d = std / np.sqrt(_Q4_K_Q_VAR * (sc.astype(np.float32) ** 2).mean(axis=1))
+    d16 = d.astype("<f2")
+    blocks[:, 0:2] = d16.view(np.uint8).reshape(-1, 2)
+    blocks[:, 2:4] = _f16_bytes(d16.astype(np.float32) * 7.5)
+    return blocks
+
+
+def _iq2_xxs_blocks(nb: int, std: float, bg: np.random.SFC64) -> np.ndarray:
+    """Random grid indices, sign patterns and 4-bit sub-block scales s; d sets the expected
+    block RMS to ``std`` (element = d·(0.5 + s)/4 · grid byte · ±1, signs balanced)."""
+    blocks = _random_bytes(bg, nb * 66).reshape(nb, 66)
+    s = blocks[:, 2:].reshape(nb, 8, 8)[:, :, 7] >> 4  # top nibble of each sub-block's a1
+    mean_sq = 0.0625 * ((0.5 + s.astype(np.float32)) ** 2).mean(axis=1) * _IQ2XXS_GRID_MEAN_SQ
+    blocks[:, 0:2] = _f16_bytes(std / np.sqrt(mean_sq))
+    return blocks
+
+
+_BLOCK_MAKERS: dict[int, Callable[[int, float, np.random.SFC64], np.ndarray]] = {
+    Q8_0: _q8_0_blocks, Q2_K: _q2_k_blocks, Q4_K: _q4_k_blocks, IQ2_XXS: _iq2_xxs_blocks,
+}
+
+
+def _quant_chunks(t: PlannedTensor, bg: np.random.SFC64) -> Iterator[np.ndarray]:
+    fill = t.fill
+    assert isinstance(fill, Noise) and fill.mean == 0.0
+    gt = GGML_TYPES[t.ggml_type]
+    make = _BLOCK_MAKERS[t.ggml_type]
+    for nb in _spans(t.info.n_elements // gt.block_elems, gt.block_bytes):
+        yield make(nb, fill.std, bg)
+
+
+def tensor_chunks(t: PlannedTensor, seed: int) -> Iterator[np.ndarray]:
+    """The tensor's data as consecutive byte-exact chunks (C order of the logical shape)."""
+    bg = _bitgen(seed, t.name)
+    if isinstance(t.fill, HCBase):
+        return _hc_base(t, bg)
+    if isinstance(t.fill, ExpertIds):
+        return _expert_ids(t, bg)
+    if t.ggml_type in (F16, F32):
+        return _float_chunks(t, bg)
+    if t.ggml_type in _BLOCK_MAKERS:
+        return _quant_chunks(t, bg)
+    raise SynthError(f"{t.name}: no generator for {GGML_TYPES[t.ggml_type].name} with {t.fill}")
+
+
+def synthesize(preset: str, out: str | Path, seed: int = 0,
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the synthetic model ``preset`` to ``out`` (atomically) and return its path.
+
+    Same preset and seed give byte-identical files. ``progress`` receives
+    ``(bytes written, total bytes)``. Memory stays bounded (a few chunks of
+    :data:`CHUNK_BYTES`) whatever the file size.
+    """
+    p = resolve_preset(preset)
+    if not 0 <= seed < 2**63:
+        raise SynthError(f"seed must be in 0..2**63-1, got {seed}")
+    tensors = [(t.info, functools.partial(tensor_chunks, t, seed)) for t in plan_tensors(p)]
+    return write_gguf(out, metadata(p, seed), tensors, progress=progress)

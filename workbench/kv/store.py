@@ -50,9 +50,9 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, Mapping
+from typing import BinaryIO, Callable, ClassVar, Iterable, Mapping
 
 from workbench.errors import WorkbenchError
 from workbench.kv.format import (
@@ -645,17 +645,20 @@ class KVStore:
                 self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=predicted, why="exceeds-budget"))
                 return SaveResult(final, "skipped", 0, time.perf_counter() - t0,
                                   detail=f"file of {predicted} bytes exceeds the budget of {budget}")
-            with self.lock.exclusive():
-                self._scan(full=True)
-                evicted = self._evict(budget, keep, incoming=predicted, replacing=final.name, why="make-room")
-                room = budget is None or self._total() - self._size_of(final.name) + predicted <= budget
+            evicted: list[Evicted] = []
+            room = True
+            if budget is not None:
+                with self.lock.exclusive():
+                    self._scan(full=True)
+                    evicted = self._evict(budget, keep, incoming=predicted, replacing=final.name, why="make-room")
+                    room = self._total() - self._size_of(final.name) + predicted <= budget
             if not room:
                 self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=predicted, why="no-room"))
                 return SaveResult(final, "skipped", 0, time.perf_counter() - t0, evicted,
                                   detail="budget is held by protected, foreign or invalid files")
             tmp = self.dir / f"{sha}.kv.tmp.{os.getpid()}"
             try:
-                written = self._write_tmp(tmp, state, key, reason, ext_flags, mode, durable)
+                header, written = self._write_tmp(tmp, state, key, reason, ext_flags, mode, durable)
                 on_disk = os.stat(tmp).st_size
                 if written != predicted or on_disk != predicted:
                     raise KVSaveError(f"{tmp}: wrote {written} bytes ({on_disk} on disk), predicted {predicted}; "
@@ -664,10 +667,14 @@ class KVStore:
                     os.replace(tmp, final)
                     if durable:
                         self._fsync_dir()
+                    st = os.stat(final)  # index the new file from the header just written
+                    self._cache[final.name] = ((st.st_ino, st.st_size, st.st_mtime_ns), Entry(
+                        final, sha, replace(header, file_size=st.st_size), st.st_mtime_ns))
                     if existing is not None:
                         self._emit(Replaced(path=final, why=existing))
-                    self._scan(full=True)
-                    evicted += self._evict(budget, keep, incoming=0, replacing="", why="disk-cache-full")
+                    if budget is not None:
+                        self._scan(full=True)
+                        evicted += self._evict(budget, keep, incoming=0, replacing="", why="disk-cache-full")
             except BaseException as err:
                 try:
                     os.unlink(tmp)
@@ -709,22 +716,23 @@ class KVStore:
         return why, st.st_ino
 
     def _write_tmp(self, tmp: Path, state: SessionState, key: bytes, reason: SaveReason, ext_flags: int,
-                   mode: str, durable: bool) -> int:
+                   mode: str, durable: bool) -> tuple[KVHeader, int]:
         if tmp.exists():  # left by this very process (pids are unique among live processes)
             tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         with os.fdopen(fd, "wb", buffering=0) as f:
             now = int(time.time())
             if mode == "direct":
-                _, n = write_kv_file(f, state, key, quant_bits=self.quant_bits, reason=reason, ext_flags=ext_flags,
-                                     checksum=self.checksum, now=now)
+                header, n = write_kv_file(f, state, key, quant_bits=self.quant_bits, reason=reason,
+                                          ext_flags=ext_flags, checksum=self.checksum, now=now)
             else:
-                n = self._write_staged(f, state, key, reason, ext_flags, now)
+                header, n = self._write_staged(f, state, key, reason, ext_flags, now)
             if durable:
                 os.fsync(f.fileno())
-        return n
+        return header, n
 
-    def _write_staged(self, f, state: SessionState, key: bytes, reason: SaveReason, ext_flags: int, now: int) -> int:
+    def _write_staged(self, f: BinaryIO, state: SessionState, key: bytes, reason: SaveReason, ext_flags: int,
+                      now: int) -> tuple[KVHeader, int]:
         sfd, spath = tempfile.mkstemp(prefix="ds4-session-payload.")
         try:
             with os.fdopen(sfd, "w+b", buffering=0) as sf:
@@ -745,7 +753,7 @@ class KVStore:
                     n += write_all(f, view[:got])
                 if crc is not None:
                     n += write_all(f, Checksums(CHECKSUM_CHUNK, header_crc(head), text_crc(key), crc.finish()).pack())
-            return n
+            return header, n
         finally:
             os.unlink(spath)
 
@@ -769,9 +777,11 @@ class KVStore:
             return 0
         return item[1].file_size if isinstance(item[1], Entry) else item[1].size
 
-    def _evict(self, budget: int | None, protect: set[str], incoming: int, replacing: str, why: str) -> list[Evicted]:
+    def _evict(self, budget: int | None, protect: set[str], incoming: int, replacing: str, why: str,
+               dry_run: bool = False) -> list[Evicted]:
         """Unlink lowest-score entries until the directory plus ``incoming`` bytes (minus the
-        file being replaced) fits ``budget``. Caller holds the exclusive lock, index fresh."""
+        file being replaced) fits ``budget``. Caller holds the exclusive lock, index fresh.
+        ``dry_run`` only returns what would go (no unlink, no events)."""
         if budget is None:
             return []
         now = time.time()
@@ -788,27 +798,32 @@ class KVStore:
         for score, _, e in candidates:
             if total <= budget:
                 break
+            event = Evicted(path=e.path, tokens=e.tokens, bytes=e.file_size, score=score,
+                            save_reason=e.header.reason.name.lower(), why=why)
+            total -= e.file_size
+            if dry_run:
+                out.append(event)
+                continue
             try:
                 os.unlink(e.path)
             except FileNotFoundError:
                 pass
             except OSError:
                 break  # as ds4: stop the pass when an unlink fails
-            total -= e.file_size
             self._cache.pop(e.path.name, None)
-            out.append(self._emit(Evicted(path=e.path, tokens=e.tokens, bytes=e.file_size, score=score,
-                                          save_reason=e.header.reason.name.lower(), why=why)))
+            out.append(self._emit(event))
         return out
 
-    def evict_to_budget(self, budget_mb: float | None = None) -> list[Evicted]:
-        """Evict until every file together fits the budget (``budget_mb`` overrides the store's)."""
+    def evict_to_budget(self, budget_mb: float | None = None, dry_run: bool = False) -> list[Evicted]:
+        """Evict until every file together fits the budget (``budget_mb`` overrides the
+        store's); ``dry_run`` lists the victims without removing them."""
         budget = self.budget_bytes if budget_mb is None else int(budget_mb * MiB)
         if budget is None:
             return []
         try:
             with self.lock.exclusive():
                 self._scan(full=True)
-                return self._evict(budget, set(), 0, "", "disk-cache-full")
+                return self._evict(budget, set(), 0, "", "disk-cache-full", dry_run)
         except OSError as err:
             raise KVStoreError(f"{self.dir}: cannot lock for eviction: {err.strerror or err}") from err
 
@@ -842,13 +857,15 @@ class KVStore:
         return out
 
     # ---- verification -------------------------------------------------------------------------
-    def verify(self, layout: StateLayout | None = None, quarantine: bool = False) -> list[VerifyReport]:
-        """Check every checkpoint end to end (and report invalid ones); with ``quarantine``,
-        move failing files to ``<dir>/quarantine/``. Never deletes anything."""
+    def verify(self, layout: StateLayout | None = None, ctx: int | None = None, quarantine: bool = False,
+               layout_note: str = "") -> list[VerifyReport]:
+        """Check every checkpoint end to end against ``layout`` (None: per file, inferred)
+        and runtime ``ctx`` (None: each file's own), and report invalid ones; with
+        ``quarantine``, move failing files to ``<dir>/quarantine/``. Never deletes anything."""
         reports = []
         for path in sorted(e.path for e in self.entries()) + sorted(o.path for o in self.invalid()):
             with self.lock.shared():
-                rep = verify_file(path, layout)
+                rep = verify_file(path, layout, ctx, layout_note)
             if not rep.ok and quarantine:
                 self.quarantine(path, rep.error)
             reports.append(rep)

@@ -1,0 +1,294 @@
+"""The prefix store: naming, longest-prefix lookup, load/touch, saves, budget and eviction,
+and the ``workbench kv`` commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+
+import numpy as np
+import pytest
+from test_kv_format import SMALL, assert_same_state, random_state
+
+from workbench.cli import main as cli_main
+from workbench.kv import store as S
+from workbench.kv.format import ExtFlag, SaveReason, kv_file_bytes, read_header
+from workbench.kv.store import KVLoadError, KVStore, verify_file
+
+CTX = 4096
+
+
+def make_store(path, **kw) -> KVStore:
+    kw.setdefault("min_tokens", 64)
+    kw.setdefault("budget_mb", None)
+    return KVStore(path, **kw)
+
+
+def set_header(path, *, hits: int | None = None, last_used: int | None = None, created: int | None = None) -> None:
+    with open(path, "r+b") as f:
+        for off, fmt, value in ((12, "<I", hits), (32, "<Q", last_used), (24, "<Q", created)):
+            if value is not None:
+                f.seek(off)
+                f.write(struct.pack(fmt, value))
+
+
+def test_save_names_file_by_sha1_and_loads_back(tmp_path) -> None:
+    st = make_store(tmp_path)
+    state = random_state(SMALL, 300, CTX)
+    text = "<｜User｜>héllo wörld"
+    res = st.save(state, text, SaveReason.COLD)
+    assert res.saved and res.path.name == hashlib.sha1(text.encode()).hexdigest() + ".kv"
+    assert res.bytes == os.path.getsize(res.path) == kv_file_bytes(state, len(text.encode()))
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".lock"] == [res.path.name]  # no tmp left
+    back, got = st.load(res.path, SMALL, CTX)
+    assert got == text.encode()
+    assert_same_state(state, back)
+    assert back is not state and back.ctx == CTX
+    h = read_header(res.path)
+    assert h.hits == 1 and h.reason == SaveReason.COLD and h.tokens == 300
+    assert verify_file(res.path, SMALL).ok  # the in-place touch keeps the checksum valid
+    st.load(res.path, SMALL, CTX)
+    assert read_header(res.path).hits == 2
+    kinds = [e.kind for e in st.events]
+    assert kinds == ["saved", "loaded", "loaded"]
+    assert st.events[0].row()["event"] == "saved" and st.events[0].row()["reason"] == "cold"
+
+
+def test_lookup_longest_text_prefix_and_miss_reasons(tmp_path) -> None:
+    st = make_store(tmp_path)
+    short, long = "<｜User｜>system prompt", "<｜User｜>system prompt<｜Assistant｜>ok<｜User｜>more"
+    st.save(random_state(SMALL, 200, CTX, seed=1), short, SaveReason.COLD)
+    st.save(random_state(SMALL, 300, CTX, seed=2), long, SaveReason.EVICT)
+    e = st.lookup(long + " and a new question", CTX)
+    assert e is not None and e.tokens == 300 and e.text_bytes == len(long.encode())
+    e = st.lookup(short + " different", CTX)
+    assert e is not None and e.tokens == 200
+    # one byte different inside the stored text: the longer file cannot match
+    e = st.lookup(long[:-1] + "X question", CTX)
+    assert e is not None and e.tokens == 200
+    assert st.lookup("<｜User｜>system prompX", CTX) is None
+    assert st.events[-1].reason == "no-prefix-match"
+    assert st.lookup(long, CTX, min_tokens=250).tokens == 300
+    assert st.lookup(short + "x", CTX, min_tokens=250) is None and st.events[-1].reason == "below-min-tokens"
+    # a file from a larger context is never used
+    assert st.lookup(long + "x", 2048) is None and st.events[-1].reason == "ctx-too-large"
+    strict = make_store(tmp_path, quant_bits=4, reject_different_quant=True, maintain=False)
+    assert strict.lookup(long + "x", CTX) is None and strict.events[-1].reason == "quant-mismatch"
+    assert make_store(tmp_path / "empty").lookup("x", CTX) is None
+
+
+def test_lookup_hashes_only_index_lengths_and_rereads_no_headers(tmp_path, monkeypatch) -> None:
+    st = make_store(tmp_path)
+    st.save(random_state(SMALL, 200, CTX), "a" * 100, SaveReason.COLD)
+    calls = []
+    real = S.read_header
+    monkeypatch.setattr(S, "read_header", lambda p: calls.append(p) or real(p))
+    for _ in range(5):
+        assert st.lookup("a" * 150, CTX) is not None
+    assert calls == []  # index reused: no header re-read for an unchanged file
+    other = make_store(tmp_path, maintain=False)  # another process adds a file
+    other.save(random_state(SMALL, 210, CTX, seed=3), "a" * 120, SaveReason.COLD)
+    calls.clear()
+    e = st.lookup("a" * 150, CTX)
+    assert e.tokens == 210 and [p.name for p in calls] == [e.path.name]  # only the new file's header
+
+
+def test_text_mismatch_guard_and_prompt_prefix_check(tmp_path) -> None:
+    st = make_store(tmp_path)
+    res = st.save(random_state(SMALL, 200, CTX), "abc" * 40, SaveReason.COLD)
+    with pytest.raises(KVLoadError, match="prefix mismatch"):
+        st.load(res.path, SMALL, CTX, prompt="xyz" * 50)
+    # a file whose name does not hash its text is refused at load, kept on disk
+    wrong = tmp_path / ("0" * 40 + ".kv")
+    os.link(res.path, wrong)
+    with pytest.raises(KVLoadError, match="hash mismatch"):
+        st.load(wrong, SMALL, CTX)
+    assert wrong.exists() and isinstance(st.events[-1], S.LoadFailed)
+
+
+def test_consume_only_when_configured(tmp_path) -> None:
+    st = make_store(tmp_path, consume_on_load_above=250)
+    small = st.save(random_state(SMALL, 200, CTX), "s" * 50, SaveReason.COLD).path
+    big = st.save(random_state(SMALL, 300, CTX, seed=1), "b" * 50, SaveReason.COLD).path
+    st.load(small, SMALL, CTX)
+    st.load(big, SMALL, CTX)
+    assert small.exists() and not big.exists()
+    assert any(isinstance(e, S.Consumed) for e in st.events)
+
+
+def test_same_key_save_keeps_compatible_file_and_replaces_incompatible(tmp_path) -> None:
+    st = make_store(tmp_path)
+    text = "k" * 64
+    first = st.save(random_state(SMALL, 200, CTX), text, SaveReason.COLD)
+    set_header(first.path, hits=5, last_used=1000)
+    again = st.save(random_state(SMALL, 200, CTX), text, SaveReason.CONTINUED)
+    h = read_header(first.path)
+    assert again.status == "exists" and h.hits == 5 and h.last_used > 1000 and h.reason == SaveReason.COLD
+    # a runtime with a smaller context replaces the file written for a larger one
+    st.save(random_state(SMALL, 200, 1024), text, SaveReason.EVICT)
+    h = read_header(first.path)
+    assert h.ctx == 1024 and h.hits == 0 and h.reason == SaveReason.EVICT
+    assert any(isinstance(e, S.Replaced) for e in st.events)
+
+
+def test_staged_and_direct_write_identical_files(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(S.time, "time", lambda: 1_800_000_000.0)
+    state = random_state(SMALL, 300, CTX)
+    a = make_store(tmp_path / "a").save(state, "t" * 90, SaveReason.COLD, mode="direct")
+    b = make_store(tmp_path / "b").save(state, "t" * 90, SaveReason.COLD, mode="staged")
+    assert a.path.read_bytes() == b.path.read_bytes()
+    plain = make_store(tmp_path / "c", checksum=False).save(state, "t" * 90, SaveReason.COLD)
+    full, bare = a.path.read_bytes(), plain.path.read_bytes()
+    # without the checksum: the same bytes minus ext bit3 and the trailer (ds4's exact file)
+    assert bare[6] == 0 and full[6] == ExtFlag.CHECKSUM and bare[:6] + bare[7:] == full[:6] + full[7:plain.bytes]
+
+
+def test_durable_save_fsyncs_file_and_directory(tmp_path, monkeypatch) -> None:
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(S.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    make_store(tmp_path).save(random_state(SMALL, 200, CTX), "d" * 70, SaveReason.SHUTDOWN, durable=True)
+    assert len(synced) == 2
+    synced.clear()
+    make_store(tmp_path).save(random_state(SMALL, 200, CTX), "e" * 70, SaveReason.SHUTDOWN)
+    assert synced == []
+
+
+def _file_size(T: int, text_len: int) -> int:
+    return kv_file_bytes(random_state(SMALL, T, CTX), text_len)
+
+
+def test_budget_counts_every_file_and_evicts_lowest_score(tmp_path) -> None:
+    size = _file_size(300, 10)
+    mib = 1024 * 1024
+    (tmp_path / "notes.txt").write_bytes(b"x" * 1000)
+    (tmp_path / ("f" * 40 + ".kv")).write_bytes(b"garbage that is no header")  # invalid
+    st = make_store(tmp_path, budget_mb=(3 * size + 2000) / mib)
+    a = st.save(random_state(SMALL, 300, CTX, seed=1), "a" * 10, SaveReason.CONTINUED).path
+    b = st.save(random_state(SMALL, 300, CTX, seed=2), "b" * 10, SaveReason.COLD).path  # cold counts x2
+    c = st.save(random_state(SMALL, 300, CTX, seed=3), "c" * 10, SaveReason.CONTINUED).path
+    assert st.total_bytes() == 3 * size + 1000 + 25
+    set_header(c, hits=3, last_used=int(time.time()))  # c has recent hits
+    d = st.save(random_state(SMALL, 300, CTX, seed=4), "d" * 10, SaveReason.CONTINUED)
+    assert [e.path for e in d.evicted] == [a] and d.evicted[0].why == "make-room"
+    assert not a.exists() and b.exists() and c.exists() and d.path.exists()
+    assert st.total_bytes() <= st.budget_bytes
+    assert {o.path.name for o in st.foreign()} == {"notes.txt"}
+    assert [o.path.name for o in st.invalid()] == ["f" * 40 + ".kv"]
+    # room is made before the write: the Evicted event precedes Saved
+    kinds = [e.kind for e in st.events]
+    assert kinds[-2:] == ["evicted", "saved"]
+
+
+def test_eviction_protects_new_and_listed_files_and_tie_breaks_by_age(tmp_path) -> None:
+    size = _file_size(300, 10)
+    st = make_store(tmp_path, budget_mb=(2 * size + 100) / (1024 * 1024))
+    now = int(time.time())
+    old = st.save(random_state(SMALL, 300, CTX, seed=1), "o" * 10, SaveReason.CONTINUED).path
+    new = st.save(random_state(SMALL, 300, CTX, seed=2), "n" * 10, SaveReason.CONTINUED).path
+    set_header(old, last_used=now - 100)
+    set_header(new, last_used=now - 50)
+    # equal scores: the older last_used goes first
+    r = st.save(random_state(SMALL, 300, CTX, seed=3), "x" * 10, SaveReason.CONTINUED)
+    assert [e.path for e in r.evicted] == [old]
+    # the file a lookup just found is protected from the evict save's own pass
+    hit = st.lookup("n" * 10 + "tail", CTX)
+    set_header(hit.path, last_used=now - 10**6)
+    r = st.save(random_state(SMALL, 300, CTX, seed=4), "y" * 10, SaveReason.EVICT, protect=[hit])
+    assert hit.path.exists() and [e.path.name[:1] for e in r.evicted] != [hit.path.name[:1]]
+    assert r.path.exists() and len(st.entries()) == 2
+
+
+def test_oversize_and_no_room_saves_are_skipped_without_touching_files(tmp_path) -> None:
+    size = _file_size(300, 10)
+    st = make_store(tmp_path, budget_mb=(size - 1) / (1024 * 1024))
+    r = st.save(random_state(SMALL, 300, CTX), "z" * 10, SaveReason.COLD)
+    assert r.status == "skipped" and "exceeds the budget" in r.detail and st.entries() == []
+    (tmp_path / "big.bin").write_bytes(b"\0" * (size // 2))
+    st2 = make_store(tmp_path, budget_mb=(size + 100) / (1024 * 1024))
+    r = st2.save(random_state(SMALL, 300, CTX), "z" * 10, SaveReason.COLD)
+    assert r.status == "skipped" and st2.events[-1].why == "no-room" and (tmp_path / "big.bin").exists()
+
+
+def test_open_evicts_to_a_lowered_budget_and_gc(tmp_path, capsys) -> None:
+    st = make_store(tmp_path)
+    for i in range(3):
+        st.save(random_state(SMALL, 300, CTX, seed=i), f"{i}" * 20, SaveReason.CONTINUED)
+    size = _file_size(300, 20)
+    st2 = make_store(tmp_path, budget_mb=(2 * size + 10) / (1024 * 1024))
+    assert len(st2.entries()) == 2 and len([e for e in st2.events if e.kind == "evicted"]) == 1
+    assert cli_main(["kv", "gc", str(tmp_path), "--budget-mb", str(size / (1024 * 1024)), "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["evicted"]) == 1 and len(st2.entries()) == 2
+    assert cli_main(["kv", "gc", str(tmp_path), "--budget-mb", str(size / (1024 * 1024))]) == 0
+    assert len(st2.entries()) == 1
+
+
+def test_verify_and_quarantine_never_delete(tmp_path, capsys) -> None:
+    st = make_store(tmp_path)
+    good = st.save(random_state(SMALL, 300, CTX, seed=1), "g" * 20, SaveReason.COLD).path
+    bad = st.save(random_state(SMALL, 300, CTX, seed=2), "b" * 20, SaveReason.COLD).path
+    blob = bytearray(bad.read_bytes())
+    blob[len(blob) // 2] ^= 0x40
+    bad.write_bytes(bytes(blob))
+    reports = {r.path.name: r for r in st.verify(SMALL)}
+    assert reports[good.name].ok and reports[good.name].checksum == "verified"
+    assert not reports[bad.name].ok and "checksum mismatch" in reports[bad.name].error
+    total = st.total_bytes()
+    assert cli_main(["kv", "verify", str(tmp_path), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["failed"] == 1 and out["checked"] == 2
+    assert cli_main(["kv", "verify", str(tmp_path), "--quarantine"]) == 1
+    assert not bad.exists() and (tmp_path / "quarantine" / bad.name).exists()
+    assert [e.path for e in st.entries()] == [good] and st.total_bytes() == total
+    assert [o.kind for o in st.foreign()] == ["quarantined"]
+    assert cli_main(["kv", "verify", str(tmp_path)]) == 0
+
+
+def test_cli_ls_and_show(tmp_path, capsys) -> None:
+    st = make_store(tmp_path)
+    state = random_state(SMALL, 300, CTX)
+    path = st.save(state, "<｜User｜>show me", SaveReason.SHUTDOWN).path
+    (tmp_path / "stray.txt").write_text("hi")
+    assert cli_main(["kv", "ls", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [e["tokens"] for e in out["entries"]] == [300] and out["entries"][0]["reason"] == "shutdown"
+    assert out["others"][0]["kind"] == "foreign" and out["total_bytes"] == st.total_bytes()
+    assert cli_main(["kv", "show", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["header"]["tokens"] == 300 and out["trailer"] == "checksum"
+    assert out["payload_accounted"] == out["header"]["payload_bytes"]
+    assert "inferred" in out["layout_source"]
+    per_layer = {(r["layer"], r["kind"]): r["bytes"] for r in out["layers"]}
+    assert per_layer[(2, "compressed")] == 75 * 128 * 4 and per_layer[(2, "indexer")] == 75 * 128 * 4
+    assert per_layer[(0, "raw window")] == 128 * 128 * 4
+    assert cli_main(["kv", "show", str(path)]) == 0
+    assert "show me" in capsys.readouterr().out
+    assert cli_main(["kv", "ls", str(tmp_path / "nope")]) == 1
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_cli_show_with_model_layout(tmp_path, tiny_gguf, capsys) -> None:
+    from workbench.gguf.reader import GGUFFile
+    from workbench.model.config import ModelArgs
+    from workbench.state import StateLayout
+
+    with GGUFFile(tiny_gguf) as g:
+        lay = StateLayout.from_args(ModelArgs.from_metadata(g.metadata))
+    st = make_store(tmp_path)
+    path = st.save(random_state(lay, 300, CTX), "tiny" * 10, SaveReason.COLD).path
+    assert cli_main(["kv", "show", str(path), "--model", str(tiny_gguf), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layout_source"] == f"from {tiny_gguf}" and out["layout"]["n_layer"] == lay.n_layer
+    assert cli_main(["kv", "verify", str(path), "--model", str(tiny_gguf)]) == 0
+
+
+def test_loaded_state_is_new_and_payload_arrays_are_float32(tmp_path) -> None:
+    st = make_store(tmp_path)
+    state = random_state(SMALL, 300, CTX)
+    path = st.save(state, "q" * 70, SaveReason.COLD).path
+    back, _ = st.load(st.lookup("q" * 80, CTX), SMALL, 8192)
+    assert back.ctx == 8192 and back.layers[2].comp.dtype == np.float32 and back.problems() == []

@@ -1,0 +1,243 @@
+"""``workbench kv ls|show|verify|gc``: inspect and maintain a KV checkpoint directory.
+
+Works on ds4-server cache directories without a model: a payload whose header says
+43 layers x 512 x 128 x 129280 is read with ds4-server's layout; other layouts come from
+``--model F.gguf`` metadata, or are inferred from the payload header (and said so).
+``ls``/``show``/``verify`` never modify anything except ``verify --quarantine``, which
+moves failing files to ``DIR/quarantine/``; ``gc`` sweeps dead temp files and evicts
+to a budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.kv.format import (
+    ExtFlag, KVHeader, infer_layout, payload_breakdown, read_header, read_payload_summary, read_text, read_trailer,
+)
+from workbench.kv.store import MiB, KVStore, verify_file
+from workbench.state import StateLayout
+
+HELP = "list, show, verify and garbage-collect KV checkpoint (.kv) files"
+PREVIEW = 160  # characters of text shown
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kv_command", required=True)
+    p = sub.add_parser("ls", help="list the checkpoints and other files of a cache directory")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("show", help="header, text preview and per-layer payload bytes of one .kv file")
+    p.add_argument("file", type=Path)
+    p.add_argument("--model", type=Path, help="GGUF whose metadata gives the state layout")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("verify", help="read every byte of every checkpoint and run every check")
+    p.add_argument("path", type=Path, help="cache directory or one .kv file")
+    p.add_argument("--model", type=Path, help="GGUF whose metadata gives the state layout")
+    p.add_argument("--ctx", type=int, help="runtime context the files must fit (default: each file's own)")
+    p.add_argument("--quarantine", action="store_true", help="move failing files to DIR/quarantine/")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("gc", help="remove dead temp files and evict checkpoints down to a budget")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--budget-mb", type=float, required=True, help="budget in MiB for all files in DIR")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"ls": _ls, "show": _show, "verify": _verify, "gc": _gc}[args.kv_command](args)
+
+
+# ---- helpers --------------------------------------------------------------------------
+def _model_layout(path: Path | None) -> tuple[StateLayout | None, str]:
+    if path is None:
+        return None, ""
+    from workbench.gguf.reader import GGUFFile
+    from workbench.model.config import ModelArgs
+
+    with GGUFFile(path) as g:
+        return StateLayout.from_args(ModelArgs.from_metadata(g.metadata)), f"from {path}"
+
+
+def _iso(ts: int) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds") if ts else None
+
+
+def _age(ts: int, now: float) -> str:
+    if not ts:
+        return "-"
+    s = max(0, now - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.1f}{unit}"
+    return f"{s:.0f}s"
+
+
+def _preview(text: bytes, n: int = PREVIEW) -> str:
+    s = text.decode("utf-8", "replace")
+    if len(s) > n:
+        s = s[: n // 2] + " … " + s[-n // 2:]
+    return json.dumps(s, ensure_ascii=False)[1:-1]
+
+
+def _flags(ext: int) -> list[str]:
+    return [f.name.lower() for f in ExtFlag if ext & f]
+
+
+def _header_dict(h: KVHeader) -> dict[str, Any]:
+    d = asdict(h)
+    d.update(reason=h.reason.name.lower(), ext_flags=_flags(h.ext_flags), created_at=_iso(h.created_at),
+             last_used=_iso(h.last_used), reserved20=h.reserved20.hex())
+    return d
+
+
+def _print(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=1, default=str))
+
+
+# ---- ls -----------------------------------------------------------------------------------
+def _ls(args: argparse.Namespace) -> int:
+    store = KVStore(args.dir, budget_mb=None, create=False, maintain=False)
+    now = time.time()
+    entries = store.entries()
+    others = store.others()
+    rows = []
+    for e in entries:
+        with open(e.path, "rb") as f:
+            text = read_text(f, e.header, str(e.path))
+        rows.append({"sha": e.sha, "path": str(e.path), "tokens": e.tokens, "ctx": e.ctx,
+                     "reason": e.header.reason.name.lower(), "hits": e.header.hits, "bytes": e.file_size,
+                     "created_at": _iso(e.header.created_at), "last_used": _iso(e.header.last_used),
+                     "checksum": e.header.has_checksum, "ext_flags": _flags(e.header.ext_flags),
+                     "score": store.score(e, now), "text_bytes": e.text_bytes, "preview": _preview(text, 60)})
+    other_rows = [{"path": str(o.path), "kind": o.kind, "bytes": o.size, "problem": o.problem} for o in others]
+    total = sum(r["bytes"] for r in rows) + sum(o["bytes"] for o in other_rows)
+    out = {"dir": str(args.dir), "entries": rows, "others": other_rows, "total_bytes": total}
+    if args.json:
+        _print(out, True)
+        return 0
+    print(f"{args.dir}: {len(rows)} checkpoints, {len(other_rows)} other files, {total / MiB:,.1f} MiB in all")
+    if rows:
+        print(f"  {'sha':<12} {'tokens':>8} {'ctx':>8} {'reason':<10} {'hits':>4} {'MiB':>9} {'used':>6} crc  text")
+        for r, e in zip(rows, entries):
+            print(f"  {r['sha'][:12]} {r['tokens']:>8,} {r['ctx']:>8,} {r['reason']:<10} {r['hits']:>4} "
+                  f"{r['bytes'] / MiB:>9.1f} {_age(e.header.last_used, now):>6} {'yes' if r['checksum'] else 'no ':<4} "
+                  f"{r['preview']}")
+    for o in other_rows:
+        print(f"  [{o['kind']}] {Path(o['path']).name}  {o['bytes'] / MiB:.2f} MiB  {o['problem']}")
+    return 0
+
+
+# ---- show -----------------------------------------------------------------------------------
+def _show(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    header = read_header(path)
+    layout, note = _model_layout(args.model)
+    with open(path, "rb") as f:
+        text = read_text(f, header, str(path))
+        trailer = read_trailer(f, header, str(path))
+        summary = read_payload_summary(f, header, str(path))
+    if layout is None:
+        layout, note = infer_layout(summary)
+    if (layout.n_layer, layout.head_dim, layout.idx_dim, layout.n_vocab) != (
+            summary.header.n_layer, summary.header.head_dim, summary.header.idx_dim, summary.header.vocab):
+        raise WorkbenchError(f"{path}: payload is {summary.header.n_layer} layers x {summary.header.head_dim}, "
+                             f"indexer {summary.header.idx_dim}, vocab {summary.header.vocab}; the model's layout "
+                             f"is {layout.n_layer} x {layout.head_dim}, {layout.idx_dim}, {layout.n_vocab}")
+    rows = payload_breakdown(layout, summary)
+    by_kind: dict[str, int] = {}
+    for r in rows:
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["bytes"]
+    out = {"path": str(path), "header": _header_dict(header), "payload_header": asdict(summary.header),
+           "layout": asdict(layout), "layout_source": note, "trailer": trailer.kind, "trailer_bytes": trailer.bytes,
+           "tool_map_entries": trailer.tool_map_entries, "notes": list(trailer.notes),
+           "text_preview": _preview(text), "bytes_by_kind": by_kind, "layers": rows,
+           "payload_accounted": sum(by_kind.values())}
+    if args.json:
+        _print(out, True)
+        return 0
+    h = header
+    print(f"{path}")
+    print(f"  tokens {h.tokens:,}  ctx {h.ctx:,}  reason {h.reason.name.lower()}  hits {h.hits}  "
+          f"quant {h.quant_bits}-bit  flags {','.join(_flags(h.ext_flags)) or '-'}")
+    print(f"  created {_iso(h.created_at)}  last used {_iso(h.last_used)}")
+    print(f"  file {h.file_size:,} B = header 52 + text {h.text_bytes:,} + payload {h.payload_bytes:,} "
+          f"+ trailer {trailer.bytes:,} ({trailer.kind})")
+    ph = summary.header
+    print(f"  payload: prefill chunk {ph.prefill_chunk}, raw cap {ph.raw_cap}, raw window {ph.raw_window}, "
+          f"comp cap {ph.comp_cap}, raw rows {ph.raw_live}")
+    print(f"  layout: {note}")
+    for n in trailer.notes:
+        print(f"  note: {n}")
+    print(f"  text: {out['text_preview']}")
+    kinds = [k for k in ("raw window", "compressed", "indexer", "frontiers") if k in by_kind]
+    print(f"\n  {'layer':>5} {'ratio':>5} " + " ".join(f"{k:>12}" for k in kinds) + f" {'total':>12}")
+    for L in range(layout.n_layer):
+        per = {r["kind"]: r["bytes"] for r in rows if r["layer"] == L}
+        print(f"  {L:>5} {layout.ratios[L]:>5} " + " ".join(f"{per.get(k, 0):>12,}" for k in kinds)
+              + f" {sum(per.values()):>12,}")
+    print("\n  bytes by kind: " + ", ".join(f"{k} {v:,}" for k, v in by_kind.items()))
+    return 0
+
+
+# ---- verify -----------------------------------------------------------------------------------
+def _verify(args: argparse.Namespace) -> int:
+    layout, note = _model_layout(args.model)
+    target: Path = args.path
+    if target.is_dir():
+        store = KVStore(target, budget_mb=None, create=False, maintain=False)
+        reports = store.verify(layout, args.ctx, quarantine=args.quarantine, layout_note=note)
+        quarantined = args.quarantine
+    else:
+        reports = [verify_file(target, layout, args.ctx, note)]
+        quarantined = False
+    bad = [r for r in reports if not r.ok]
+    if args.json:
+        _print({"path": str(target), "checked": len(reports), "failed": len(bad), "quarantined": quarantined,
+                "files": [{"path": str(r.path), "ok": r.ok, "error": r.error, "checksum": r.checksum,
+                           "layout": r.layout_note, "notes": list(r.notes),
+                           "tokens": r.header.tokens if r.header else None} for r in reports]}, True)
+    else:
+        for r in reports:
+            state = f"ok  ({r.checksum} checksum)" if r.ok else "FAIL " + r.error
+            print(f"  {r.path.name}  {state}")
+            for n in r.notes:
+                print(f"      note: {n}")
+        moved = " (moved to quarantine/)" if quarantined and bad else ""
+        print(f"{target}: {len(reports) - len(bad)} ok, {len(bad)} failed{moved}")
+    return 1 if bad else 0
+
+
+# ---- gc -----------------------------------------------------------------------------------------
+def _gc(args: argparse.Namespace) -> int:
+    if args.budget_mb <= 0:
+        raise WorkbenchError(f"--budget-mb must be > 0, got {args.budget_mb}")
+    store = KVStore(args.dir, budget_mb=args.budget_mb, create=False, maintain=False)
+    swept = [] if args.dry_run else store.sweep_tmp()
+    evicted = store.evict_to_budget(dry_run=args.dry_run)
+    total = store.total_bytes()
+    out = {"dir": str(args.dir), "budget_bytes": store.budget_bytes, "dry_run": args.dry_run,
+           "swept": [str(s.path) for s in swept],
+           "evicted": [{"path": str(e.path), "tokens": e.tokens, "bytes": e.bytes, "score": e.score,
+                        "save_reason": e.save_reason} for e in evicted],
+           "total_bytes": total - (sum(e.bytes for e in evicted) if args.dry_run else 0)}
+    if args.json:
+        _print(out, True)
+        return 0
+    verb = "would evict" if args.dry_run else "evicted"
+    for e in evicted:
+        print(f"  {verb} {e.path.name}  {e.tokens:,} tokens  {e.bytes / MiB:.1f} MiB  score {e.score:.3g}")
+    for s in swept:
+        print(f"  removed stale temp file {s.path.name}")
+    over = " (still over: protected by foreign/invalid files)" if out["total_bytes"] > store.budget_bytes else ""
+    print(f"{args.dir}: {len(evicted)} {verb}, {len(swept)} temp files removed, "
+          f"{out['total_bytes'] / MiB:,.1f} MiB of {args.budget_mb:,.1f} MiB{over}")
+    return 0

@@ -368,10 +368,11 @@ def _expert_ids(t: PlannedTensor, bg: np.random.SFC64) -> Iterator[np.ndarray]:
     n_rows, k = t.shape
     if k > fill.n_expert:
         raise SynthError(f"{t.name}: {k} ids per row but only {fill.n_expert} experts")
-    for rows in _spans(n_rows, 4 * k):
+    for rows in _spans(n_rows, 8 * k):
+        words = bg.random_raw((rows, k))  # k words per row, row-major: chunking-independent
         ids = np.empty((rows, k), dtype="<i4")
         for col, j in enumerate(range(fill.n_expert - k, fill.n_expert)):
-            draw = (bg.random_raw(rows) % np.uint64(j + 1)).astype(np.int32)
+            draw = (words[:, col] % np.uint64(j + 1)).astype(np.int32)
             taken = (ids[:, :col] == draw[:, None]).any(axis=1)
             ids[:, col] = np.where(taken, j, draw)
         yield ids

@@ -124,6 +124,14 @@ def test_capacity_rules() -> None:
     assert F.comp_cap(32768) == 8194 and F.default_prefill_chunk(1000) == 1000
 
 
+@pytest.mark.parametrize("T", [1, 3, 100, 127, 128, 300])
+def test_small_layout_round_trip_at_short_lengths(T: int) -> None:
+    state = random_state(SMALL, T, 4096, seed=T)
+    blob = _payload(state)
+    assert len(blob) == F.payload_size(SMALL, T)
+    assert_same_state(state, _read(blob))
+
+
 def test_mlx_and_numpy_states_serialize_identically() -> None:
     np_state = random_state(SMALL, 300, 4096)
     mx_state = np_state.copy()

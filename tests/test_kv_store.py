@@ -292,3 +292,15 @@ def test_loaded_state_is_new_and_payload_arrays_are_float32(tmp_path) -> None:
     path = st.save(state, "q" * 70, SaveReason.COLD).path
     back, _ = st.load(st.lookup("q" * 80, CTX), SMALL, 8192)
     assert back.ctx == 8192 and back.layers[2].comp.dtype == np.float32 and back.problems() == []
+
+
+def test_progress_reports_every_layer_up_to_the_payload_size(tmp_path) -> None:
+    st = make_store(tmp_path)
+    state = random_state(SMALL, 300, CTX)
+    saved, loaded = [], []
+    res = st.save(state, "p" * 70, SaveReason.COLD, progress=lambda done, total: saved.append((done, total)))
+    st.load(res.path, SMALL, CTX, progress=lambda done, total: loaded.append((done, total)))
+    payload = read_header(res.path).payload_bytes
+    for calls in (saved, loaded):
+        assert len(calls) == SMALL.n_layer and calls[-1] == (payload, payload)
+        assert [d for d, _ in calls] == sorted(d for d, _ in calls)

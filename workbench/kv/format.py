@@ -45,13 +45,16 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.model.config import ds4_ratio_schedule
 from workbench.state import F32, KIND_OF, LayerState, SessionState, StateLayout
+
+
+Progress = Callable[[int, int], None]  # (payload bytes done, payload bytes total), after each tensor
 
 
 class KVFormatError(WorkbenchError):
@@ -404,7 +407,8 @@ def _state_problems(state: SessionState) -> list[str]:
     return out
 
 
-def write_payload(f: BinaryIO, state: SessionState, crc: ChunkCRC | None = None) -> int:
+def write_payload(f: BinaryIO, state: SessionState, crc: ChunkCRC | None = None,
+                  progress: Progress | None = None) -> int:
     """Stream the DSV4 payload of ``state`` into ``f``, tensor by tensor, with no
     payload-sized buffer; feed every byte to ``crc`` if given. Returns bytes written."""
     problems = _state_problems(state)
@@ -423,14 +427,20 @@ def write_payload(f: BinaryIO, state: SessionState, crc: ChunkCRC | None = None)
     n += put(memoryview(_as_f32(state.logits)).cast("B"))
     n += put(struct.pack(f"<{lay.n_layer}I", *(lay.n_comp(L, T) for L in range(lay.n_layer))))
     n += put(struct.pack(f"<{lay.n_layer}I", *(lay.n_idx(L, T) for L in range(lay.n_layer))))
+    total = payload_bytes(state)
     for ls in state.layers:
         for _, arr in ls.tensors():
-            n += put(memoryview(_as_f32(arr)).cast("B"))
+            data = _as_f32(arr)
+            if data.size:  # e.g. no ratio-128 rows below 128 tokens
+                n += put(memoryview(data).cast("B"))
+        if progress is not None:
+            progress(n, total)
     return n
 
 
 def write_kv_file(f: BinaryIO, state: SessionState, text: bytes, *, quant_bits: int, reason: SaveReason,
-                  ext_flags: int = 0, checksum: bool = True, now: int, hits: int = 0) -> tuple[KVHeader, int]:
+                  ext_flags: int = 0, checksum: bool = True, now: int, hits: int = 0,
+                  progress: Progress | None = None) -> tuple[KVHeader, int]:
     """Write a whole .kv file (header, text, payload, optional checksum trailer) into ``f``.
 
     Returns the header written and the bytes written. The caller compares the count with
@@ -441,7 +451,7 @@ def write_kv_file(f: BinaryIO, state: SessionState, text: bytes, *, quant_bits: 
     head = header.pack()
     crc = ChunkCRC() if checksum else None
     n = write_all(f, head) + write_all(f, text)
-    n += write_payload(f, state, crc)
+    n += write_payload(f, state, crc, progress)
     if crc is not None:
         n += write_all(f, Checksums(CHECKSUM_CHUNK, header_crc(head), text_crc(text), crc.finish()).pack())
     return header, n
@@ -512,7 +522,8 @@ class _Source:
         self._reserve(n, what)
         if keep:
             out = np.empty(shape, dtype=dtype)
-            self._fill(memoryview(out).cast("B"), what)
+            if n:
+                self._fill(memoryview(out.reshape(-1)).cast("B"), what)
             return out
         if self._scratch is None:
             self._scratch = bytearray(self.SCRATCH)
@@ -571,7 +582,7 @@ def check_row_counts(ph: PayloadHeader, layout: StateLayout, n_comp: list[int], 
 
 def read_payload(f: BinaryIO, budget: int, layout: StateLayout, ctx: int | None = None, *,
                  prefill_chunk: int | None = None, name: str = "<payload>", crc: ChunkCRC | None = None,
-                 keep: bool = True) -> SessionState | None:
+                 keep: bool = True, progress: Progress | None = None) -> SessionState | None:
     """Read a DSV4 payload of exactly ``budget`` bytes from ``f`` into a new SessionState.
 
     ``ctx``/``prefill_chunk`` describe the runtime it must fit (None: the saved values);
@@ -594,6 +605,8 @@ def read_payload(f: BinaryIO, budget: int, layout: StateLayout, ctx: int | None 
         for fname, shape in layer_tensor_shapes(layout, L, ph.raw_live, n_comp[L], n_idx[L]):
             setattr(ls, fname, src.array(shape, "<f4", f"layer {L} {fname}", keep))
         layers.append(ls)
+        if progress is not None:
+            progress(budget - src.left, budget)
     _check(src.left == 0, name, f"KV checkpoint has trailing payload bytes: {src.left} after the last tensor")
     if not keep:
         return None
@@ -667,8 +680,8 @@ def read_trailer(f: BinaryIO, header: KVHeader, name: str) -> Trailer:
 
 
 def read_kv_file(f: BinaryIO, layout: StateLayout | None, ctx: int | None = None, *, name: str,
-                 prefill_chunk: int | None = None, keep: bool = True, verify: bool = True
-                 ) -> tuple[KVHeader, bytes, SessionState | None, Trailer]:
+                 prefill_chunk: int | None = None, keep: bool = True, verify: bool = True,
+                 progress: Progress | None = None) -> tuple[KVHeader, bytes, SessionState | None, Trailer]:
     """Read and check a whole .kv file from an open binary file.
 
     Checks the header, the text, the trailer, the payload (all §1.4 checks against the
@@ -692,7 +705,7 @@ def read_kv_file(f: BinaryIO, layout: StateLayout | None, ctx: int | None = None
         layout, _ = infer_layout(read_payload_summary(f, header, name))
     f.seek(header.payload_offset)
     state = read_payload(f, header.payload_bytes, layout, ctx, prefill_chunk=prefill_chunk, name=name, crc=crc,
-                         keep=keep)
+                         keep=keep, progress=progress)
     if crc is not None:
         crc.finish()
     if state is not None:

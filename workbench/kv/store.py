@@ -56,7 +56,7 @@ from typing import BinaryIO, Callable, ClassVar, Iterable, Mapping
 
 from workbench.errors import WorkbenchError
 from workbench.kv.format import (
-    CHECKSUM_CHUNK, OFF_HITS, OFF_LAST_USED, TEXT_OFFSET, Checksums, ChunkCRC, KVFormatError, KVHeader,
+    CHECKSUM_CHUNK, OFF_HITS, OFF_LAST_USED, TEXT_OFFSET, Checksums, ChunkCRC, KVFormatError, KVHeader, Progress,
     SaveReason, Trailer, encode_text, header_crc, infer_layout, kv_file_bytes,
     make_header, parse_header, read_header, read_kv_file, read_payload_summary, read_text, text_crc, write_all,
     write_kv_file, write_payload,
@@ -286,7 +286,7 @@ def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx:
     name = str(p)
     header = None
     try:
-        with open(p, "rb") as f:
+        with open(p, "rb", buffering=0) as f:
             header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
             if layout is None:
                 layout, layout_note = infer_layout(read_payload_summary(f, header, name))
@@ -333,7 +333,9 @@ class KVStore:
     ``min_tokens`` is the default lookup floor; ``quant_bits`` (2 or 4) is written into
     new headers and, with ``reject_different_quant``, required on lookup. ``maintain``
     sweeps stale temp files of dead processes (older than ``tmp_grace_s``) and evicts to
-    the budget on open, as ds4 does at startup; pass False to only read.
+    the budget on open, as ds4 does at startup; pass False to only read. ``on_event`` is
+    called with each event, possibly while the directory lock is held: it must not call
+    back into the store.
     """
 
     def __init__(self, directory: str | os.PathLike, budget_mb: float | None = 4096, min_tokens: int = 512, *,
@@ -537,24 +539,25 @@ class KVStore:
 
     # ---- load ----------------------------------------------------------------------------
     def load(self, entry_or_path: Entry | str | os.PathLike, layout: StateLayout, ctx: int, *,
-             prompt: str | bytes | None = None, prefill_chunk: int | None = None, verify: bool = True
-             ) -> tuple[SessionState, bytes]:
+             prompt: str | bytes | None = None, prefill_chunk: int | None = None, verify: bool = True,
+             progress: Progress | None = None) -> tuple[SessionState, bytes]:
         """Restore a checkpoint as a new SessionState for a runtime of ``ctx`` tokens, and
         its stored text (bytes). With ``prompt``, the text must be its byte prefix.
 
         Runs every check (header, SHA-1 name, checksums unless ``verify`` is False, every
         payload check, token count) while holding the shared lock. On success the header's
         hits and last_used are updated in place (or the file is consumed when configured);
-        on failure raises KVLoadError, records LoadFailed and keeps the file.
+        on failure raises KVLoadError, records LoadFailed and keeps the file. ``progress``
+        gets (payload bytes read, payload bytes) after each layer.
         """
         path = entry_or_path.path if isinstance(entry_or_path, Entry) else Path(entry_or_path)
         name = str(path)
         t0 = time.perf_counter()
         try:
             with self.lock.shared():
-                with open(path, "rb") as f:
-                    header, text, state, trailer = read_kv_file(f, layout, ctx, name=name,
-                                                                prefill_chunk=prefill_chunk, verify=verify)
+                with open(path, "rb", buffering=0) as f:
+                    header, text, state, trailer = read_kv_file(f, layout, ctx, name=name, prefill_chunk=prefill_chunk,
+                                                                verify=verify, progress=progress)
                     ino = os.fstat(f.fileno()).st_ino
             m = NAME_RE.match(path.name)
             if m and text_sha(text) != m.group(1).lower():
@@ -609,7 +612,8 @@ class KVStore:
 
     # ---- save -----------------------------------------------------------------------------
     def save(self, state: SessionState, text: str | bytes, reason: SaveReason, durable: bool = False,
-             mode: str = "direct", *, ext_flags: int = 0, protect: Iterable[Entry | str] = ()) -> SaveResult:
+             mode: str = "direct", *, ext_flags: int = 0, protect: Iterable[Entry | str] = (),
+             progress: Progress | None = None) -> SaveResult:
         """Write ``state`` as ``<sha1(text)>.kv``.
 
         ``mode`` "direct" streams header, text and payload straight into
@@ -620,7 +624,8 @@ class KVStore:
         writing; the files in ``protect`` (entries or shas) and the new file are not
         evicted. A same-key file that is compatible is kept (status "exists", last_used
         refreshed); an incompatible or invalid one is replaced. Raises KVSaveError on
-        failure, after removing the temp file.
+        failure, after removing the temp file. ``progress`` gets (payload bytes written,
+        payload bytes) after each layer.
         """
         if mode not in ("direct", "staged"):
             raise KVStoreError(f"save mode {mode!r}, expected 'direct' or 'staged'")
@@ -658,7 +663,7 @@ class KVStore:
                                   detail="budget is held by protected, foreign or invalid files")
             tmp = self.dir / f"{sha}.kv.tmp.{os.getpid()}"
             try:
-                header, written = self._write_tmp(tmp, state, key, reason, ext_flags, mode, durable)
+                header, written = self._write_tmp(tmp, state, key, reason, ext_flags, mode, durable, progress)
                 on_disk = os.stat(tmp).st_size
                 if written != predicted or on_disk != predicted:
                     raise KVSaveError(f"{tmp}: wrote {written} bytes ({on_disk} on disk), predicted {predicted}; "
@@ -716,7 +721,7 @@ class KVStore:
         return why, st.st_ino
 
     def _write_tmp(self, tmp: Path, state: SessionState, key: bytes, reason: SaveReason, ext_flags: int,
-                   mode: str, durable: bool) -> tuple[KVHeader, int]:
+                   mode: str, durable: bool, progress: Progress | None) -> tuple[KVHeader, int]:
         if tmp.exists():  # left by this very process (pids are unique among live processes)
             tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -724,20 +729,20 @@ class KVStore:
             now = int(time.time())
             if mode == "direct":
                 header, n = write_kv_file(f, state, key, quant_bits=self.quant_bits, reason=reason,
-                                          ext_flags=ext_flags, checksum=self.checksum, now=now)
+                                          ext_flags=ext_flags, checksum=self.checksum, now=now, progress=progress)
             else:
-                header, n = self._write_staged(f, state, key, reason, ext_flags, now)
+                header, n = self._write_staged(f, state, key, reason, ext_flags, now, progress)
             if durable:
                 os.fsync(f.fileno())
         return header, n
 
     def _write_staged(self, f: BinaryIO, state: SessionState, key: bytes, reason: SaveReason, ext_flags: int,
-                      now: int) -> tuple[KVHeader, int]:
+                      now: int, progress: Progress | None) -> tuple[KVHeader, int]:
         sfd, spath = tempfile.mkstemp(prefix="ds4-session-payload.")
         try:
             with os.fdopen(sfd, "w+b", buffering=0) as sf:
                 crc = ChunkCRC() if self.checksum else None
-                write_payload(sf, state, crc)
+                write_payload(sf, state, crc, progress)
                 measured = os.fstat(sf.fileno()).st_size
                 header = make_header(state, key, quant_bits=self.quant_bits, reason=reason, ext_flags=ext_flags,
                                      checksum=self.checksum, now=now, payload_len=measured)

@@ -142,19 +142,20 @@ class Session:
         if self.n_tokens + len(tokens) > self.ctx:
             raise SessionError(f"context full: {self.n_tokens} tokens + {len(tokens)} new > ctx {self.ctx}")
 
-    def _run(self, tokens: list[int], on_layer: Callable[[int], None] | None = None) -> None:
-        """One chunk through the model, appended to the state."""
-        st = self.state
-        logits, layers = self.model(tokens, st.n_tokens, st.layers, on_layer)
-        self.state = SessionState(layout=st.layout, ctx=st.ctx, prefill_chunk=st.prefill_chunk,
-                                  tokens=st.tokens + list(tokens), logits=logits, layers=layers)
+    def _advance(self, st: SessionState, tokens: list[int], on_layer: Callable[[int], None] | None = None,
+                 logits: bool = True) -> SessionState:
+        """``st`` extended by one chunk of tokens (logits None unless ``logits``)."""
+        out, layers = self.model(tokens, st.n_tokens, st.layers, on_layer, logits)
+        return SessionState(layout=st.layout, ctx=st.ctx, prefill_chunk=st.prefill_chunk,
+                            tokens=st.tokens + list(tokens), logits=out, layers=layers)
 
     def prefill(self, tokens: Iterable[int], chunk: int | None = None,
                 progress: ProgressFn | None = None) -> PrefillStats:
         """Append tokens, in chunks ending on absolute multiples of ``chunk`` (default
         ``state.prefill_chunk``). ``progress`` gets a :class:`Progress` after every layer
         of every chunk. Raises SessionError (before any work) when the context would
-        overflow."""
+        overflow. The state changes only when the whole call succeeds (an interrupted
+        prefill leaves it as it was); only the last chunk computes logits."""
         tokens = [int(t) for t in tokens]
         chunk = self.state.prefill_chunk if chunk is None else int(chunk)
         if chunk < 1:
@@ -164,19 +165,21 @@ class Session:
         start, n = self.n_tokens, len(tokens)
         sched = chunk_schedule(start, n, chunk)
         n_layer = self.args.n_layer
+        st = self.state
         for a, b in sched:
             on_layer = None
             if progress is not None:
                 def on_layer(L: int, a: int = a, b: int = b) -> None:
                     done = a - start + (b - a) * (L + 1) // n_layer
                     progress(Progress("prefill", done, n, time.perf_counter() - t0))
-            self._run(tokens[a - start : b - start], on_layer)
+            st = self._advance(st, tokens[a - start : b - start], on_layer, logits=b == start + n)
+        self.state = st
         return PrefillStats(n, time.perf_counter() - t0, len(sched))
 
     def step(self, token: int) -> mx.array:
         """Feed one token; return the new next-token logits ``[n_vocab]``."""
         self._check_tokens([int(token)])
-        self._run([int(token)])
+        self.state = self._advance(self.state, [int(token)])
         return self.state.logits
 
     def decode(self, max_tokens: int, sampler: Callable[[mx.array], int] | None = None,

@@ -85,6 +85,9 @@ class Compressor:
         w = seq_kv.shape[1]
         cur_kv = seq_kv[:done].reshape(n_new, r, w)
         cur_sc = seq_sc[:done].reshape(n_new, r, w)
+        new_kv, new_sc = self.advance_frontier(front_kv, front_score, kv, sc, p0, cur_kv, cur_sc)
+        if n_new == 0:
+            return mx.zeros((0, d), mx.float32), new_kv, new_sc
         if r == 4:
             prev_kv = mx.concatenate([front_kv[None, :4], cur_kv[:-1]])
             prev_sc = mx.concatenate([front_score[None, :4], cur_sc[:-1]])
@@ -92,9 +95,6 @@ class Compressor:
             cand_sc = mx.concatenate([prev_sc[..., :d], cur_sc[..., d:]], axis=1)
         else:
             cand_kv, cand_sc = cur_kv, cur_sc
-        new_kv, new_sc = self.advance_frontier(front_kv, front_score, kv, sc, p0, cur_kv, cur_sc)
-        if n_new == 0:
-            return mx.zeros((0, d), mx.float32), new_kv, new_sc
         pooled = (mx.softmax(cand_sc, axis=1) * cand_kv).sum(axis=1)  # [n_new, d]
         first = np.arange(n_new) * r + (p0 - k0)  # each window's first position
         return self.finish(pooled, first), new_kv, new_sc

@@ -88,11 +88,13 @@ class Model:
         return linear(rms_norm(y, self.out_norm, a.rms_eps), self.head)
 
     def __call__(self, tokens: list[int], p0: int, states: list[LayerState],
-                 on_layer: Callable[[int], None] | None = None) -> tuple[mx.array, list[LayerState]]:
+                 on_layer: Callable[[int], None] | None = None,
+                 logits: bool = True) -> tuple[mx.array | None, list[LayerState]]:
         """Run tokens at positions p0.. through every layer, extending ``states``.
 
-        Returns the logits ``[n_vocab]`` after the last token and the new per-layer
-        states (the inputs are not modified). ``on_layer(L)`` is called after layer L.
+        Returns the logits ``[n_vocab]`` after the last token (None when ``logits`` is
+        False, e.g. for a prefill chunk that is not the last) and the new per-layer states
+        (the inputs are not modified). ``on_layer(L)`` is called after layer L.
         """
         tok = mx.array(np.asarray(tokens, dtype=np.int32))
         x = self.embed(tokens)
@@ -103,6 +105,8 @@ class Model:
             new_states.append(st)
             if on_layer is not None:
                 on_layer(L)
-        logits = self.logits(x[-1:])[0]
-        mx.eval(logits)
-        return logits, new_states
+        if not logits:
+            return None, new_states
+        out = self.logits(x[-1:])[0]
+        mx.eval(out)
+        return out, new_states

@@ -304,3 +304,40 @@ def test_progress_reports_every_layer_up_to_the_payload_size(tmp_path) -> None:
     for calls in (saved, loaded):
         assert len(calls) == SMALL.n_layer and calls[-1] == (payload, payload)
         assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_a_file_that_failed_to_load_is_skipped_until_it_changes(tmp_path) -> None:
+    st = make_store(tmp_path)
+    text = "f" * 80
+    path = st.save(random_state(SMALL, 300, CTX), text, SaveReason.COLD).path
+    blob = bytearray(path.read_bytes())
+    blob[-200] ^= 1
+    path.write_bytes(bytes(blob))
+    hit = st.lookup(text + "?", CTX)
+    with pytest.raises(KVLoadError, match="checksum mismatch"):
+        st.load(hit, SMALL, CTX)
+    assert st.lookup(text + "?", CTX) is None and st.events[-1].reason == "failed-before"
+    assert path.exists()
+    path.unlink()
+    st.save(random_state(SMALL, 300, CTX), text, SaveReason.COLD)  # rewritten: tried again
+    assert st.lookup(text + "?", CTX) is not None
+
+
+def test_cli_reads_a_ds4_server_directory_without_a_model(tmp_path, capsys) -> None:
+    from workbench.state import StateLayout
+
+    lay = StateLayout.ds4()
+    st = make_store(tmp_path, checksum=False)  # byte-for-byte what ds4-server writes
+    path = st.save(random_state(lay, 256, 32768), "<｜begin▁of▁sentence｜>sys" * 20, SaveReason.EVICT).path
+    assert cli_main(["kv", "show", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layout_source"].startswith("ds4-server layout") and out["trailer"] == "none"
+    assert out["header"]["payload_bytes"] == 23_995_788 + 13_764 * 256 == out["payload_accounted"]
+    per_layer = {(r["layer"], r["kind"]): r["bytes"] for r in out["layers"]}
+    assert per_layer[(42, "compressed")] == 64 * 2048 and per_layer[(41, "compressed")] == 2 * 2048
+    assert per_layer[(42, "frontiers")] == 2 * 32768 + 2 * 8192 and per_layer[(41, "frontiers")] == 2 * 262144
+    assert cli_main(["kv", "verify", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["files"][0]["ok"] and out["files"][0]["checksum"] == "absent"
+    assert cli_main(["kv", "verify", str(tmp_path), "--ctx", "16384"]) == 1  # saved at 32768: does not fit
+    assert "does not fit current context" in capsys.readouterr().out

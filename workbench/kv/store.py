@@ -151,7 +151,9 @@ class Hit(KVEvent):
 class Miss(KVEvent):
     kind: ClassVar[str] = "miss"
     prompt_bytes: int
-    reason: str  # no-entries | no-prefix-match | below-min-tokens | ctx-too-large | quant-mismatch | text-mismatch
+    # no-entries | no-prefix-match | below-min-tokens | ctx-too-large | quant-mismatch | text-mismatch
+    # | failed-before (the file failed to load and has not changed since)
+    reason: str
     candidates: int  # files whose SHA matched a prefix but were rejected
 
 
@@ -371,6 +373,7 @@ class KVStore:
         self._cache: dict[str, tuple[tuple[int, int, int], Entry | OtherFile]] = {}
         self._extra: list[OtherFile] = []  # subdirectories' contents
         self._dir_mtime_ns: int | None = None
+        self._failed: dict[str, tuple[int, int, int]] = {}  # name -> stat key of a file that failed to load
         if maintain:
             self.sweep_tmp()
             self.evict_to_budget()
@@ -521,6 +524,9 @@ class KVStore:
         return None
 
     def _reject(self, e: Entry, ctx: int, floor: int) -> str | None:
+        failed = self._failed.get(e.path.name)
+        if failed is not None and self._cache.get(e.path.name, (None,))[0] == failed:
+            return "failed-before"  # unchanged since a load of it failed: don't pay for it again
         if e.tokens < floor:
             return "below-min-tokens"
         if e.ctx > ctx:
@@ -569,8 +575,14 @@ class KVStore:
             raise KVLoadError(f"{name}: no longer exists (evicted or consumed?)") from err
         except (KVFormatError, OSError) as err:
             msg = str(err) if isinstance(err, KVFormatError) else f"{name}: {err.strerror or err}"
+            try:
+                st = os.stat(path)
+                self._failed[path.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                pass
             self._emit(LoadFailed(path=path, error=msg))
             raise KVLoadError(msg) from err
+        self._failed.pop(path.name, None)
         assert state is not None
         if self.consume_on_load_above is not None and header.tokens > self.consume_on_load_above:
             self._consume(path, ino, header.tokens)

@@ -235,14 +235,17 @@ def test_killed_mid_save_never_publishes_and_tmp_is_swept(tmp_path) -> None:
 
 
 WORKER = """
-import sys
+import os, sys, time
 sys.path.insert(0, {tests!r})
 from test_kv_format import SMALL, random_state
 from workbench.kv.format import SaveReason
 from workbench.kv.store import KVLoadError, KVStore
+open(os.path.join({sync!r}, "ready-{who}"), "w").close()
+while not os.path.exists(os.path.join({sync!r}, "go")):  # start together
+    time.sleep(0.005)
 st = KVStore({d!r}, budget_mb={budget!r}, min_tokens=1)
 gone = 0
-for i in range(10):
+for i in range(20):
     text = "shared prefix " + "{who}" * (i + 1)
     st.save(random_state(SMALL, 200 + 50 * (i % 3), 4096, seed=i), text, SaveReason.EVICT if i % 2 else SaveReason.COLD)
     hit = st.lookup("shared prefix " + "AB"[i % 2] * 20, 4096)
@@ -261,8 +264,12 @@ def test_two_processes_save_and_evict_in_one_directory(tmp_path) -> None:
     d.mkdir()
     budget = 4 * F.kv_file_bytes(random_state(SMALL, 300, CTX), 40) / 2**20
     procs = [subprocess.Popen([sys.executable, "-c", WORKER.format(tests=str(TESTS), d=str(d), budget=budget,
-                                                                   who=who)],
+                                                                   who=who, sync=str(tmp_path))],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for who in "AB"]
+    deadline = time.time() + 60
+    while not all((tmp_path / f"ready-{w}").exists() for w in "AB") and time.time() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and out.startswith("ok"), err

@@ -282,6 +282,22 @@ def test_matmul_half_precision_and_plain_weights() -> None:
         matmul(mx.zeros((2, 256)), qt, mode="fast")
 
 
+def test_matmul_auto_uses_affine_only_for_single_float32_rows(monkeypatch) -> None:
+    qt, w = make_qtensor(Q8_0, (8, 64), seed=16)
+    calls = []
+    real = quants.q8_0_to_affine
+    monkeypatch.setattr(quants, "q8_0_to_affine", lambda t: calls.append(t) or real(t))
+    for shape, dtype, affine in [((1, 64), mx.float32, True), ((64,), mx.float32, True),
+                                 ((2, 64), mx.float32, False), ((1, 64), mx.float16, False)]:
+        calls.clear()
+        y = matmul(mx.ones(shape, dtype=dtype), qt)
+        assert bool(calls) == affine and y.shape == (*shape[:-1], 8)
+    q4, _ = make_qtensor(Q4_K, (2, 256), seed=17)
+    calls.clear()
+    matmul(mx.ones((1, 256)), q4)
+    assert not calls
+
+
 def test_q8_0_to_affine_reconstructs_the_weight() -> None:
     qt, w = make_qtensor(Q8_0, (8, 128), seed=14)
     w_q, scales, biases = q8_0_to_affine(qt)

@@ -4,9 +4,10 @@ Formats (ds4-architecture.md §1.4): F32, F16, BF16, I32 plain arrays; Q8_0, Q2_
 IQ2_XXS blocks of 32 or 256 elements along the contiguous (last, GGUF ``dim[0]``) axis.
 
 Every dequantizer is bit-identical to ``gguf.quants.dequantize`` (the reference): it does the
-same float32 operations in the same order (f16 scales widened to float32 first, then
-``d*sc``, ``dmin*m`` and ``(d*sc)*q - dmin*m`` as separate roundings for the K-quants,
-``(d*(0.5+s))*0.25`` for IQ2_XXS), so every result has the reference's bit pattern,
+same float32 operations in the same order: f16 scales widened to float32 first, then
+``(d*sc)*q - dmin*m`` for the K-quants (the products are exact in float32, only the
+subtraction rounds, so a fused multiply-add would give the same bits), ``d*q`` for Q8_0 and
+``(d*(0.5+s))*0.25*grid*sign`` for IQ2_XXS. Every result has the reference's bit pattern,
 including infinities and NaNs from inf/NaN scale bytes. One exception, by choice: an F16
 *tensor* element that is a signalling NaN widens to a quiet NaN (MLX's hardware cast; NumPy
 keeps the quiet bit clear). It is NaN either way; keeping the payload would make F16
@@ -28,9 +29,6 @@ from gguf.quants import IQ2_XXS as _REF_IQ2_XXS
 from workbench.errors import WorkbenchError
 from workbench.gguf.types import (BF16, F16, F32, GGML_TYPES, I32, IQ2_XXS, Q2_K, Q4_K, Q8_0,
                                   SUPPORTED)
-
-RawBytes = "mx.array | np.ndarray"
-
 
 class QuantError(WorkbenchError):
     """A quantized buffer of the wrong size or dtype, or a type this workbench cannot decode."""
@@ -284,7 +282,7 @@ class QTensor:
 # Largest float32 tile of a dequantized weight materialised at once by matmul (bytes).
 TILE_BYTES = 64 << 20
 # "auto" uses mx.quantized_matmul for Q8_0 weights when x has at most this many rows.
-AFFINE_MAX_ROWS = 3
+AFFINE_MAX_ROWS = 1
 
 MatmulMode = Literal["auto", "dequant", "affine"]
 
@@ -325,12 +323,19 @@ def matmul(x: mx.array, w: QTensor | mx.array, mode: MatmulMode = "auto") -> mx.
     * "auto": "affine" for a Q8_0 weight with float32 x of at most ``AFFINE_MAX_ROWS`` rows,
       else "dequant".
 
-    Measured on MLX 0.32 CPU (2 shared cores, OpenBLAS), Q8_0 [4096, 4096], float32 x,
-    conversion counted in every call, GFLOP/s for 1 / 16 / 512 rows:
-    dequant+BLAS 0.8 / 13.6 / 104; affine 2.6 / 3.2 / 2.1 (quantized_matmul is ~3 GFLOP/s
-    whatever the rows; converting is ~2 ms, dequantizing ~33 ms). The crossover is near
-    4 rows, hence the rule. float16 x is far slower on CPU for both (no half-precision
-    BLAS; quantized_matmul ~30x slower): compute in float32 there.
+    Measured on MLX 0.32 CPU (2 shared, loaded cores; OpenBLAS), Q8_0 [4096, 4096], float32
+    x, conversion counted in every call, GFLOP/s for 1 / 16 / 512 rows:
+
+    * MLX's default 32 MiB buffer cache: dequant+BLAS 0.4-0.8 / 4-14 / 75-104;
+      affine 1.3-3.2 / 2.1-3.2 / 1.8-2.6.
+    * ``mx.set_cache_limit(4 << 30)`` (freed buffers reused, no page faults on each new
+      temporary): dequant+BLAS 1.4-2.9 / 19-35 / 70-103; affine 1.2-2.3 / 2.1-2.7 / 1.6-2.5.
+
+    quantized_matmul stays near 2-3 GFLOP/s whatever the rows (converting costs ~2 ms,
+    dequantizing 10-33 ms), so it only pays for single-row decode, hence
+    ``AFFINE_MAX_ROWS = 1``. float16 x is far slower on CPU for both (measured at 1 / 16
+    rows: dequant 0.18 / 1.6, affine 0.03 / 0.04 GFLOP/s; no half-precision BLAS), so
+    "auto" never picks affine for it: compute in float32 on CPU.
 
     A plain MLX weight is cast to x's dtype if needed and multiplied directly.
     """

@@ -21,10 +21,12 @@ Usage::
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
@@ -41,6 +43,10 @@ EMPTY_SCORE = -1e30  # score of an empty compressor frontier slot (§2.5.1)
 
 class ReferenceError(WorkbenchError):
     """The GGUF file lacks something the reference needs."""
+
+
+# (kind, layer, index, exact row, rounded row) -> row to cache; see RefModel.row_hook
+RowHook = Callable[[str, int, int, np.ndarray, np.ndarray], np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------
@@ -67,9 +73,10 @@ def round_to_grid(x: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """
     out = np.empty_like(x, dtype=np.float64)
     flat_in, flat_out = np.asarray(x, dtype=np.float64).reshape(-1), out.reshape(-1)
-    for k, v in enumerate(flat_in):
+    grid = grid.tolist()
+    for k, v in enumerate(flat_in.tolist()):
         a = abs(v)
-        hi = int(np.searchsorted(grid, a, side="left"))  # grid[hi-1] < a <= grid[hi]
+        hi = bisect.bisect_left(grid, a)  # grid[hi-1] < a <= grid[hi]
         if hi == 0 or grid[hi] == a:
             code = hi
         else:
@@ -237,6 +244,12 @@ def rope_angles(p: float, n_rot: int, base: float, yarn: Yarn | None) -> np.ndar
     return theta
 
 
+@lru_cache(maxsize=1 << 16)
+def _cos_sin(p: float, n_rot: int, base: float, yarn: Yarn | None) -> tuple[tuple[float, float], ...]:
+    """(cos θ_i, sin θ_i) per pair, memoised: every layer and row kind reuses a position."""
+    return tuple((math.cos(t), math.sin(t)) for t in rope_angles(p, n_rot, base, yarn))
+
+
 def rope_tail(v: np.ndarray, p: float, n_rot: int, base: float, yarn: Yarn | None,
               inverse: bool = False) -> np.ndarray:
     """Rotate the last n_rot dims of the vector v in adjacent pairs (2i, 2i+1) by θ_i(p).
@@ -245,9 +258,9 @@ def rope_tail(v: np.ndarray, p: float, n_rot: int, base: float, yarn: Yarn | Non
     """
     out = np.array(v, dtype=np.float64)
     start = out.shape[0] - n_rot
-    theta = rope_angles(p, n_rot, base, yarn)
+    cos_sin = _cos_sin(p, n_rot, base, yarn)
     for i in range(n_rot // 2):
-        cos, sin = math.cos(theta[i]), math.sin(theta[i])
+        cos, sin = cos_sin[i]
         if inverse:
             sin = -sin
         v0, v1 = out[start + 2 * i], out[start + 2 * i + 1]
@@ -368,6 +381,13 @@ def _read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return out
 
 
+def _expect_true(value: Any, key: str, path: Path) -> bool:
+    """The spec defines the router only with renormalised weights (§1.2, §2.6)."""
+    if not bool(value):
+        raise ReferenceError(f"{path}: {PREFIX}{key} is false; the spec defines only true")
+    return True
+
+
 def _hyper(meta: dict[str, Any], path: Path) -> Hyper:
     def get(key: str) -> Any:
         if key not in meta:
@@ -403,7 +423,7 @@ def _hyper(meta: dict[str, Any], path: Path) -> Hyper:
                   beta_fast=float(get("rope.scaling.yarn_beta_fast")),
                   beta_slow=float(get("rope.scaling.yarn_beta_slow"))),
         expert_scale=float(get("expert_weights_scale")),
-        expert_norm=bool(get("expert_weights_norm")),
+        expert_norm=_expect_true(get("expert_weights_norm"), "expert_weights_norm", path),
         rms_eps=float(get("attention.layer_norm_rms_epsilon")),
         hc_eps=float(get("hyper_connection.epsilon")),
     )
@@ -417,10 +437,17 @@ class RefModel:
     (ratio > 0), ``idx[L]`` indexer rows [idx_dim] (ratio 4). ``raw_exact``, ``comp_exact`` and
     ``idx_exact`` hold the same rows before their FP8 / FP4 rounding (after RoPE, and after the
     Hadamard for indexer rows), so a comparison can tell a rounding-boundary flip from an
-    error. ``selected[L]`` the compressed
-    rows the indexer let the last token see (None when all were visible) and
-    ``index_scores[L]`` the last token's indexer scores [n_comp] (None when not scored).
+    error. ``selected[L]`` the compressed rows the indexer let the last token see (None when
+    all were visible) and ``index_scores[L]`` the last token's indexer scores [n_comp] (None
+    when not scored).
+
+    ``row_hook``, when set, sees every new cached row before it is used and returns the row
+    to cache instead: ``row_hook(kind, layer, index, exact, rounded)`` with kind "raw"
+    (index = position), "comp" or "idx" (index = row number). A comparison uses it to adopt
+    the other side's choice at a rounding tie, so one float32 flip does not cascade.
     """
+
+    row_hook: RowHook | None = None
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -512,8 +539,7 @@ class RefModel:
     # ---- forward -------------------------------------------------------------------
     def step(self, token_id: int) -> np.ndarray:
         """Feed one token at position n_past; return next-token logits [n_vocab] float64."""
-        x = self._advance(token_id)
-        return self.logits(x)
+        return self.logits(self.advance(token_id))
 
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Feed tokens one by one (same math as ``step``); return the last logits [n_vocab]."""
@@ -521,11 +547,12 @@ class RefModel:
             raise ReferenceError(f"{self.path}: feed() needs at least one token")
         x = None
         for t in tokens:
-            x = self._advance(t)
+            x = self.advance(t)
         return self.logits(x)
 
-    def _advance(self, token_id: int) -> np.ndarray:
-        """Run every layer for one token; return the final HC state [n_hc, n_embd]."""
+    def advance(self, token_id: int) -> np.ndarray:
+        """Run every layer for one token without the output head; return the final HC
+        state [n_hc, n_embd] (``logits(state)`` gives the logits)."""
         hp = self.hp
         if not 0 <= token_id < hp.n_vocab:
             raise ReferenceError(f"{self.path}: token id {token_id} outside vocab of {hp.n_vocab}")
@@ -568,9 +595,9 @@ class RefModel:
         # KV path: one shared row, RoPE on the tail, FP8 on the nope dims, into the raw window
         kv = rms(w["attn_kv"] @ h, hp.rms_eps) * w["attn_kv_a_norm"]
         kv = rope_tail(kv, p, hp.n_rot, base, yarn)
-        self.raw_exact[L].append(kv.copy())
-        kv[:n_nope] = fp8_e4m3_sim(kv[:n_nope])
-        self.raw[L].append(kv)
+        rounded = kv.copy()
+        rounded[:n_nope] = fp8_e4m3_sim(kv[:n_nope])
+        self._cache_row("raw", L, p, kv, rounded)
         if len(self.raw[L]) > hp.n_swa:
             self.raw[L].pop(0)
             self.raw_exact[L].pop(0)
@@ -582,17 +609,16 @@ class RefModel:
                 wkv, wgate, ape, cnorm = w["compressor"]
                 row = rms(pooled, hp.rms_eps) * cnorm
                 row = rope_tail(row, p + 1 - r, hp.n_rot, base, yarn)
-                self.comp_exact[L].append(row.copy())
-                row[:n_nope] = fp8_e4m3_sim(row[:n_nope])
-                self.comp[L].append(row)
+                rounded = row.copy()
+                rounded[:n_nope] = fp8_e4m3_sim(row[:n_nope])
+                self._cache_row("comp", L, len(self.comp[L]), row, rounded)
         if r == 4:
             pooled = self.indexer_compressors[L].step(h, p)
             if pooled is not None:
                 cnorm = w["indexer_compressor"][3]
                 row = rms(pooled, hp.rms_eps) * cnorm
                 row = hadamard(rope_tail(row, p + 1 - r, hp.n_rot, base, yarn))
-                self.idx_exact[L].append(row)
-                self.idx[L].append(fp4_e2m1_sim(row))
+                self._cache_row("idx", L, len(self.idx[L]), row, fp4_e2m1_sim(row))
 
         # which compressed rows this token sees (§3.1)
         visible = list(range(len(self.comp[L])))
@@ -622,6 +648,13 @@ class RefModel:
             low[g * hp.o_lora:(g + 1) * hp.o_lora] = wa @ flat[g * group_in:(g + 1) * group_in]
         return w["attn_output_b"] @ low
 
+    def _cache_row(self, kind: str, L: int, index: int, exact: np.ndarray, rounded: np.ndarray) -> None:
+        """Append a new row of ``kind`` (and its unrounded form), through ``row_hook`` if set."""
+        if self.row_hook is not None:
+            rounded = self.row_hook(kind, L, index, exact, rounded)
+        getattr(self, kind)[L].append(rounded)
+        getattr(self, kind + "_exact")[L].append(exact)
+
     def _index_scores(self, L: int, h: np.ndarray, qn: np.ndarray, p: int) -> np.ndarray:
         """§2.5.2: indexer score of every indexer row for token p; returns [n_idx]."""
         hp, w = self.hp, self.layers[L]
@@ -648,9 +681,7 @@ class RefModel:
             choose = prob + w["exp_probs_b"] if w["exp_probs_b"] is not None else prob
             sel = top_indices(choose, hp.n_expert_used)
         chosen = np.array([prob[e] for e in sel])
-        if hp.expert_norm:
-            chosen = chosen / max(float(np.sum(chosen)), ROUTER_WEIGHT_FLOOR)
-        weights = chosen * hp.expert_scale
+        weights = chosen / max(float(np.sum(chosen)), ROUTER_WEIGHT_FLOOR) * hp.expert_scale
         out = np.zeros(hp.n_embd, dtype=np.float64)
         for k, e in enumerate(sel):
             mid = clamped_swiglu(w["ffn_gate_exps"][e] @ g, w["ffn_up_exps"][e] @ g, hp.swiglu_clamp[L])

@@ -303,11 +303,11 @@ class Compressor:
     ratio 4 keeps the previous complete window in slots 0..3 and the current one in 4..7.
     """
 
-    def __init__(self, ratio: int, d: int, wkv: np.ndarray, wgate: np.ndarray, ape: np.ndarray,
-                 norm: np.ndarray):
+    def __init__(self, ratio: int, d: int, wkv: np.ndarray, wgate: np.ndarray, ape: np.ndarray):
+        """wkv, wgate [coff·d, n_embd]; ape [ratio, coff·d]."""
         self.ratio, self.d = ratio, d
         self.coff = 2 if ratio == 4 else 1
-        self.wkv, self.wgate, self.ape, self.norm = wkv, wgate, ape, norm
+        self.wkv, self.wgate, self.ape = wkv, wgate, ape
         slots = 2 * ratio if ratio == 4 else ratio
         self.kv = np.zeros((slots, self.coff * d), dtype=np.float64)
         self.score = np.full((slots, self.coff * d), EMPTY_SCORE, dtype=np.float64)
@@ -367,7 +367,6 @@ class Hyper:
     compress_rope_base: float
     yarn: Yarn
     expert_scale: float
-    expert_norm: bool
     rms_eps: float
     hc_eps: float
 
@@ -381,11 +380,10 @@ def _read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return out
 
 
-def _expect_true(value: Any, key: str, path: Path) -> bool:
+def _expect_true(value: Any, key: str, path: Path) -> None:
     """The spec defines the router only with renormalised weights (§1.2, §2.6)."""
     if not bool(value):
         raise ReferenceError(f"{path}: {PREFIX}{key} is false; the spec defines only true")
-    return True
 
 
 def _hyper(meta: dict[str, Any], path: Path) -> Hyper:
@@ -394,6 +392,7 @@ def _hyper(meta: dict[str, Any], path: Path) -> Hyper:
             raise ReferenceError(f"{path}: metadata key {PREFIX}{key} is missing")
         return meta[key]
 
+    _expect_true(get("expert_weights_norm"), "expert_weights_norm", path)
     n_layer = int(get("block_count"))
     return Hyper(
         n_layer=n_layer,
@@ -423,7 +422,6 @@ def _hyper(meta: dict[str, Any], path: Path) -> Hyper:
                   beta_fast=float(get("rope.scaling.yarn_beta_fast")),
                   beta_slow=float(get("rope.scaling.yarn_beta_slow"))),
         expert_scale=float(get("expert_weights_scale")),
-        expert_norm=_expect_true(get("expert_weights_norm"), "expert_weights_norm", path),
         rms_eps=float(get("attention.layer_norm_rms_epsilon")),
         hc_eps=float(get("hyper_connection.epsilon")),
     )
@@ -499,14 +497,15 @@ class RefModel:
             w["tid2eid"] = np.asarray(self._raw(b + "ffn_gate_tid2eid.weight"))  # [n_vocab, n_used]
         if r:
             w["compressor"] = (self._w(b + "attn_compressor_kv.weight"), self._w(b + "attn_compressor_gate.weight"),
-                               self._w(b + "attn_compressor_ape.weight"), self._w(b + "attn_compressor_norm.weight"))
+                               self._w(b + "attn_compressor_ape.weight"))
+            w["compressor_norm"] = self._w(b + "attn_compressor_norm.weight")
         if r == 4:
             w["indexer_q_b"] = self._w(b + "indexer.attn_q_b.weight")
             w["indexer_proj"] = self._w(b + "indexer.proj.weight")
             w["indexer_compressor"] = (self._w(b + "indexer_compressor_kv.weight"),
                                        self._w(b + "indexer_compressor_gate.weight"),
-                                       self._w(b + "indexer_compressor_ape.weight"),
-                                       self._w(b + "indexer_compressor_norm.weight"))
+                                       self._w(b + "indexer_compressor_ape.weight"))
+            w["indexer_compressor_norm"] = self._w(b + "indexer_compressor_norm.weight")
         return w
 
     # ---- state ---------------------------------------------------------------------
@@ -606,8 +605,7 @@ class RefModel:
         if r:
             pooled = self.compressors[L].step(h, p)
             if pooled is not None:
-                wkv, wgate, ape, cnorm = w["compressor"]
-                row = rms(pooled, hp.rms_eps) * cnorm
+                row = rms(pooled, hp.rms_eps) * w["compressor_norm"]
                 row = rope_tail(row, p + 1 - r, hp.n_rot, base, yarn)
                 rounded = row.copy()
                 rounded[:n_nope] = fp8_e4m3_sim(row[:n_nope])
@@ -615,8 +613,7 @@ class RefModel:
         if r == 4:
             pooled = self.indexer_compressors[L].step(h, p)
             if pooled is not None:
-                cnorm = w["indexer_compressor"][3]
-                row = rms(pooled, hp.rms_eps) * cnorm
+                row = rms(pooled, hp.rms_eps) * w["indexer_compressor_norm"]
                 row = hadamard(rope_tail(row, p + 1 - r, hp.n_rot, base, yarn))
                 self._cache_row("idx", L, len(self.idx[L]), row, fp4_e2m1_sim(row))
 

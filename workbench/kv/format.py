@@ -40,6 +40,7 @@ allows any buffer-protocol array); writers accept MLX or NumPy arrays.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import os
 import struct
@@ -54,7 +55,7 @@ from workbench.model.config import ds4_ratio_schedule
 from workbench.state import F32, KIND_OF, LayerState, SessionState, StateLayout
 
 
-Progress = Callable[[int, int], None]  # (payload bytes done, payload bytes total), after each tensor
+Progress = Callable[[int, int], None]  # (payload bytes done, payload bytes total), called as bytes stream
 
 
 class KVFormatError(WorkbenchError):
@@ -390,6 +391,9 @@ def write_all(f: BinaryIO, data: bytes | memoryview) -> int:
     return done
 
 
+WRITE_PIECE = 2 * 1024 * 1024  # checksummed writes go out in pieces of this size
+
+
 def _as_f32(arr: Any) -> np.ndarray:
     """A C-contiguous float32 NumPy view (zero-copy for contiguous float32 MLX/NumPy arrays)."""
     return np.ascontiguousarray(np.asarray(arr, dtype=np.float32))
@@ -417,9 +421,12 @@ def write_payload(f: BinaryIO, state: SessionState, crc: ChunkCRC | None = None,
     lay, T = state.layout, state.n_tokens
 
     def put(data: bytes | memoryview) -> int:
-        n = write_all(f, data)
-        if crc is not None:
-            crc.update(data)
+        if crc is None:
+            return write_all(f, data)
+        mv, n = memoryview(data).cast("B"), 0
+        for at in range(0, len(mv), WRITE_PIECE):  # checksum each piece while it is in cache
+            crc.update(mv[at:at + WRITE_PIECE])
+            n += write_all(f, mv[at:at + WRITE_PIECE])
         return n
 
     n = put(PayloadHeader.for_state(state).pack())
@@ -486,52 +493,62 @@ def kv_file_bytes(state: SessionState, text_len: int, checksum: bool = True) -> 
 
 # ---- payload reading ------------------------------------------------------------------
 class _Source:
-    """Exact reads from ``f`` within a byte budget, fed to an optional chunk CRC."""
+    """Exact reads from ``f`` within a byte budget, in pieces of at most ``PIECE`` bytes
+    (so each piece is checksummed while still in cache), fed to an optional chunk CRC."""
 
-    SCRATCH = 8 * 1024 * 1024
+    PIECE = 2 * 1024 * 1024
 
-    def __init__(self, f: BinaryIO, budget: int, name: str, crc: ChunkCRC | None):
-        self.f, self.left, self.name, self.crc = f, budget, name, crc
-        self._scratch: bytearray | None = None
+    def __init__(self, f: BinaryIO, budget: int, name: str, crc: ChunkCRC | None, progress: Progress | None):
+        self.f, self.budget, self.left, self.name, self.crc, self.progress = f, budget, budget, name, crc, progress
+        self.done = 0  # payload bytes read so far
 
-    def _reserve(self, n: int, what: str) -> None:
+    def reserve(self, n: int, what: str) -> None:
         if n > self.left:
             raise KVFormatError(f"{self.name}: truncated session payload: {what} needs {n} bytes, "
                                 f"{self.left} left of payload_bytes")
         self.left -= n
 
-    def _fill(self, mv: memoryview, what: str) -> None:
-        done = 0
-        while done < len(mv):
-            got = self.f.readinto(mv[done:])
-            if not got:
-                raise KVFormatError(f"{self.name}: file ends inside {what} ({done} of {len(mv)} bytes read)")
-            done += got
-        if self.crc is not None:
-            self.crc.update(mv, what)
+    def fill(self, mv: memoryview, locate: Callable[[int], str]) -> None:
+        """Read exactly ``len(mv)`` bytes; ``locate(offset in mv)`` names the field there."""
+        pos = 0
+        while pos < len(mv):
+            piece = mv[pos:pos + self.PIECE]
+            got = 0
+            while got < len(piece):
+                n = self.f.readinto(piece[got:])
+                if not n:
+                    raise KVFormatError(f"{self.name}: file ends inside {locate(pos + got)} "
+                                        f"(payload byte {self.done + pos + got} of {self.budget})")
+                got += n
+            if self.crc is not None:
+                self.crc.update(piece, locate(pos))
+            pos += len(piece)
+            if self.progress is not None:
+                self.progress(self.done + pos, self.budget)
+        self.done += len(mv)
 
     def bytes(self, n: int, what: str) -> bytes:
-        self._reserve(n, what)
+        self.reserve(n, what)
         buf = bytearray(n)
-        self._fill(memoryview(buf), what)
+        self.fill(memoryview(buf), lambda _: what)
         return bytes(buf)
 
-    def array(self, shape: tuple[int, ...], dtype: str, what: str, keep: bool) -> np.ndarray | None:
-        count = int(np.prod(shape)) if shape else 1
-        n = count * np.dtype(dtype).itemsize
-        self._reserve(n, what)
-        if keep:
-            out = np.empty(shape, dtype=dtype)
-            if n:
-                self._fill(memoryview(out.reshape(-1)).cast("B"), what)
-            return out
-        if self._scratch is None:
-            self._scratch = bytearray(self.SCRATCH)
-        while n:
-            take = min(n, self.SCRATCH)
-            self._fill(memoryview(self._scratch)[:take], what)
-            n -= take
-        return None
+    def array(self, shape: tuple[int, ...], dtype: str, what: str) -> np.ndarray:
+        out = np.empty(shape, dtype=dtype)
+        self.reserve(out.nbytes, what)
+        if out.nbytes:
+            self.fill(memoryview(out.reshape(-1)).cast("B"), lambda _: what)
+        return out
+
+    def skip(self, n: int, locate: Callable[[int], str]) -> None:
+        """Read (and checksum) ``n`` reserved bytes without keeping them."""
+        scratch = memoryview(bytearray(min(n, self.PIECE)))
+        pos = 0
+        while pos < n:
+            take = min(n - pos, len(scratch))
+            base = pos
+            self.fill(scratch[:take], lambda o: locate(base + o))
+            pos += take
 
 
 def _check(cond: bool, name: str, message: str) -> None:
@@ -590,26 +607,44 @@ def read_payload(f: BinaryIO, budget: int, layout: StateLayout, ctx: int | None 
     bytes as they stream. ``keep=False`` validates and reads every byte but keeps no
     tensors (returns None). Raises KVFormatError naming ``name`` and the field.
     """
-    src = _Source(f, budget, name, crc)
+    src = _Source(f, budget, name, crc, progress)
     ph = PayloadHeader(*_PAYLOAD_HEADER.unpack(src.bytes(PAYLOAD_HEADER_BYTES, "payload header")))
     check_payload_header(ph, layout, name, ctx, prefill_chunk)
     T = ph.tokens
-    tokens = src.array((T,), "<u4", "token ids", True)
-    logits = src.array((layout.n_vocab,), "<f4", "logits", keep)
+    tokens = src.array((T,), "<u4", "token ids")
+    logits = src.array((layout.n_vocab,), "<f4", "logits")
     n_comp = list(struct.unpack(f"<{layout.n_layer}I", src.bytes(4 * layout.n_layer, "compressed row counts")))
     n_idx = list(struct.unpack(f"<{layout.n_layer}I", src.bytes(4 * layout.n_layer, "indexer row counts")))
     check_row_counts(ph, layout, n_comp, n_idx, name, ctx)
-    layers = []
-    for L in range(layout.n_layer):
-        ls = LayerState(raw=None)
-        for fname, shape in layer_tensor_shapes(layout, L, ph.raw_live, n_comp[L], n_idx[L]):
-            setattr(ls, fname, src.array(shape, "<f4", f"layer {L} {fname}", keep))
-        layers.append(ls)
-        if progress is not None:
-            progress(budget - src.left, budget)
-    _check(src.left == 0, name, f"KV checkpoint has trailing payload bytes: {src.left} after the last tensor")
+    # the layer tensors: one float32 buffer (one allocation, large reads), then views into it
+    fields = [(L, fname, shape) for L in range(layout.n_layer)
+              for fname, shape in layer_tensor_shapes(layout, L, ph.raw_live, n_comp[L], n_idx[L])]
+    starts = [0]
+    for _, _, (rows, cols) in fields:
+        starts.append(starts[-1] + rows * cols * F32)
+
+    def locate(offset: int) -> str:
+        i = min(bisect.bisect_right(starts, offset) - 1, len(fields) - 1)
+        return f"layer {fields[i][0]} {fields[i][1]}"
+
+    body = starts[-1]
+    if body > src.left:
+        i = bisect.bisect_right(starts, src.left) - 1  # the first tensor that does not fit
+        raise KVFormatError(f"{name}: truncated session payload: {locate(starts[i])} needs "
+                            f"{starts[i + 1] - starts[i]} bytes, {src.left - starts[i]} left of payload_bytes")
+    _check(body == src.left, name, f"KV checkpoint has trailing payload bytes: {src.left - body} after the last tensor")
+    src.reserve(body, "layer tensors")
     if not keep:
+        src.skip(body, locate)
         return None
+    buf = np.empty(body // F32, dtype="<f4")
+    src.fill(memoryview(buf).cast("B"), locate)
+    layers = []
+    for (L, fname, shape), start in zip(fields, starts):
+        if fname == "raw":
+            layers.append(LayerState(raw=None))
+        a = start // F32
+        setattr(layers[-1], fname, buf[a:a + shape[0] * shape[1]].reshape(shape))
     cur_ctx = ph.ctx if ctx is None else ctx
     chunk = prefill_chunk if prefill_chunk is not None else (ph.prefill_chunk if ctx is None
                                                              else default_prefill_chunk(cur_ctx))

@@ -554,7 +554,7 @@ class KVStore:
         payload check, token count) while holding the shared lock. On success the header's
         hits and last_used are updated in place (or the file is consumed when configured);
         on failure raises KVLoadError, records LoadFailed and keeps the file. ``progress``
-        gets (payload bytes read, payload bytes) after each layer.
+        gets (payload bytes read, payload bytes) as the payload streams in.
         """
         path = entry_or_path.path if isinstance(entry_or_path, Entry) else Path(entry_or_path)
         name = str(path)

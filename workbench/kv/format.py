@@ -33,9 +33,11 @@ is set, and treats extension bits and trailing bytes as opaque, so ds4 loads the
     24 u32[n_chunks] CRC of each chunk_bytes slice of the payload (the last one shorter)
     .. u32 CRC of the trailer bytes before it
 
-Payload chunk CRCs are checked while the payload streams in, so a load fails at the
-first corrupt 16 MiB. Loaded states hold NumPy arrays (float32 KV, the state docstring
-allows any buffer-protocol array); writers accept MLX or NumPy arrays.
+Payload chunk CRCs are checked while the payload streams in (2 MiB reads, each hashed
+while in cache), so a load fails at the first corrupt 16 MiB. Loaded states hold NumPy
+arrays (the state docstring allows any buffer-protocol array): the layer tensors are
+float32 views into one buffer filled by large reads. Writers accept MLX or NumPy arrays
+and stream each tensor from its own memory (no payload-sized buffer).
 """
 
 from __future__ import annotations

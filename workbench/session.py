@@ -26,7 +26,7 @@ from workbench.gguf.reader import GGUFFile
 from workbench.model.config import ModelArgs
 from workbench.model.model import Model
 from workbench.model.weights import load_model
-from workbench.sampling import Sampler, greedy
+from workbench.sampling import Sampler, greedy, top_tokens
 from workbench.state import SessionState, StateLayout
 
 DEFAULT_CTX = 32768
@@ -126,7 +126,12 @@ class Session:
         problems = state.problems()
         if problems:
             raise SessionError("inconsistent state: " + "; ".join(problems[:5]))
-        self.state = state.copy()
+        self.state = state.to_mlx()
+
+    @property
+    def file(self) -> GGUFFile | None:
+        """The open GGUF file the model maps (None for a model built in memory)."""
+        return self._file
 
     def close(self) -> None:
         """Release the GGUF mapping (the session is unusable afterwards)."""
@@ -209,6 +214,34 @@ class Session:
         return out
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One prompt + completion: prefill stats, the distribution after the prompt, the output."""
+
+    prompt_tokens: int
+    prefill: PrefillStats
+    top_next: list[tuple[int, float]]  # (id, probability) of the 5 likeliest next tokens
+    tokens: list[int]  # generated ids (a final stop token included)
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def generate(session: Session, tokens: list[int], max_tokens: int, sampler: Callable[[mx.array], int] | None = None,
+             stop: Iterable[int] | None = None, chunk: int | None = None, progress: ProgressFn | None = None,
+             on_token: Callable[[int], None] | None = None) -> Generation:
+    """Prefill ``tokens`` after the session's current ones, then decode up to
+    ``max_tokens`` (fewer if the context fills up first)."""
+    stats = session.prefill(tokens, chunk=chunk, progress=progress)
+    top = top_tokens(session.logits, 5)
+    t0 = time.perf_counter()
+    room = min(max_tokens, session.ctx - session.n_tokens)
+    out = session.decode(room, sampler, stop, on_token) if room > 0 else []
+    return Generation(len(tokens), stats, top, out, time.perf_counter() - t0)
+
+
 def load(path: str | os.PathLike[str], ctx: int = DEFAULT_CTX, progress: ProgressFn | None = None) -> Session:
     """Open a ds4 GGUF, validate it, build the model and return an empty session.
 
@@ -233,5 +266,5 @@ def load(path: str | os.PathLike[str], ctx: int = DEFAULT_CTX, progress: Progres
         raise
 
 
-__all__ = ["Progress", "PrefillStats", "Session", "SessionError", "ModelFileError", "Sampler", "load",
-           "chunk_schedule"]
+__all__ = ["Progress", "PrefillStats", "Generation", "Session", "SessionError", "ModelFileError", "Sampler",
+           "load", "generate", "chunk_schedule"]

@@ -111,11 +111,13 @@ class LayerState:
 
     def tensors(self) -> Iterator[tuple[str, Any]]:
         """(kind, array) in ds4's payload order, skipping absent fields."""
-        for name in ("raw", "comp", "comp_kv", "comp_score", "idx", "idx_kv", "idx_score"):
+        for name in LAYER_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 yield name, value
 
+
+LAYER_FIELDS = ("raw", "comp", "comp_kv", "comp_score", "idx", "idx_kv", "idx_score")
 
 # payload kinds grouped for the per-layer byte breakdown
 KIND_OF = {
@@ -168,6 +170,14 @@ class SessionState:
         """An independent copy (MLX arrays are immutable, so sharing them is safe)."""
         return replace(self, tokens=list(self.tokens), layers=[replace(ls) for ls in self.layers])
 
+    def to_mlx(self) -> "SessionState":
+        """A copy whose arrays are all MLX float32 (states read from disk hold NumPy views)."""
+        def conv(a: Any) -> Any:
+            return a if a is None or isinstance(a, mx.array) else mx.array(a, dtype=mx.float32)
+
+        layers = [LayerState(**{name: conv(getattr(ls, name)) for name in LAYER_FIELDS}) for ls in self.layers]
+        return replace(self, tokens=list(self.tokens), logits=conv(self.logits), layers=layers)
+
     def problems(self) -> list[str]:
         """Shape inconsistencies against the layout and token count (empty when valid)."""
         lay, T, out = self.layout, self.n_tokens, []
@@ -184,7 +194,7 @@ class SessionState:
             if r == 4:
                 want.update(idx=(lay.n_idx(L, T), lay.idx_dim), idx_kv=lay.idx_frontier_shape(),
                             idx_score=lay.idx_frontier_shape())
-            for name in ("raw", "comp", "comp_kv", "comp_score", "idx", "idx_kv", "idx_score"):
+            for name in LAYER_FIELDS:
                 value = getattr(ls, name)
                 if name not in want:
                     if value is not None:

@@ -1,0 +1,103 @@
+"""The engine end to end on the tiny model: live and disk reuse, saves, records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workbench import workloads as wl
+from workbench.engine import Engine
+from workbench.kv.policy import KVPolicy
+from workbench.kv.store import KVStore
+from workbench.session import load
+from workbench.telemetry import COLUMNS
+
+POLICY = KVPolicy(min_tokens=256, boundary_align=256, continued_interval=1024, budget_mb=256)
+
+
+@pytest.fixture(scope="module")
+def session(tiny_gguf):
+    return load(tiny_gguf, ctx=8192)
+
+
+def _engine(session, tmp_path, policy=POLICY):
+    session.reset()
+    return Engine(session, KVStore.from_policy(tmp_path / "kv", policy), policy)
+
+
+def _drive(engine, workload):
+    out = []
+    for req, _ in workload.run(lambda r: (out.append(engine.complete(
+            messages=r.messages, tools=r.tools, max_tokens=r.max_tokens, conversation=r.conversation)),
+            out[-1].text)[1]):
+        pass
+    return out
+
+
+def test_agent_turns_reuse_the_live_state(session, tmp_path):
+    eng = _engine(session, tmp_path)
+    outs = _drive(eng, wl.agent_session(seed=1, turns=3, file_chars=800, max_tokens=4))
+    assert outs[0].usage.source == "none" and outs[0].usage.cached_tokens == 0
+    for prev, cur in zip(outs, outs[1:]):
+        assert cur.usage.source == "live"
+        # everything the live state held (prompt + generated) is reused
+        assert cur.usage.cached_tokens == prev.usage.prompt_tokens + len([t for t in prev.tokens if t != eng.tokenizer.eos])
+        assert cur.usage.cache_write_tokens == cur.usage.prompt_tokens - cur.usage.cached_tokens > 0
+    df = eng.records
+    assert list(df.columns) == COLUMNS
+    assert (df[df.event == "hit"].source == "live").sum() == 2
+    assert df[df.event == "save"].reason.str.startswith("cold").sum() == 1
+
+
+def test_switching_users_evicts_and_comes_back_from_disk(session, tmp_path):
+    eng = _engine(session, tmp_path)
+    outs = _drive(eng, wl.multi_user(seed=2, users=2, turns=2, file_chars=700, max_tokens=4))
+    assert [o.usage.source for o in outs] == ["none", "none", "disk", "disk"]
+    df = eng.records
+    assert (df[(df.event == "save")].reason == "evict").sum() == 3
+    hits = df[(df.event == "hit") & (df.source == "disk")]
+    assert len(hits) == 2 and (hits.restore_s > 0).all()
+    # a disk hit restores exactly the evicted live state of that user
+    assert outs[2].usage.cached_tokens == outs[0].usage.prompt_tokens + len(outs[0].tokens) - (eng.tokenizer.eos in outs[0].tokens)
+    assert eng.close() is not None  # shutdown save of the last live state
+    assert eng.records.iloc[-1].reason == "shutdown"
+
+
+def test_disk_hit_logits_match_cold_prefill(session, tmp_path, tiny_gguf):
+    """Restore + suffix prefill gives the same next-token logits as a full prefill."""
+    eng = _engine(session, tmp_path)
+    prompt_a = "Il lago di Como. " * 60
+    first = eng.complete(prompt=prompt_a, max_tokens=1)
+    eng.complete(prompt="Something unrelated entirely. " * 40, max_tokens=1)  # evicts A to disk
+    eng.session.reset()
+    eng._live_text = b""
+    out = eng.complete(prompt=prompt_a, max_tokens=0)
+    # the evict file holds A + its generated token, so it is no prefix of A: the cold
+    # save at the trimmed, aligned boundary is the longest stored prefix
+    assert out.usage.source == "disk"
+    assert out.usage.cached_tokens == POLICY.store_len(first.usage.prompt_tokens) < first.usage.prompt_tokens
+    cold = load(tiny_gguf, ctx=8192)
+    cold.prefill(session.tokens)
+    # restore at the boundary + a suffix chunk vs one cold chunk: the same math in another
+    # float32 accumulation order (and an occasional FP8 rounding tie flipping), ~2e-4 here
+    a, b = np.array(session.logits), np.array(cold.logits)
+    np.testing.assert_allclose(a, b, atol=2e-3, rtol=0)
+    assert list(np.argsort(-a)[:5]) == list(np.argsort(-b)[:5])
+
+
+def test_corrupt_checkpoint_falls_back_and_is_kept(session, tmp_path):
+    eng = _engine(session, tmp_path)
+    eng.complete(prompt="Quel ramo del lago di Como. " * 40, max_tokens=1)
+    eng.complete(prompt="Unrelated. " * 80, max_tokens=1)  # evict save of the first
+    files = sorted((tmp_path / "kv").glob("*.kv"))
+    assert files
+    for f in files:
+        data = bytearray(f.read_bytes())
+        data[-200] ^= 0xFF  # inside payload / checksum region
+        f.write_bytes(bytes(data))
+    eng.session.reset()
+    eng._live_text = b""
+    out = eng.complete(prompt="Quel ramo del lago di Como. " * 40, max_tokens=1)
+    assert out.usage.source == "none"
+    assert (eng.records.event == "load_failed").sum() >= 1
+    assert all(f.exists() for f in files)  # reported, never deleted

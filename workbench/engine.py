@@ -1,0 +1,305 @@
+"""One request end to end: prefix reuse (live, then disk), suffix prefill, decode, saves.
+
+    engine = Engine(session, KVStore("kv"), KVPolicy())
+    out = engine.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=16)
+    out.usage.cached_tokens, out.usage.source, out.timings.ttft_s
+    engine.records                      # a DataFrame, one row per request and cache event
+    engine.close()                      # the shutdown save
+
+The order follows ds4-server (``ds4-kvcache.md`` §2.1): the live state is reused when its
+rendered text (the decode of its exact tokens) is a byte prefix of the new prompt; on a
+miss the disk cache is searched for the longest stored text prefix, the live state is
+saved as ``evict`` (protecting the file about to be loaded), the hit is restored and only
+the remaining text is tokenized (ds4's seven specials recognised) and prefilled. A
+complete miss is prefilled from token 0 and saved ``cold`` at the policy's boundary;
+``continued`` saves land on absolute multiples of the policy's step. Every save stops
+the prefill at exactly the saved length, so a checkpoint never slices a longer state.
+Continued saves are checked during prefill only, not between decoded tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from workbench.chat import render_messages, render_single
+from workbench.gguf.reader import GGUFFile
+from workbench.gguf.types import Q4_K
+from workbench.kv.format import SaveReason
+from workbench.kv.policy import ContinuedSchedule, KVPolicy
+from workbench.kv.store import KVLoadError, KVSaveError, KVStore, SaveResult
+from workbench.sampling import Sampler
+from workbench.session import Progress, Session
+from workbench.telemetry import Recorder
+from workbench.tokenizer import Tokenizer
+
+MIN_RATE_TOKENS = 64  # prefills shorter than this don't update the measured rate
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token accounting of one request, as ds4 reports it."""
+
+    prompt_tokens: int  # effective prompt: reused + prefilled
+    cached_tokens: int  # reused from the live state or a disk checkpoint
+    cache_write_tokens: int  # prefilled into the live state (ds4's name)
+    generated_tokens: int
+    source: str  # live | disk | none
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent in each phase of one request."""
+
+    lookup_s: float
+    restore_s: float
+    prefill_s: float
+    save_s: float
+    decode_s: float
+    full_prefill_s: float  # estimate of a full prefill of the prompt at the measured rate
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token: everything before decoding starts."""
+        return self.lookup_s + self.restore_s + self.prefill_s + self.save_s
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of :meth:`Engine.complete`."""
+
+    text: str
+    tokens: list[int]
+    usage: Usage
+    timings: Timings
+    saves: list[SaveResult] = field(default_factory=list)
+    note: str = ""  # why the prefix was (not) reused, why no cold save
+
+
+def routed_quant_bits(f: GGUFFile) -> int:
+    """ds4's header byte: 4 when layer 0's gate experts are Q4_K, else 2."""
+    info = f.tensors.get("blk.0.ffn_gate_exps.weight")
+    return 4 if info is not None and info.ggml_type == Q4_K else 2
+
+
+class Engine:
+    """A session, an optional disk store and a save policy, serving chat requests.
+
+    ``progress`` receives the session's :class:`~workbench.session.Progress` during every
+    prefill. ``recorder`` collects telemetry (see :mod:`workbench.telemetry`).
+    """
+
+    def __init__(self, session: Session, store: KVStore | None = None, policy: KVPolicy | None = None,
+                 tokenizer: Tokenizer | None = None, recorder: Recorder | None = None, durable: bool = False,
+                 progress: Callable[[Progress], None] | None = None) -> None:
+        self.session = session
+        self.store = store
+        self.policy = policy or KVPolicy()
+        if tokenizer is None:
+            with GGUFFile(session.path) as f:
+                tokenizer = Tokenizer.from_gguf(f)
+        self.tokenizer = tokenizer
+        self.recorder = recorder or Recorder()
+        self.durable = durable
+        self.progress = progress
+        self.schedule = ContinuedSchedule(self.policy)
+        self.requests = 0
+        self._live_text = b""  # decode of session.tokens, kept in step with the session
+        self._saved_len = -1  # live length of the last successful save (skip a duplicate shutdown save)
+        self._rate_tokens = 0
+        self._rate_seconds = 0.0
+
+    # ---- public -------------------------------------------------------------------------
+    @property
+    def records(self) -> pd.DataFrame:
+        return self.recorder.frame()
+
+    @property
+    def prefill_rate(self) -> float | None:
+        """Measured prefill tokens/s over this engine's prefills (None before any)."""
+        return self._rate_tokens / self._rate_seconds if self._rate_seconds > 0 else None
+
+    def render(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
+               tools: Sequence[dict] | None = None, system: str = "", thinking: bool = False) -> str:
+        """The rendered prompt text for a single prompt or a message list."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if messages is not None:
+            return render_messages(list(messages), tools=tools, thinking=thinking, ctx=self.session.ctx)
+        return render_single(prompt, system=system, thinking=thinking, ctx=self.session.ctx)
+
+    def complete(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
+                 tools: Sequence[dict] | None = None, max_tokens: int = 16, sampler: Sampler | None = None,
+                 system: str = "", thinking: bool = False, conversation: str = "") -> Completion:
+        """Serve one request: reuse a prefix, prefill the rest, decode ``max_tokens``."""
+        req = self.requests
+        self.requests += 1
+        rendered = self.render(prompt, messages, tools, system, thinking).encode("utf-8")
+        saves: list[SaveResult] = []
+        t0 = time.perf_counter()
+        tokens, source, note, restore_s, save_s = self._reuse(rendered, req, saves)
+        lookup_s = time.perf_counter() - t0 - restore_s - save_s
+        cached = self.session.n_tokens
+        if source == "none":
+            self.schedule.reset()
+        # the prompt is prefilled in segments that end at each save point
+        t1 = time.perf_counter()
+        stops = self._save_points(tokens, source, req)
+        note = "; ".join(x for x in (note, stops.pop("note", "")) if x)
+        prefill_s = 0.0
+        for end, reason in sorted(stops.items()) + [(len(tokens), None)]:
+            if end > self.session.n_tokens:
+                prefill_s += self._prefill(tokens[self.session.n_tokens:end])
+            if reason is not None and end == self.session.n_tokens:
+                result = self._save(reason, req, conversation)
+                if result is not None:
+                    saves.append(result)
+        save_s += time.perf_counter() - t1 - prefill_s
+        rate = self.prefill_rate
+        full_est = len(tokens) / rate if rate else float("nan")
+        # decode
+        t2 = time.perf_counter()
+        out = self.session.decode(min(max_tokens, self.session.ctx - self.session.n_tokens), sampler,
+                                  stop=[self.tokenizer.eos])
+        decode_s = time.perf_counter() - t2
+        self._sync_live_text()
+        text_ids = [t for t in out if t != self.tokenizer.eos]
+        usage = Usage(len(tokens), cached, len(tokens) - cached, len(out), source)
+        timings = Timings(lookup_s, restore_s, prefill_s, save_s, decode_s, full_est)
+        self._record("request", request=req, conversation=conversation, source=source, reason=note,
+                     prompt_tokens=usage.prompt_tokens, cached_tokens=cached, suffix_tokens=usage.cache_write_tokens,
+                     generated_tokens=len(out), lookup_s=lookup_s, restore_s=restore_s, prefill_s=prefill_s,
+                     decode_s=decode_s, ttft_s=timings.ttft_s, full_prefill_s=full_est, save_s=save_s)
+        return Completion(self.tokenizer.decode_text(text_ids), out, usage, timings, saves, note)
+
+    def close(self) -> SaveResult | None:
+        """Shutdown save of the live state (when the policy wants one and it is not saved)."""
+        n = self.session.n_tokens
+        if self.store is None or n == self._saved_len or not self.policy.shutdown_due(n):
+            return None
+        return self._save("shutdown", -1, "")
+
+    # ---- steps --------------------------------------------------------------------------
+    def _reuse(self, rendered: bytes, req: int, saves: list[SaveResult]) -> tuple[list[int], str, str, float, float]:
+        """Find the longest reusable prefix and put the session there.
+
+        Returns (effective prompt tokens, source, note, restore seconds, save seconds)."""
+        live_n = self.session.n_tokens
+        live = self._live_text
+        if live_n and rendered.startswith(live):
+            suffix = self._suffix_tokens(rendered, len(live))
+            if suffix is not None:
+                self._record("hit", request=req, source="live", tokens=live_n, bytes=len(live))
+                return self.session.tokens + suffix, "live", "live text prefix", 0.0, 0.0
+        why = ("no-live-checkpoint" if not live_n else
+               "incoming-prompt-shorter-than-live-checkpoint" if len(rendered) < len(live) else "text-mismatch")
+        if live_n:
+            self._record("miss", request=req, source="live", reason=why, tokens=live_n)
+        hit = self.store.lookup(rendered, self.session.ctx) if self.store is not None else None
+        save_s = 0.0
+        if live_n and self.store is not None and self.policy.evict_due(live_n) and live_n != self._saved_len:
+            t = time.perf_counter()
+            result = self._save("evict", req, "", protect=[hit] if hit is not None else [])
+            save_s = time.perf_counter() - t
+            if result is not None:
+                saves.append(result)
+        if hit is not None:
+            t = time.perf_counter()
+            try:
+                state, text = self.store.load(hit, self.session.layout, self.session.ctx, prompt=rendered,
+                                              prefill_chunk=self.session.state.prefill_chunk)
+            except KVLoadError as err:
+                self._record("load_failed", request=req, reason=str(err), path=str(hit.path))
+            else:
+                suffix = self._suffix_tokens(rendered, len(text))
+                if suffix is not None:
+                    self.session.restore(state)
+                    self._live_text = text
+                    self._saved_len = state.n_tokens
+                    self.schedule.loaded(state.n_tokens)
+                    restore_s = time.perf_counter() - t
+                    self._record("hit", request=req, source="disk", tokens=state.n_tokens, bytes=hit.file_size,
+                                 restore_s=restore_s, path=str(hit.path))
+                    return state.tokens + suffix, "disk", f"live {why}; disk prefix", restore_s, save_s
+        elif self.store is not None:
+            self._record("miss", request=req, source="disk", reason="no-disk-prefix")
+        self.session.reset()
+        self._live_text = b""
+        self._saved_len = -1
+        return self.tokenizer.encode_rendered(rendered.decode("utf-8")), "none", f"live {why}", 0.0, save_s
+
+    def _suffix_tokens(self, rendered: bytes, cut: int) -> list[int] | None:
+        """Tokens of ``rendered[cut:]`` (None when the cut splits a UTF-8 character)."""
+        try:
+            return self.tokenizer.encode_rendered(rendered[cut:].decode("utf-8"))
+        except UnicodeDecodeError:
+            return None
+
+    def _save_points(self, tokens: list[int], source: str, req: int) -> dict:
+        """{length: reason} of the saves this prefill should stop at, plus a 'note'."""
+        stops: dict[Any, Any] = {}
+        if self.store is None:
+            return stops
+        start, end = self.session.n_tokens, len(tokens)
+        if source == "none":
+            target = self.policy.cold_target(tokens, self.tokenizer.user, self.tokenizer.assistant)
+            if target.length is not None:
+                stops[target.length] = "cold"
+                self._cold_claim = self.schedule.claim_cold(target.length)
+            stops["note"] = f"cold save: {target.reason}"
+        step = self.policy.continued_step()
+        if step:
+            for frontier in range((start // step + 1) * step, end + 1, step):
+                if frontier not in stops and self.schedule.due(frontier):
+                    stops[frontier] = "continued"
+        return stops
+
+    def _prefill(self, tokens: list[int]) -> float:
+        t = time.perf_counter()
+        self.session.prefill(tokens, progress=self.progress)
+        dt = time.perf_counter() - t
+        if len(tokens) >= MIN_RATE_TOKENS:
+            self._rate_tokens += len(tokens)
+            self._rate_seconds += dt
+        self._sync_live_text()
+        return dt
+
+    def _sync_live_text(self) -> None:
+        self._live_text = self.tokenizer.decode(self.session.tokens)
+
+    def _save(self, reason: str, req: int, conversation: str, protect: Sequence = ()) -> SaveResult | None:
+        """Save the live state as it is now; record the save and its evictions."""
+        assert self.store is not None
+        state = self.session.snapshot()
+        try:
+            result = self.store.save(state, self._live_text, SaveReason[reason.upper()], durable=self.durable,
+                                     protect=protect)
+        except KVSaveError as err:
+            if reason == "cold":
+                self.schedule.rollback(getattr(self, "_cold_claim", None))
+            self._record("save", request=req, conversation=conversation, reason=f"{reason} failed: {err}",
+                         tokens=state.n_tokens)
+            return None
+        for ev in result.evicted:
+            self._record("evict", request=req, reason=ev.save_reason, tokens=ev.tokens, bytes=ev.bytes,
+                         path=str(ev.path), **self._disk())
+        if result.saved or result.status == "exists":
+            self._saved_len = state.n_tokens
+            if reason in ("cold", "continued"):
+                self.schedule.stored(state.n_tokens)
+        self._record("save", request=req, conversation=conversation,
+                     reason=reason if result.saved else f"{reason} {result.status}: {result.detail}",
+                     tokens=state.n_tokens, bytes=result.bytes, save_s=result.seconds, path=str(result.path),
+                     **self._disk())
+        return result
+
+    def _disk(self) -> dict:
+        assert self.store is not None
+        budget = self.store.budget_bytes
+        return {"disk_bytes": self.store.total_bytes(), "budget_bytes": float("nan") if budget is None else budget}
+
+    def _record(self, event: str, **fields: Any) -> None:
+        self.recorder.record(event, **fields)

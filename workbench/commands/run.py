@@ -1,0 +1,187 @@
+"""``workbench run``: load a model, prefill a chat prompt with a progress bar, generate.
+
+    workbench run --model data/tiny.gguf --prompt "Hello" --max-tokens 16 --temp 0
+    workbench run --model M --chat            # interactive: one user turn per stdin line
+
+The library does the work (:func:`workbench.session.generate`); this module only turns
+arguments into calls and prints. Without ``--json`` the generated text streams to
+stdout and a summary follows (progress bars go to stderr); with ``--json`` one object per
+turn is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from workbench.chat import render_messages, render_single
+from workbench.errors import WorkbenchError
+from workbench.sampling import Sampler
+from workbench.session import DEFAULT_CTX, Generation, Progress, Session, generate, load
+from workbench.tokenizer import Tokenizer
+
+HELP = "generate from a prompt (or chat interactively) with a ds4 GGUF model"
+
+
+class RunError(WorkbenchError):
+    """Bad arguments for ``workbench run``."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="ds4 GGUF file")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="user prompt text")
+    src.add_argument("--prompt-file", help="file holding the user prompt (UTF-8)")
+    src.add_argument("--chat", action="store_true", help="interactive chat: one user turn per stdin line")
+    parser.add_argument("--system", default="", help="system prompt (default: none)")
+    parser.add_argument("--think", action="store_true", help="thinking mode (prompt ends with <think>)")
+    parser.add_argument("--chunk", type=int, default=None, help="prefill chunk size (default: min(ctx, 2048))")
+    parser.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context limit in tokens (default {DEFAULT_CTX})")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per turn (default 128)")
+    parser.add_argument("--temp", type=float, default=1.0, help="temperature; <= 0 is greedy (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    parser.add_argument("--min-p", type=float, default=0.05, help="min-p relative to the top token (default 0.05)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (default 0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per turn, no progress bar")
+
+
+def prompt_text(args: argparse.Namespace) -> str:
+    """The user prompt from ``--prompt`` or ``--prompt-file``."""
+    if args.prompt is not None:
+        return args.prompt
+    path = Path(args.prompt_file)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RunError(f"{path}: cannot read prompt file: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise RunError(f"{path}: prompt file is not UTF-8") from None
+
+
+def progress_bar(enabled: bool) -> tuple[Callable[[Progress], None] | None, Callable[[], None]]:
+    """A tqdm bar on stderr fed by :class:`Progress` updates, and a function closing it."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(p: Progress) -> None:
+        bar = bars.get(p.stage)
+        if bar is None or bar.total != p.total:
+            if bar is not None:
+                bar.close()
+            unit = "layer" if p.stage == "load" else "tok"
+            bar = bars[p.stage] = tqdm(total=p.total, desc=p.stage, unit=unit, file=sys.stderr, leave=False)
+        bar.update(p.done - bar.n)
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+        bars.clear()
+
+    return update, close
+
+
+class TextStream:
+    """Writes decoded token bytes as text as soon as they form whole UTF-8 characters."""
+
+    def __init__(self, tok: Tokenizer, out: TextIO) -> None:
+        self.tok, self.out = tok, out
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: int) -> None:
+        self.out.write(self.dec.decode(self.tok.token_bytes(token)))
+        self.out.flush()
+
+    def finish(self) -> None:
+        self.out.write(self.dec.decode(b"", final=True) + "\n")
+        self.out.flush()
+
+
+def summary(gen: Generation, tok: Tokenizer) -> dict[str, Any]:
+    """The JSON-ready record of one turn."""
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "prefill_seconds": round(gen.prefill.seconds, 4),
+        "prefill_tokens_per_s": round(gen.prefill.tokens_per_s, 2),
+        "decode_tokens": len(gen.tokens),
+        "decode_seconds": round(gen.decode_seconds, 4),
+        "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2),
+        "top_next": [{"id": i, "text": tok.decode_text([i]), "prob": round(p, 6)} for i, p in gen.top_next],
+        "tokens": gen.tokens,
+        "text": tok.decode_text(gen.tokens),
+    }
+
+
+def print_summary(rec: dict[str, Any], out: TextIO) -> None:
+    print(f"prompt: {rec['prompt_tokens']} tokens, prefill {rec['prefill_tokens_per_s']:.1f} tok/s "
+          f"({rec['prefill_seconds']:.2f} s); decode: {rec['decode_tokens']} tokens, "
+          f"{rec['decode_tokens_per_s']:.2f} tok/s", file=out)
+    top = ", ".join(f"{t['text']!r} {t['prob']:.4g}" for t in rec["top_next"])
+    print(f"top-5 after the prompt: {top}", file=out)
+
+
+def turn(session: Session, tok: Tokenizer, tokens: list[int], args: argparse.Namespace,
+         sampler: Sampler) -> dict[str, Any]:
+    """Prefill ``tokens`` after the session's, generate, print; return the record."""
+    progress, close = progress_bar(not args.json)
+    stream = None if args.json else TextStream(tok, sys.stdout)
+    try:
+        gen = generate(session, tokens, args.max_tokens, sampler, stop=[tok.eos], chunk=args.chunk,
+                       progress=progress, on_token=stream)
+    finally:
+        close()
+    rec = summary(gen, tok)
+    if stream is not None:
+        stream.finish()
+        print_summary(rec, sys.stdout)
+    else:
+        print(json.dumps(rec, ensure_ascii=False))
+    return rec
+
+
+def chat_loop(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler) -> None:
+    """One user turn per stdin line; the session is extended when the rendered
+    conversation continues its tokens, and re-prefilled otherwise."""
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = tok.encode_rendered(render_messages(messages, thinking=args.think))
+        have = session.tokens
+        if ids[: len(have)] != have:
+            session.reset()
+            have = []
+        rec = turn(session, tok, ids[len(have):], args, sampler)
+        reply = [t for t in rec["tokens"] if t != tok.eos]
+        messages.append({"role": "assistant", "content": tok.decode_text(reply)})
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_tokens < 0:
+        raise RunError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    sampler = Sampler(temperature=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k, seed=args.seed)
+    text = None if args.chat else prompt_text(args)
+    progress, close = progress_bar(not args.json)
+    try:
+        session = load(args.model, ctx=args.ctx, progress=progress)
+    finally:
+        close()
+    try:
+        tok = Tokenizer.from_gguf(session.file)
+        if args.chat:
+            chat_loop(session, tok, args, sampler)
+        else:
+            ids = tok.encode_rendered(render_single(text, system=args.system, thinking=args.think))
+            turn(session, tok, ids, args, sampler)
+    finally:
+        session.close()
+    return 0

@@ -4,6 +4,7 @@ disk, a process killed mid-save, and two processes sharing one directory."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from test_kv_format import SMALL, random_state
 
+from workbench.cli import main as cli_main
 from workbench.kv import format as F
 from workbench.kv import store as S
 from workbench.kv.format import SaveReason
@@ -281,3 +283,13 @@ def test_two_processes_save_and_evict_in_one_directory(tmp_path) -> None:
         state, text = st.load(e, SMALL, CTX)
         assert state.n_tokens == e.tokens and text.startswith(b"shared prefix ")
         assert verify_file(e.path, SMALL).ok
+
+
+def test_cli_show_reports_a_broken_trailer_and_verify_fails(tmp_path, saved, capsys) -> None:
+    name, blob, h, _ = saved
+    path = _put(tmp_path, name, blob[: h.payload_end + 10])
+    assert cli_main(["kv", "show", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trailer"] == "invalid" and "truncated checksum trailer" in out["notes"][0]
+    assert cli_main(["kv", "verify", str(path)]) == 1
+    assert "truncated checksum trailer" in capsys.readouterr().out

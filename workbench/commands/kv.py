@@ -20,7 +20,8 @@ from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.kv.format import (
-    ExtFlag, KVHeader, infer_layout, payload_breakdown, read_header, read_payload_summary, read_text, read_trailer,
+    ExtFlag, KVFormatError, KVHeader, Trailer, infer_layout, payload_breakdown, read_header, read_payload_summary,
+    read_text, read_trailer,
 )
 from workbench.kv.store import MiB, KVStore, verify_file
 from workbench.state import StateLayout
@@ -111,8 +112,11 @@ def _ls(args: argparse.Namespace) -> int:
     others = store.others()
     rows = []
     for e in entries:
-        with open(e.path, "rb") as f:
-            text = read_text(f, e.header, str(e.path))
+        try:
+            with open(e.path, "rb") as f:
+                text = read_text(f, e.header, str(e.path))
+        except (OSError, KVFormatError) as err:  # removed or unreadable since the listing
+            text = f"({err})".encode()
         rows.append({"sha": e.sha, "path": str(e.path), "tokens": e.tokens, "ctx": e.ctx,
                      "reason": e.header.reason.name.lower(), "hits": e.header.hits, "bytes": e.file_size,
                      "created_at": _iso(e.header.created_at), "last_used": _iso(e.header.last_used),
@@ -143,7 +147,10 @@ def _show(args: argparse.Namespace) -> int:
     layout, note = _model_layout(args.model)
     with open(path, "rb") as f:
         text = read_text(f, header, str(path))
-        trailer = read_trailer(f, header, str(path))
+        try:
+            trailer = read_trailer(f, header, str(path))
+        except KVFormatError as err:  # show the rest; `kv verify` reports it as a failure
+            trailer = Trailer("invalid", header.file_size - header.payload_end, notes=(str(err),))
         summary = read_payload_summary(f, header, str(path))
     if layout is None:
         layout, note = infer_layout(summary)

@@ -692,7 +692,8 @@ def read_trailer(f: BinaryIO, header: KVHeader, name: str) -> Trailer:
     rest = size - start
     if rest <= 0:
         _check(not flags & ExtFlag.CHECKSUM or flags & ExtFlag.TOOL_MAP, name,
-               "checksum trailer missing: ext bit3 is set but the file ends at the payload")
+               "checksum trailer missing: ext bit3 is set but the file ends at the payload "
+               "(truncated, or the trailer was cut by another writer)")
         return Trailer("none", 0)
     f.seek(start)
     magic = f.read(3)

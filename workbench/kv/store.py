@@ -9,6 +9,7 @@ directory changed, re-reading a header only for files whose stat changed.
 How an engine uses it after a live-cache miss (the live state's text is not a byte
 prefix of the new prompt), in this order::
 
+    store = KVStore.from_policy(kv_dir, policy, quant_bits=2)  # once; 4 for Q4_K experts
     hit = store.lookup(prompt_text, ctx)                       # index + one SHA-1 pass
     if policy.evict_due(live.n_tokens):                        # keep the old conversation
         store.save(session.snapshot(), live_text, SaveReason.EVICT,
@@ -20,7 +21,7 @@ prefix of the new prompt), in this order::
             state = None                                       # fall through to a cold prefill
         if state is not None:
             session.restore(state)                             # tokens, logits, KV rows
-            suffix = prompt_bytes[len(text):]                  # bytes after the stored prefix
+            suffix = prompt_text.encode()[len(text):]          # bytes after the stored prefix
             session.prefill(tokenize_rendered(suffix))         # exact stored tokens + suffix
             schedule.loaded(state.n_tokens)
 
@@ -32,8 +33,9 @@ pass, which ds4 does not (issues #447/#448). A cold save then uses
 
 Budget and eviction: every file in the directory counts (foreign, invalid, stale tmp,
 quarantined), only valid ``.kv`` files are evicted, lowest ``policy.eviction_score``
-first (ds4's score, times a per-save-reason weight), the file just written is protected
-unless it alone exceeds the budget, and room is made before writing. Processes sharing a
+first (ds4's score, times a per-save-reason weight); room is made before writing, a
+file that alone exceeds the budget is not written, and the file just written (plus any
+``protect``-ed ones) survives the pass that follows. Processes sharing a
 directory coordinate through ``workbench.kv.lock.DirLock``. Every operation records a
 small event dataclass in ``store.events`` (and passes it to ``on_event``).
 """

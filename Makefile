@@ -36,7 +36,9 @@ demo: $(STAMP) $(TINY)
 	$(VBIN)/workbench demo --model $(TINY)
 
 test: $(STAMP) browser-deps
-	$(VBIN)/python -m pytest -q -p no:cacheprovider
+	$(VPY) -m workbench.kernelspec --prefix $(VENV)
+	$(VPY) -m pytest -q -p no:cacheprovider tests notebooks --nbval --nbval-kernel-name ds4-workbench \
+	  --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 300
 
 # Debian's Chromium for the JupyterLab browser test (skipped where it cannot be had).
 browser-deps:

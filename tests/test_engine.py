@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from workbench import workloads as wl
-from workbench.engine import Engine
+from workbench.engine import Engine, restrict
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
 from workbench.session import load
@@ -26,17 +26,20 @@ def _engine(session, tmp_path, policy=POLICY):
 
 
 def _drive(engine, workload):
+    """Run a workload; replies are restricted to whole-character tokens so that, as with a
+    real model, the client's replayed transcript extends the live state byte for byte."""
+    sampler = restrict(engine.tokenizer.text_token_mask())
     out = []
     for req, _ in workload.run(lambda r: (out.append(engine.complete(
-            messages=r.messages, tools=r.tools, max_tokens=r.max_tokens, conversation=r.conversation)),
-            out[-1].text)[1]):
+            messages=r.messages, tools=r.tools, max_tokens=r.max_tokens, conversation=r.conversation,
+            sampler=sampler)), out[-1].text)[1]):
         pass
     return out
 
 
 def test_agent_turns_reuse_the_live_state(session, tmp_path):
     eng = _engine(session, tmp_path)
-    outs = _drive(eng, wl.agent_session(seed=1, turns=3, file_chars=800, max_tokens=4))
+    outs = _drive(eng, wl.agent_session(seed=1, turns=3, file_chars=800, max_tokens=4, side_every=0))
     assert outs[0].usage.source == "none" and outs[0].usage.cached_tokens == 0
     for prev, cur in zip(outs, outs[1:]):
         assert cur.usage.source == "live"
@@ -47,6 +50,16 @@ def test_agent_turns_reuse_the_live_state(session, tmp_path):
     assert list(df.columns) == COLUMNS
     assert (df[df.event == "hit"].source == "live").sum() == 2
     assert df[df.event == "save"].reason.str.startswith("cold").sum() == 1
+
+
+def test_agent_workload_hits_live_and_disk(session, tmp_path):
+    eng = _engine(session, tmp_path)
+    outs = _drive(eng, wl.agent_session(seed=4, turns=4, file_chars=700, max_tokens=4, side_every=2))
+    # turn 1 extends the live state; the title request evicts it; turn 2 comes from disk
+    assert [o.usage.source for o in outs] == ["none", "live", "none", "disk", "live"]
+    assert outs[3].usage.cached_tokens > outs[1].usage.prompt_tokens
+    req = eng.records[eng.records.event == "request"]
+    assert (req.ttft_s[req.source != "none"] < req.full_prefill_s[req.source != "none"]).all()
 
 
 def test_switching_users_evicts_and_comes_back_from_disk(session, tmp_path):

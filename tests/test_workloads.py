@@ -9,7 +9,7 @@ def _drive(workload):
 
 
 def test_agent_session_is_deterministic_and_extends_each_request():
-    a, b = _drive(wl.agent_session(seed=3, turns=3)), _drive(wl.agent_session(seed=3, turns=3))
+    a, b = _drive(wl.agent_session(seed=3, turns=3, side_every=0)), _drive(wl.agent_session(seed=3, turns=3, side_every=0))
     assert [r.messages for r, _ in a] == [r.messages for r, _ in b]
     assert len(a) == 3
     for (prev, reply), (nxt, _) in zip(a, a[1:]):
@@ -42,3 +42,12 @@ def test_long_document_grows_with_given_text():
     assert text[:1000] in reqs[0].messages[1]["content"]
     assert text[2000:3000] in reqs[2].messages[-1]["content"]
     assert reqs[2].messages[: len(reqs[1].messages)] == reqs[1].messages
+
+
+def test_agent_side_requests_are_fresh_and_interleaved():
+    reqs = [r for r, _ in _drive(wl.agent_session(seed=0, turns=4, side_every=2))]
+    assert [r.conversation for r in reqs] == ["agent-0", "agent-0", "agent-0/title", "agent-0", "agent-0"]
+    side = reqs[2]
+    assert side.messages[0]["content"] == wl.TITLE_SYSTEM and len(side.messages) == 2 and side.tools is None
+    # the agent's transcript is untouched by the side request
+    assert reqs[3].messages[: len(reqs[1].messages)] == reqs[1].messages

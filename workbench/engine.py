@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from workbench.chat import render_messages, render_single
@@ -31,7 +32,7 @@ from workbench.gguf.types import Q4_K
 from workbench.kv.format import SaveReason
 from workbench.kv.policy import ContinuedSchedule, KVPolicy
 from workbench.kv.store import KVLoadError, KVSaveError, KVStore, SaveResult
-from workbench.sampling import Sampler
+from workbench.sampling import Sampler, greedy
 from workbench.session import Progress, Session
 from workbench.telemetry import Recorder
 from workbench.tokenizer import Tokenizer
@@ -77,6 +78,19 @@ class Completion:
     timings: Timings
     saves: list[SaveResult] = field(default_factory=list)
     note: str = ""  # why the prefix was (not) reused, why no cold save
+
+
+def restrict(allowed: np.ndarray, sampler: Callable | None = None) -> Callable[[Any], int]:
+    """A sampler that only picks tokens where ``allowed`` (bool ``[n_vocab]``) is True,
+    e.g. ``Tokenizer.text_token_mask()`` so a synthetic model's replies replay exactly."""
+    pick = sampler or greedy
+
+    def sample(logits: Any) -> int:
+        x = np.array(logits, dtype=np.float32, copy=True)
+        x[~allowed] = -np.inf
+        return int(pick(x))
+
+    return sample
 
 
 def routed_quant_bits(f: GGUFFile) -> int:
@@ -132,7 +146,8 @@ class Engine:
         return render_single(prompt, system=system, thinking=thinking, ctx=self.session.ctx)
 
     def complete(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
-                 tools: Sequence[dict] | None = None, max_tokens: int = 16, sampler: Sampler | None = None,
+                 tools: Sequence[dict] | None = None, max_tokens: int = 16,
+                 sampler: Sampler | Callable[[Any], int] | None = None,
                  system: str = "", thinking: bool = False, conversation: str = "") -> Completion:
         """Serve one request: reuse a prefix, prefill the rest, decode ``max_tokens``."""
         req = self.requests

@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, pre_tokenizers
@@ -277,6 +278,23 @@ class Tokenizer:
     def decode_text(self, ids: Iterable[int]) -> str:
         """:meth:`decode` as text; invalid UTF-8 becomes U+FFFD."""
         return self.decode(ids).decode("utf-8", errors="replace")
+
+    def text_token_mask(self) -> np.ndarray:
+        """bool ``[n_vocab]``: tokens whose bytes are whole UTF-8 characters and that are not
+        chat markers (no ``｜``-literal or special token), plus EOS.
+
+        Sampling only these makes a generation's text replay byte-exactly when a client
+        sends it back (random synthetic models otherwise emit split UTF-8 sequences)."""
+        mask = np.zeros(self.n_vocab, dtype=bool)
+        specials = set(SPECIAL_TEXTS)
+        for i, raw in enumerate(self._token_bytes):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            mask[i] = bool(text) and "\uff5c" not in text and text not in specials
+        mask[self.eos] = True
+        return mask
 
     def __repr__(self) -> str:
         return f"Tokenizer(n_vocab={self.n_vocab}, source={self.source!r})"

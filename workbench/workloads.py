@@ -8,7 +8,9 @@ or disk prefix hit is possible.
 
 * :func:`agent_session` — a coding agent: system prompt, tool schemas, then turns in which
   the assistant calls a tool and the tool result is a real source file (from the Python
-  standard library).
+  standard library). Like real agent clients, it sends a small unrelated side request
+  now and then (a conversation title): that replaces the live state, so the next agent
+  turn is served from the disk checkpoint the switch saved.
 * :func:`multi_user` — several unrelated agent sessions interleaved, so each switch
   replaces the live state (an *evict* save) and coming back is a *disk* hit.
 * :func:`long_document` — a long text read in growing chunks (``promessi_sposi.txt`` when
@@ -83,6 +85,7 @@ class Conversation:
     tools: list[dict] | None
     user_turns: list[tuple[str, list[tuple[str, str]]]]  # (user text, [(tool call path, tool result)])
     max_tokens: int = 16
+    stateless: bool = False  # every request starts a fresh transcript (side requests)
     messages: list[dict] = field(default_factory=list)
     turn: int = 0
 
@@ -91,6 +94,8 @@ class Conversation:
 
     def next_request(self) -> Request:
         """Append the next user turn (and its tool exchange) and return the request."""
+        if self.stateless:
+            self.messages = []
         if not self.messages and self.system:
             self.messages.append({"role": "system", "content": self.system})
         text, tool_results = self.user_turns[self.turn]
@@ -150,11 +155,26 @@ def stdlib_sources(seed: int, count: int, max_chars: int) -> list[tuple[str, str
     return out
 
 
+TITLE_SYSTEM = "Summarize the conversation topic as a title of at most five words. Reply with the title only."
+
+
 def agent_session(seed: int = 0, turns: int = 4, file_chars: int = 3000, max_tokens: int = 16,
-                  name: str = "agent-0", system: str = AGENT_SYSTEM) -> Workload:
-    """A coding-agent session: every turn reads one standard-library file with a tool."""
-    return Workload("agent", [_agent_conversation(seed, turns, file_chars, max_tokens, name, system)],
-                    [0] * turns)
+                  name: str = "agent-0", system: str = AGENT_SYSTEM, side_every: int = 2) -> Workload:
+    """A coding-agent session: every turn reads one standard-library file with a tool.
+
+    After every ``side_every`` agent turns (0: never) the client sends a side request for a
+    conversation title, with its own system prompt (conversation ``<name>/title``).
+    """
+    main = _agent_conversation(seed, turns, file_chars, max_tokens, name, system)
+    schedule: list[int] = []
+    titles = []
+    for t in range(turns):
+        schedule.append(0)
+        if side_every and (t + 1) % side_every == 0 and t + 1 < turns:
+            schedule.append(1)
+            titles.append((f"Conversation so far: {main.user_turns[t][0]}", []))
+    side = Conversation(f"{name}/title", TITLE_SYSTEM, None, titles, max_tokens=8, stateless=True)
+    return Workload("agent", [main, side], schedule)
 
 
 def _agent_conversation(seed: int, turns: int, file_chars: int, max_tokens: int, name: str,

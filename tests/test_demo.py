@@ -1,0 +1,21 @@
+"""The main job runs end to end and reports reuse from both live and disk."""
+
+import json
+
+from workbench.cli import main
+
+
+def test_demo_reports_live_and_disk_reuse(tiny_gguf, tmp_path, capsys):
+    out = tmp_path / "demo.html"
+    assert main(["demo", "--model", str(tiny_gguf), "--out", str(out), "--turns", "3", "--max-tokens", "4",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    sources = [r["source"] for r in res["requests"]]
+    assert sources == ["none", "live", "none", "disk"]  # turn, turn, title side request, turn
+    disk = res["requests"][3]
+    assert disk["cached"] > res["requests"][1]["prompt"] and disk["suffix"] == disk["prompt"] - disk["cached"]
+    assert disk["ttft_ms"] < disk["full_prefill_ms"]
+    html = out.read_text()
+    for title in ("Tokens per request", "Time to first token", "Cache events", "Cached prefixes"):
+        assert title in html
+    assert not list(tmp_path.glob("demo-kv-*"))  # the fresh cache directory is cleaned up

@@ -35,7 +35,7 @@ $(TINY): $(STAMP)
 demo: $(STAMP) $(TINY)
 	$(VBIN)/workbench demo --model $(TINY)
 
-test: $(STAMP) browser-deps
+test: $(STAMP) $(TINY) browser-deps
 	$(VPY) -m workbench.kernelspec --prefix $(VENV)
 	$(VPY) -m pytest -q -p no:cacheprovider tests notebooks --nbval --nbval-kernel-name ds4-workbench \
 	  --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 300
@@ -51,7 +51,7 @@ browser-deps:
 bench: $(STAMP) $(TINY)
 	$(VBIN)/workbench bench
 
-lab: $(STAMP)
+lab: $(STAMP) $(TINY)
 	$(VPY) -m workbench.kernelspec --prefix $(VENV)
 	$(VBIN)/jupyter lab --notebook-dir=notebooks
 

@@ -198,14 +198,6 @@ def expected_tensors(args: ModelArgs, gate_type: int | None = None) -> dict[str,
     return specs
 
 
-class _UncheckedArgs(ModelArgs):
-    """ModelArgs built without the consistency check, so validation can list every problem
-    (``ModelArgs.problems(args)`` still runs the real one)."""
-
-    def problems(self) -> list[str]:
-        return []
-
-
 def _metadata_problems(f: GGUFFile) -> tuple[list[str], set[str]]:
     """Missing or mistyped ``deepseek4.*`` keys; returns (problems, untrusted keys)."""
     problems: list[str] = []
@@ -241,7 +233,7 @@ def _lenient_args(meta: dict[str, Any], bad: set[str]) -> ModelArgs:
                 filled[k.key] = [k.ds4] * n_layer
             else:
                 filled[k.key] = k.ds4
-    return _UncheckedArgs.from_metadata(filled)
+    return ModelArgs.from_metadata(filled, check=False)
 
 
 def _tokenizer_problems(f: GGUFFile, n_vocab: int | None) -> list[str]:

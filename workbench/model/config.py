@@ -78,8 +78,9 @@ class ModelArgs:
         return self.head_dim - self.n_rot
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any]) -> "ModelArgs":
-        """Build from GGUF metadata; raise ConfigError naming every missing key."""
+    def from_metadata(cls, meta: Mapping[str, Any], check: bool = True) -> "ModelArgs":
+        """Build from GGUF metadata; raise ConfigError naming every missing key and, when
+        ``check``, every consistency problem (:meth:`problems`)."""
         missing: list[str] = []
 
         def get(key: str, default: Any = None, required: bool = True) -> Any:
@@ -132,10 +133,11 @@ class ModelArgs:
         )
         if missing:
             raise ConfigError("missing metadata: " + ", ".join(missing))
-        problems = cls(**args).problems()
+        built = cls(**args)
+        problems = built.problems() if check else []
         if problems:
             raise ConfigError("; ".join(problems))
-        return cls(**args)
+        return built
 
     def problems(self) -> list[str]:
         """Internal-consistency problems (not the real model's constants)."""

@@ -1,0 +1,179 @@
+"""What every workbench widget shares: a panel base with an error box, guarded buttons,
+scrollable HTML tables and the tokenizer of a session's file.
+
+A button's handler never lets an exception escape into the kernel: the panel catches
+it (``KeyboardInterrupt`` included, so an interrupted prefill says so) and shows it in
+its :class:`ErrorBox`. A :class:`~workbench.errors.WorkbenchError` shows as its own
+message, which names the file and the problem; anything else shows its type and
+message with the traceback folded underneath.
+"""
+
+from __future__ import annotations
+
+import html
+import traceback
+from typing import Any, Callable
+
+import ipywidgets as widgets
+import pandas as pd
+
+from workbench.errors import WorkbenchError
+from workbench.gguf.reader import GGUFFile
+from workbench.tokenizer import Tokenizer
+
+MIB = 1024 * 1024
+
+# one scoped style block: the widget HTML is not inside JupyterLab's rendered-HTML styles
+TABLE_CSS = (
+    "<style>"
+    ".ds4wb-scroll{overflow:auto;border:1px solid #e0e0e0;border-radius:4px}"
+    ".ds4wb-table{border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace);width:100%}"
+    ".ds4wb-table th{position:sticky;top:0;background:#f5f5f5;text-align:left;padding:3px 8px;"
+    "border-bottom:1px solid #ccc;white-space:nowrap}"
+    ".ds4wb-table td{padding:2px 8px;border-bottom:1px solid #eee;white-space:nowrap;vertical-align:top}"
+    ".ds4wb-table td.ds4wb-wrap{white-space:pre-wrap;word-break:break-all;max-width:48em}"
+    ".ds4wb-table tr.ds4wb-bad td{background:#fdecea}"
+    ".ds4wb-pre{white-space:pre-wrap;word-break:break-all;font-family:var(--jp-code-font-family,monospace);"
+    "font-size:12px;background:#fafafa;border:1px solid #e0e0e0;border-radius:4px;padding:6px;margin:0;"
+    "max-height:14em;overflow:auto}"
+    "</style>"
+)
+
+
+class WidgetError(WorkbenchError):
+    """A request a widget cannot act on (the message names the control and the problem)."""
+
+
+def describe(err: BaseException) -> tuple[str, str]:
+    """(one-line message, traceback text or "") for showing ``err`` to a person."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (the operation was stopped; a prefill leaves the session as it was)", ""
+    if isinstance(err, WorkbenchError):
+        return str(err), ""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}", ""
+    detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return f"{type(err).__name__}: {err}", detail
+
+
+class ErrorBox(widgets.HTML):
+    """A red message box, hidden while there is nothing to show.
+
+    ``message`` is the plain text shown (empty when hidden)."""
+
+    def __init__(self) -> None:
+        super().__init__(value="", layout=widgets.Layout(display="none"))
+        self.add_class("ds4wb-error")
+        self.message = ""
+
+    @property
+    def shown(self) -> bool:
+        return self.layout.display != "none"
+
+    def show(self, err: BaseException | str) -> None:
+        message, detail = (err, "") if isinstance(err, str) else describe(err)
+        self.message = message
+        folded = (f"<details><summary>traceback</summary><pre style='white-space:pre-wrap;font-size:11px'>"
+                  f"{html.escape(detail)}</pre></details>") if detail else ""
+        self.value = ("<div style='background:#fdecea;border:1px solid #f5c2c0;color:#8a1f11;border-radius:4px;"
+                      "padding:6px 10px;margin:4px 0;white-space:pre-wrap'>"
+                      f"<b>⚠</b> {html.escape(message)}{folded}</div>")
+        self.layout.display = None
+
+    def clear(self) -> None:
+        self.message = ""
+        self.value = ""
+        self.layout.display = "none"
+
+
+class Panel(widgets.VBox):
+    """Base of the workbench widgets: a VBox with a status line, an error box and buttons
+    whose handlers run guarded (buttons disabled while one runs, errors shown, not raised)."""
+
+    def __init__(self, title: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.title = widgets.HTML(f"<b style='font-size:14px'>{html.escape(title)}</b>")
+        self.status = widgets.HTML("")
+        self.error = ErrorBox()
+        self._buttons: list[widgets.Button] = []
+        self.add_class("ds4wb-panel")
+        self.layout.border = "1px solid #ddd"
+        self.layout.padding = "6px 10px"
+        self.layout.margin = "4px 0"
+
+    def button(self, description: str, action: Callable[[], None], icon: str = "", tooltip: str = "",
+               style: str = "") -> widgets.Button:
+        """A button that runs ``action()`` guarded (see :meth:`guarded`)."""
+        b = widgets.Button(description=description, icon=icon, tooltip=tooltip or description, button_style=style,
+                           layout=widgets.Layout(width="auto"))
+        b.on_click(lambda _b: self.guarded(action))
+        self._buttons.append(b)
+        return b
+
+    def guarded(self, action: Callable[[], None]) -> bool:
+        """Run ``action()`` with the buttons disabled; show any exception in the error box.
+        Returns True when it completed."""
+        self.error.clear()
+        was = [b.disabled for b in self._buttons]
+        for b in self._buttons:
+            b.disabled = True
+        try:
+            action()
+            return True
+        except (Exception, KeyboardInterrupt) as err:  # a UI handler must not die: show it
+            self.error.show(err)
+            return False
+        finally:
+            for b, d in zip(self._buttons, was):
+                b.disabled = d
+
+    def set_status(self, text: str) -> None:
+        """Show ``text`` (plain, escaped) in the status line."""
+        self.status.value = f"<span style='color:#333'>{html.escape(text)}</span>"
+
+
+def table_html(df: pd.DataFrame, max_height: str = "22em", wrap: tuple[str, ...] = (),
+               bad_rows: pd.Series | None = None, float_format: str = "{:,.2f}") -> str:
+    """``df`` as an escaped HTML table in a scroll box with a sticky header.
+
+    ``wrap`` names columns whose cells wrap (text previews); ``bad_rows`` (bool, aligned
+    with ``df``) tints those rows red."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    rows = []
+    bad = list(bad_rows) if bad_rows is not None else [False] * len(df)
+    for flag, row in zip(bad, df.to_dict("records")):  # per-column types (iterrows would upcast ints)
+        cells = []
+        for col in df.columns:
+            cls = " class='ds4wb-wrap'" if col in wrap else ""
+            cells.append(f"<td{cls}>{html.escape(_cell(row[col], float_format))}</td>")
+        rows.append(f"<tr{' class=ds4wb-bad' if flag else ''}>{''.join(cells)}</tr>")
+    body = "".join(rows) or f"<tr><td colspan={len(df.columns)} style='color:#888'>(none)</td></tr>"
+    return (f"{TABLE_CSS}<div class='ds4wb-scroll' style='max-height:{max_height}'>"
+            f"<table class='ds4wb-table'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def _cell(value: Any, float_format: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, float):
+        return float_format.format(value)
+    return str(value)
+
+
+def pre_html(text: str) -> str:
+    """``text`` escaped in a scrollable monospace block."""
+    return f"{TABLE_CSS}<pre class='ds4wb-pre'>{html.escape(text)}</pre>"
+
+
+def visible_text(text: str) -> str:
+    """Control characters made visible (newline as ⏎) for one-line previews."""
+    return text.replace("\r", "␍").replace("\n", "⏎").replace("\t", "⇥")
+
+
+def tokenizer_of(session: Any) -> Tokenizer:
+    """The tokenizer stored in the GGUF file the session was loaded from."""
+    if getattr(session, "path", None) is None:
+        raise WidgetError("the session was not loaded from a file: pass tokenizer=")
+    with GGUFFile(session.path) as f:
+        return Tokenizer.from_gguf(f)

@@ -1,0 +1,269 @@
+"""``CacheDashboard``: an engine's telemetry drawn live, and a control that runs a workload.
+
+    dash = CacheDashboard(engine)          # engine = Engine(session, store, policy)
+    dash                                    # four live plots + summary + Run workload
+    dash.run(workloads.agent_session(turns=4))
+
+The dashboard appends a listener to ``engine.recorder.listeners``; the figures a row
+changes (requests: tokens per request and time to first token; cache events: the event
+timeline; rows with a disk size: disk usage) are rebuilt from ``engine.records`` through
+the ``workbench.viz`` functions, inside one ``FigureWidget.batch_update()`` per figure,
+when that request's own row arrives: the engine records it after taking the request's
+timings, so drawing never inflates the lookup or save times it plots. Run workload drives ``engine.complete``
+through a :class:`workbench.workloads.Workload`; by default replies are sampled
+greedily among whole-character tokens (``workbench.engine.restrict``), so that a
+synthetic model's replies replay byte-exactly when the client sends them back.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Callable
+
+import ipywidgets as widgets
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from workbench import viz
+from workbench.engine import Completion, Engine, restrict
+from workbench.session import Progress
+from workbench.widgets.common import MIB, Panel
+from workbench.workloads import WORKLOADS, Workload
+
+FIGURE_HEIGHT = 340
+# the keyword that sets a workload's length: its turns, or a document's chunks
+LENGTH_PARAMETER = {"agent": "turns", "multi-user": "turns", "long-document": "chunks"}
+
+
+def _event_timeline(df: pd.DataFrame) -> go.Figure:
+    """``viz.event_timeline`` with missing token counts as 0 (what its hover text shows):
+    while no event carries a token count, its marker sizes would otherwise be NaN."""
+    return viz.event_timeline(df.assign(tokens=df["tokens"].fillna(0)))
+
+
+PLOTS = {  # name -> (figure builder, which rows change it)
+    "tokens": (viz.tokens_per_request, "request"),
+    "ttft": (viz.ttft_breakdown, "request"),
+    "timeline": (_event_timeline, "event"),
+    "disk": (viz.disk_usage, "disk"),
+}
+
+
+def build_workload(name: str, length: int, seed: int = 0) -> Workload:
+    """``WORKLOADS[name]`` with ``length`` turns (chunks for the long document)."""
+    if name not in WORKLOADS:
+        raise KeyError(f"unknown workload {name!r}; expected one of {sorted(WORKLOADS)}")
+    return WORKLOADS[name](seed=seed, **{LENGTH_PARAMETER[name]: length})
+
+
+def sync_figure(target: go.FigureWidget, source: go.Figure, height: int = FIGURE_HEIGHT,
+                last_layout: dict | None = None) -> dict:
+    """Make ``target`` show ``source`` in one batched update: traces are updated in place
+    when the trace list has the same kinds and names, replaced otherwise; the layout is
+    sent only when it differs from ``last_layout``. Returns the layout sent (for the next call)."""
+    layout = source.layout.to_plotly_json()
+    same = [(t.type, t.name) for t in target.data] == [(t.type, t.name) for t in source.data]
+    if not same:
+        target.data = []
+    with target.batch_update():
+        if same:
+            for old, new in zip(target.data, source.data):
+                old.update(new.to_plotly_json(), overwrite=True)
+        else:
+            target.add_traces(list(source.data))
+        if layout != last_layout:
+            target.update_layout(layout, overwrite=True)
+            target.update_layout(height=height)
+    return layout
+
+
+def summarize(df: pd.DataFrame) -> dict[str, Any]:
+    """Headline numbers of engine records: requests, share by source (live / disk / none),
+    tokens reused, saves and MiB written, disk use, and mean TTFT against the mean
+    full-prefill estimate over the requests that reused a prefix (seconds)."""
+    req = df[df["event"] == "request"]
+    saves = df[df["event"] == "save"]
+    written = saves[saves["reason"].isin(["cold", "continued", "evict", "shutdown"])]
+    reused = req[req["source"] != "none"]
+    n = len(req)
+    disk = df["disk_bytes"].dropna()
+    budget = df["budget_bytes"].dropna()
+    return {
+        "requests": n,
+        "by_source": {s: int((req["source"] == s).sum()) for s in ("live", "disk", "none")},
+        "hit_rate": {s: float((req["source"] == s).mean()) if n else 0.0 for s in ("live", "disk")},
+        "reused_tokens": int(req["cached_tokens"].sum()),
+        "prompt_tokens": int(req["prompt_tokens"].sum()),
+        "saves": {r: int((written["reason"] == r).sum()) for r in ("cold", "continued", "evict", "shutdown")},
+        "saved_mib": float(written["bytes"].sum()) / MIB,
+        "disk_mib": float(disk.iloc[-1]) / MIB if len(disk) else 0.0,
+        "budget_mib": float(budget.iloc[-1]) / MIB if len(budget) else float("nan"),
+        "reused_ttft_s": float(reused["ttft_s"].mean()) if len(reused) else float("nan"),
+        "reused_full_prefill_s": float(reused["full_prefill_s"].mean()) if len(reused) else float("nan"),
+    }
+
+
+def summary_html(s: dict[str, Any]) -> str:
+    """The summary line(s) of :func:`summarize`'s numbers."""
+    if not s["requests"]:
+        return "<i style='color:#777'>no requests yet: run a workload or call engine.complete(...)</i>"
+    src = s["by_source"]
+
+    def pct(source: str) -> float:
+        return 100 * src[source] / s["requests"]
+
+    saves = ", ".join(f"{v} {k}" for k, v in s["saves"].items() if v) or "none"
+    reuse = 100 * s["reused_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
+    budget = f" of {s['budget_mib']:,.0f}" if s["budget_mib"] == s["budget_mib"] else ""
+    line1 = (f"<b>{s['requests']}</b> requests · hits: <span style='color:{viz.SOURCE_COLORS['live']}'>"
+             f"<b>live {pct('live'):.0f}%</b></span> ({src['live']}), "
+             f"<span style='color:{viz.SOURCE_COLORS['disk']}'><b>disk {pct('disk'):.0f}%</b></span> ({src['disk']}), "
+             f"miss {pct('none'):.0f}% ({src['none']}) · {reuse:.0f}% of prompt tokens reused")
+    line2 = (f"saves: {saves} · <b>{s['saved_mib']:,.2f} MiB</b> written · disk {s['disk_mib']:,.2f}{budget} MiB")
+    ttft, full = s["reused_ttft_s"], s["reused_full_prefill_s"]
+    if ttft == ttft and full == full and ttft > 0:
+        line2 += (f" · reused requests: mean TTFT <b>{ttft:.3f} s</b> vs full prefill ≈ {full:.3f} s "
+                  f"(<b>{full / ttft:.1f}×</b>)")
+    return f"<div style='line-height:1.6'>{line1}<br>{line2}</div>"
+
+
+class CacheDashboard(Panel):
+    """Live plots of an :class:`~workbench.engine.Engine`'s records plus a workload runner.
+
+    ``figures`` maps ``tokens``, ``ttft``, ``timeline``, ``disk`` to their
+    ``go.FigureWidget``; ``stats`` is the last :func:`summarize` result; ``sampler``
+    (default: greedy over ``tokenizer.text_token_mask()``) samples every reply."""
+
+    def __init__(self, engine: Engine, sampler: Callable[[Any], int] | None = None) -> None:
+        super().__init__("KV cache dashboard")
+        self.engine = engine
+        self._sampler = sampler
+        self.stats: dict[str, Any] = summarize(engine.records)
+        self.figures = {name: go.FigureWidget() for name in PLOTS}
+        self._layouts: dict[str, dict] = {}
+        self._dirty: set[str] = set()
+        for fig in self.figures.values():
+            fig.layout.height = FIGURE_HEIGHT
+        self.summary = widgets.HTML("")
+        self.workload = widgets.Dropdown(options=list(WORKLOADS), value="agent", description="workload",
+                                         layout=widgets.Layout(width="18em"))
+        self.length = widgets.BoundedIntText(value=4, min=1, max=64, description="turns",
+                                             layout=widgets.Layout(width="10em"))
+        self.seed = widgets.BoundedIntText(value=0, min=0, max=10**6, description="seed",
+                                           layout=widgets.Layout(width="10em"))
+        self.run_button = self.button("Run workload", self.run_selected, icon="play", style="primary",
+                                      tooltip="send the workload's requests through engine.complete")
+        self.requests_bar = widgets.IntProgress(value=0, min=0, max=1, description="requests",
+                                                layout=widgets.Layout(width="20em"))
+        self.prefill_bar = widgets.IntProgress(value=0, min=0, max=1, description="prefill",
+                                               layout=widgets.Layout(width="20em"))
+        self.last = widgets.HTML("")
+        self.workload.observe(self._relabel_length, names="value")
+        grid = widgets.GridBox([self.figures[name] for name in PLOTS],
+                               layout=widgets.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))",
+                                                     grid_gap="6px", width="100%"))
+        self.children = [
+            self.title,
+            self.summary,
+            widgets.HBox([self.workload, self.length, self.seed, self.run_button]),
+            widgets.HBox([self.requests_bar, self.prefill_bar, self.status]),
+            self.last,
+            self.error,
+            grid,
+        ]
+        self.redraw()
+        engine.recorder.listeners.append(self._on_row)
+
+    def __repr__(self) -> str:
+        return f"CacheDashboard(requests={self.stats['requests']})"
+
+    # ---- actions -------------------------------------------------------------------------------
+    def run_selected(self) -> list[Completion]:
+        """Run the workload chosen in the controls."""
+        return self.run(build_workload(self.workload.value, int(self.length.value), int(self.seed.value)))
+
+    def run(self, workload: Workload) -> list[Completion]:
+        """Send every request of ``workload`` through ``engine.complete``; the plots follow
+        live. Returns the completions in order."""
+        sample = self.sampler()
+        done: list[Completion] = []
+        self.requests_bar.max, self.requests_bar.value, self.requests_bar.bar_style = max(len(workload), 1), 0, ""
+        outer = self.engine.progress
+
+        def progress(p: Progress) -> None:
+            self.prefill_bar.max, self.prefill_bar.value = max(p.total, 1), p.done
+            if outer is not None:
+                outer(p)
+
+        def complete(request: Any) -> str:
+            self.set_status(f"{workload.name}: {request.conversation} turn {request.turn} …")
+            out = self.engine.complete(messages=request.messages, tools=request.tools, max_tokens=request.max_tokens,
+                                       sampler=sample, conversation=request.conversation)
+            done.append(out)
+            self.requests_bar.value = len(done)
+            u, t = out.usage, out.timings
+            self.last.value = (f"<span style='font-size:12px'>last: <b>{html.escape(request.conversation)}</b> "
+                               f"turn {request.turn} · source <b>{u.source}</b> · {u.cached_tokens:,} cached + "
+                               f"{u.cache_write_tokens:,} prefilled · TTFT {t.ttft_s:.3f} s"
+                               f" (full prefill ≈ {t.full_prefill_s:.3f} s)</span>")
+            return out.text
+
+        self.engine.progress = progress
+        try:
+            for _ in workload.run(complete):
+                pass
+        except BaseException:
+            self.requests_bar.bar_style = "danger"
+            raise
+        finally:
+            self.engine.progress = outer
+        self.requests_bar.bar_style = "success"
+        self.set_status(f"{workload.name}: {len(done)} requests done")
+        return done
+
+    def sampler(self) -> Callable[[Any], int]:
+        """The sampler used for replies (built on first use)."""
+        if self._sampler is None:
+            self._sampler = restrict(self.engine.tokenizer.text_token_mask())
+        return self._sampler
+
+    def redraw(self, which: tuple[str, ...] = tuple(PLOTS)) -> None:
+        """Rebuild the named figures and the summary from ``engine.records``."""
+        df = self.engine.records
+        for name in which:
+            self._layouts[name] = sync_figure(self.figures[name], PLOTS[name][0](df),
+                                              last_layout=self._layouts.get(name))
+        self.stats = summarize(df)
+        self.summary.value = summary_html(self.stats)
+
+    def close(self) -> None:
+        """Stop listening to the engine and close the widget."""
+        if self._on_row in self.engine.recorder.listeners:
+            self.engine.recorder.listeners.remove(self._on_row)
+        super().close()
+
+    # ---- live updates ---------------------------------------------------------------------------
+    def _on_row(self, row: dict) -> None:
+        """Recorder listener: note the figures ``row`` changes and redraw them when the
+        request's own row arrives (after the engine has taken its timings, so drawing never
+        counts as lookup or save time) or at once for rows outside a request (shutdown
+        saves). Never raises into the engine."""
+        self._dirty.update(name for name, (_, kind) in PLOTS.items()
+                           if (kind == "request" and row["event"] == "request")
+                           or (kind == "event" and row["event"] != "request")
+                           or (kind == "disk" and _present(row.get("disk_bytes"))))
+        if row["event"] != "request" and row.get("request", -1) >= 0:
+            return
+        which, self._dirty = tuple(self._dirty), set()
+        try:
+            self.redraw(which)
+        except Exception as err:  # a drawing problem must not fail the request being served
+            self.error.show(err)
+
+    def _relabel_length(self, change: dict) -> None:
+        self.length.description = "chunks" if LENGTH_PARAMETER[change["new"]] == "chunks" else "turns"
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value))

@@ -25,6 +25,8 @@ from workbench.state import LayerState
 
 # float32 elements of one query block's [heads, block, keys] score tensor
 SCORE_BLOCK_ELEMS = 1 << 24
+# queries per attention block: a block scores its own rows plus the n_swa before them
+QUERY_BLOCK = 128
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Attention:
         n_prev = raw.shape[0] - t
         scale = 1.0 / math.sqrt(dh)
         n_comp_all = 0 if comp is None else comp.shape[0]
-        block = max(1, min(t, SCORE_BLOCK_ELEMS // (h * (self.n_swa + t + n_comp_all))))
+        block = max(1, min(t, QUERY_BLOCK, SCORE_BLOCK_ELEMS // (h * (self.n_swa + QUERY_BLOCK + n_comp_all))))
         sink = self.w.sinks[:, None, None]
         outs = []
         for b in range(0, t, block):

@@ -11,10 +11,19 @@ How each kind of tensor is kept (chosen for CPU prefill speed within memory):
 * F16 / F32 tensors (hyper-connections, compressors, indexer, router, norms): widened to
   float32 (they are small next to the experts).
 * The F16 token embedding: a zero-copy view of the file, read row by row.
+
+After a tensor is converted, its pages of the file mapping are handed back to the OS
+(``madvise(MADV_DONTNEED)``; the data stays in the page cache, nothing is written), so
+the converted copy does not sit in the process's memory twice. Peak RSS while loading
+and prefilling is then about the file size (the experts' pages, touched as they are
+used) plus the converted copies (~0.15 of the file on real widths).
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from typing import Callable
 
 import mlx.core as mx
@@ -33,6 +42,22 @@ from workbench.model.ops import AffineQ8, Weight
 from workbench.model.rope import RopeSpec
 
 
+MADV_DONTNEED = 4
+
+
+def release_pages(view: np.ndarray) -> None:
+    """Drop the whole pages inside a read-only file-mapped view from this process
+    (Linux; elsewhere a no-op). The view stays valid: a later read faults the pages back."""
+    if not sys.platform.startswith("linux") or view.nbytes < mmap.PAGESIZE:
+        return
+    start = view.ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(MADV_DONTNEED))
+
+
 class Tensors:
     """Typed access to one GGUF file's tensors."""
 
@@ -44,9 +69,10 @@ class Tensors:
 
     def float(self, name: str) -> mx.array:
         """A float32 (or int32 for I32) copy in the logical shape."""
-        info = self.f.tensor(name)
-        out = dequantize(self.f.raw(name), info.ggml_type).reshape(info.shape)
+        info, raw = self.f.tensor(name), self.f.raw(name)
+        out = dequantize(raw, info.ggml_type).reshape(info.shape)
         mx.eval(out)
+        release_pages(raw)
         return out
 
     def matrix(self, name: str) -> Weight:
@@ -54,8 +80,10 @@ class Tensors:
         info = self.f.tensor(name)
         if info.ggml_type != Q8_0:
             return self.float(name)
-        wq, scales, biases = q8_0_to_affine(QTensor(self.f.raw(name), info.ggml_type, info.shape))
+        raw = self.f.raw(name)
+        wq, scales, biases = q8_0_to_affine(QTensor(raw, info.ggml_type, info.shape))
         mx.eval(wq, scales, biases)
+        release_pages(raw)
         return AffineQ8(wq, scales, biases)
 
     def experts(self, name: str) -> QTensor:

@@ -1,0 +1,419 @@
+"""Pipeline-parallel sessions over mx.distributed and sharded (DSVL) KV checkpoints.
+
+In-process tests cover the shard format, the .kv <-> shards conversion and a one-rank
+DistributedSession. The launch tests start 2 ranks on 127.0.0.1 with the ring backend
+(each rank exactly as ``mlx.launch`` starts it: MLX_RANK + an MLX_HOSTFILE ring of free
+ports), and one test goes through ``mlx.launch`` itself with the CLI. They skip when the
+ring backend cannot start here.
+
+Tolerance for "same logits as one process": none, bit for bit. Each rank runs the same
+float32 operations on the same inputs as the single process (the streams cross ranks as
+raw float32; broadcasts add exact zeros). This holds when every rank uses the BLAS
+threading of the reference process: OpenBLAS with 1 thread instead of 2 changes float32
+summation order (measured: up to 4.4e-5 of the largest logit on tiny).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import zlib
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workbench import distributed
+from workbench.kv import shards as S
+from workbench.kv.format import SaveReason, comp_cap, raw_cap, read_kv_file, write_kv_file
+from workbench.session import load
+from workbench.state import LAYER_FIELDS
+
+CTX = 1024
+CHUNK = 64
+PROMPT = [(i * 7919) % 120000 + 100 for i in range(160)]  # 3 prefill chunks; > n_swa, one ratio-128 row
+N_DECODE = 4
+LAUNCH_TIMEOUT = 90
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_states_equal(a, b) -> None:
+    """Same tokens, logits and every KV tensor, bit for bit."""
+    assert list(a.tokens) == list(b.tokens)
+    assert len(a.layers) == len(b.layers)
+    if a.logits is not None or b.logits is not None:
+        assert np.array_equal(np.asarray(a.logits), np.asarray(b.logits))
+    for L, (x, y) in enumerate(zip(a.layers, b.layers)):
+        for name in LAYER_FIELDS:
+            u, v = getattr(x, name), getattr(y, name)
+            assert (u is None) == (v is None), (L, name)
+            if u is not None:
+                assert np.array_equal(np.asarray(u), np.asarray(v)), (L, name)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_gguf: Path) -> dict:
+    """One process: the state after PROMPT, its logits and the greedy continuation."""
+    s = load(tiny_gguf, ctx=CTX)
+    try:
+        s.prefill(PROMPT, chunk=CHUNK)
+        state = s.snapshot()
+        logits = np.array(s.logits)
+        tokens = s.decode(N_DECODE)
+        hc_bytes = s.args.n_hc * s.args.n_embd * 4  # one token's hyper-connection streams, float32
+    finally:
+        s.close()
+    return {"state": state, "logits": logits, "decode": tokens, "hc_bytes": hc_bytes}
+
+
+# ---- layer ranges -------------------------------------------------------------------------------------
+def test_split_and_parse_ranges() -> None:
+    assert S.split_layers(6, 2) == [(0, 3), (3, 6)]
+    assert S.split_layers(43, 4) == [(0, 11), (11, 22), (22, 33), (33, 43)]
+    assert S.parse_ranges("0-1, 2-5", 6) == [(0, 2), (2, 6)]
+    for bad in ("0-2,4-5", "0-2", "1-5", "0-3,3-5", "a-b"):
+        with pytest.raises(S.ShardError):
+            S.parse_ranges(bad, 6)
+    with pytest.raises(S.ShardError):
+        S.split_layers(6, 7)
+
+
+# ---- the shard format ------------------------------------------------------------------------------------
+def test_dsvl_shard_layout_and_partial_reads(reference: dict, tmp_path: Path) -> None:
+    st = reference["state"]
+    lay = st.layout
+    m = S.write_checkpoint(tmp_path / "c", [S.ShardState.from_state(st, a, b) for a, b in [(0, 1), (1, 4), (4, 6)]],
+                           "some text", quant_bits=2, reason=SaveReason.COLD)
+    assert [(e.start, e.stop) for e in m.shards] == [(0, 1), (1, 4), (4, 6)]
+    e = m.shards[1]
+    raw = (tmp_path / "c" / e.file).read_bytes()
+    assert e.file == f"{m.save_id}.L1-3.dsvl" and len(raw) == e.bytes == S.shard_file_bytes(lay, 160, CTX, 1, 4)
+    assert zlib.crc32(raw) == e.crc32
+    head = np.frombuffer(raw[:56], "<u4").tolist()
+    # magic, version, ctx, chunk, raw_cap, raw_window, comp_cap, T, n_layer, head_dim, idx_dim, first, last, raw_live
+    assert raw[:4] == b"DSVL"
+    assert head[1:] == [1, CTX, st.prefill_chunk, raw_cap(lay, CTX, st.prefill_chunk), lay.n_swa, comp_cap(CTX),
+                        160, lay.n_layer, lay.head_dim, lay.idx_dim, 1, 3, lay.n_swa]
+    counts = np.frombuffer(raw[56:56 + 24], "<u4").tolist()  # layers 1..3: compressed, then indexer row counts
+    assert counts == [lay.n_comp(L, 160) for L in (1, 2, 3)] + [lay.n_idx(L, 160) for L in (1, 2, 3)]
+    assert sorted(set(lay.ratios[1:4])) == [0, 4, 128]  # every kind of layer is in this shard
+    assert e.payload_bytes == len(raw) and m.shards[2].bytes == m.shards[2].payload_bytes + 4 * lay.n_vocab
+    # any range reads from whichever shards hold it, and equals the same slice of the state
+    for a, b in [(0, 6), (2, 5), (3, 4), (5, 6)]:
+        part = S.load_range(tmp_path / "c", a, b)
+        want = S.ShardState.from_state(st, a, b)
+        assert_states_equal(part, want)
+        assert (part.logits is None) == (b != 6)
+    whole, m2 = S.load_checkpoint(tmp_path / "c")
+    assert_states_equal(whole, st)
+    assert m2.text == b"some text" and m2.reason == SaveReason.COLD and S.verify_checkpoint(tmp_path / "c") == []
+
+
+def test_corrupt_or_truncated_shards_are_named(reference: dict, tmp_path: Path) -> None:
+    st = reference["state"]
+    d = tmp_path / "c"
+    m = S.write_checkpoint(d, [S.ShardState.from_state(st, a, b) for a, b in [(0, 3), (3, 6)]])
+    e = m.shards[1]
+    p = d / e.file
+    data = bytearray(p.read_bytes())
+    lay = st.layout
+    spans = S.layer_spans(lay, S.DSVLHeader.for_shard(S.ShardState.from_state(st, 3, 6)),
+                          [lay.n_comp(L, 160) for L in range(3, 6)], [lay.n_idx(L, 160) for L in range(3, 6)])
+    at = spans[1].offset + 100  # inside layer 4
+    data[at] ^= 0x40
+    p.write_bytes(bytes(data))
+    with pytest.raises(S.ShardError, match=rf"{e.file}.*checksum mismatch in layer 4"):
+        S.load_range(d, 0, 6)
+    assert len(S.load_range(d, 5, 6).layers) == 1  # per-layer checksums: layer 5 is intact
+    assert any("checksum" in msg for msg in S.verify_checkpoint(d))
+    p.write_bytes(bytes(data[:-10]))
+    with pytest.raises(S.ShardError, match="truncated or replaced"):
+        S.load_range(d, 3, 6)
+    p.unlink()
+    with pytest.raises(S.ShardError, match="shard file missing"):
+        S.load_checkpoint(d)
+    with pytest.raises(S.ShardError, match="no manifest"):
+        S.load_checkpoint(tmp_path / "nothing")
+
+
+def test_failed_save_keeps_previous_checkpoint(reference: dict, tmp_path: Path) -> None:
+    st = reference["state"]
+    d = tmp_path / "c"
+    parts = [S.ShardState.from_state(st, a, b) for a, b in [(0, 3), (3, 6)]]
+    first = S.write_checkpoint(d, parts, "first")
+
+    def die(done: int, total: int) -> None:
+        if done > total // 2:
+            raise KeyboardInterrupt  # the process is interrupted mid-shard
+
+    with pytest.raises(KeyboardInterrupt):
+        S.write_checkpoint(d, parts, "second", progress=die)
+    assert sorted(os.listdir(d)) == sorted([S.MANIFEST_NAME] + [e.file for e in first.shards])
+    state, m = S.load_checkpoint(d)
+    assert m.text == b"first" and m.save_id == first.save_id
+    second = S.write_checkpoint(d, parts, "third")  # a later save replaces it and removes its shards
+    assert sorted(os.listdir(d)) == sorted([S.MANIFEST_NAME] + [e.file for e in second.shards])
+
+
+def test_kv_and_shards_convert_losslessly(reference: dict, tmp_path: Path) -> None:
+    st = reference["state"]
+    kv = tmp_path / "a.kv"
+    with open(kv, "wb") as f:
+        write_kv_file(f, st, "hé\xff".encode("latin-1"), quant_bits=4, reason=SaveReason.CONTINUED, ext_flags=4,
+                      now=1_700_000_000, hits=3)
+    S.kv_to_checkpoint(kv, tmp_path / "c", 3)
+    back = S.checkpoint_to_kv(tmp_path / "c", tmp_path / "b.kv")
+    assert back.read_bytes() == kv.read_bytes()  # header, text (not UTF-8), payload, checksum trailer
+    # shards -> .kv -> shards: identical shard files; into a directory the store's <sha1>.kv name
+    S.write_checkpoint(tmp_path / "d", [S.ShardState.from_state(st, a, b) for a, b in [(0, 2), (2, 6)]], "x")
+    (tmp_path / "store").mkdir()
+    kv2 = S.checkpoint_to_kv(tmp_path / "d", tmp_path / "store")
+    assert kv2.name == hashlib.sha1(b"x").hexdigest() + ".kv"
+    with open(kv2, "rb") as f:
+        _, text, state, _ = read_kv_file(f, st.layout, name=str(kv2))
+    assert text == b"x"
+    assert_states_equal(state, st)
+    m1 = S.read_manifest(tmp_path / "d")
+    m2 = S.kv_to_checkpoint(kv2, tmp_path / "e", [(0, 2), (2, 6)])
+    for e1, e2 in zip(m1.shards, m2.shards):
+        assert (tmp_path / "d" / e1.file).read_bytes() == (tmp_path / "e" / e2.file).read_bytes()
+    assert (m2.tokens, m2.text, m2.layout) == (m1.tokens, m1.text, m1.layout)
+
+
+# ---- one rank, in process ------------------------------------------------------------------------------------
+def test_single_rank_session_matches_session(tiny_gguf: Path, reference: dict, tmp_path: Path) -> None:
+    s = distributed.load(tiny_gguf, ctx=CTX)
+    try:
+        assert (s.size, s.ranges) == (1, [(0, 6)])
+        s.prefill(PROMPT[:2 * CHUNK], chunk=CHUNK)  # resumed on a chunk boundary: the same schedule
+        s.prefill(PROMPT[2 * CHUNK:], chunk=CHUNK)
+        assert np.array_equal(np.array(s.logits), reference["logits"])
+        snap = s.snapshot()
+        assert s.decode(N_DECODE) == reference["decode"]
+        s.restore(snap)
+        s.save_checkpoint(tmp_path / "c", "t")
+        # a 3-shard checkpoint of the same state restores into this 1-rank layout too
+        S.write_checkpoint(tmp_path / "three", [S.ShardState.from_state(reference["state"], a, b)
+                                                for a, b in S.split_layers(6, 3)])
+        s.reset()
+        m = s.restore_checkpoint(tmp_path / "three")
+        assert m.n_tokens == len(PROMPT) and s.decode(N_DECODE) == reference["decode"]
+        with pytest.raises(distributed.DistributedError, match="no manifest"):
+            s.restore_checkpoint(tmp_path / "missing")
+        assert s.n_tokens == len(PROMPT) + N_DECODE  # a failed restore changes nothing
+    finally:
+        s.close()
+    state, _ = S.load_checkpoint(tmp_path / "c")
+    assert_states_equal(state, reference["state"])
+
+
+# ---- two ranks on 127.0.0.1 ----------------------------------------------------------------------------------
+def free_port_pair() -> int:
+    """A port p with p and p+1 free now (the ring listens on one port per rank)."""
+    for _ in range(200):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            if p >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", p + 1))
+                except OSError:
+                    continue
+            return p
+    pytest.skip("no two consecutive free TCP ports on 127.0.0.1")
+
+
+def launch(tmp_path: Path, argv: list[str], n: int = 2, timeout: float = LAUNCH_TIMEOUT) -> list[dict]:
+    """Start ``n`` ranks of ``argv`` exactly as mlx.launch does on one host (MLX_RANK and an
+    MLX_HOSTFILE ring), in one process group that is killed in any case. Returns per rank
+    its exit code and output."""
+    p = free_port_pair()
+    ring = tmp_path / f"ring-{p}.json"
+    ring.write_text(json.dumps([[f"127.0.0.1:{p + i}"] for i in range(n)]))
+    procs: list[subprocess.Popen] = []
+    try:
+        for r in range(n):
+            env = dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(ring))  # same BLAS threads as the reference
+            pgid = 0 if r == 0 else procs[0].pid  # rank 0 leads a new process group, the others join it
+            procs.append(subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, preexec_fn=partial(os.setpgid, 0, pgid)))
+        out = []
+        for r, pr in enumerate(procs):
+            try:
+                so, se = pr.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {r} did not finish within {timeout} s")
+            out.append({"rc": pr.returncode, "stdout": so, "stderr": se})
+        return out
+    finally:
+        if procs:
+            try:
+                os.killpg(procs[0].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for pr in procs:
+                pr.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skip the launch tests unless two ring ranks can start and all-sum here."""
+    if not distributed.mx.distributed.is_available():
+        pytest.skip("this MLX build has no mx.distributed")
+    probe = "import mlx.core as mx; g = mx.distributed.init(backend='ring', strict=True); " \
+            "print(mx.distributed.all_sum(mx.array([g.rank() + 1]), group=g).item())"
+    try:
+        res = launch(tmp_path_factory.mktemp("probe"), [sys.executable, "-c", probe], timeout=60)
+    except pytest.fail.Exception as err:
+        pytest.skip(f"the ring backend does not start here: {err}")
+    if any(r["rc"] != 0 or r["stdout"].strip() != "3" for r in res):
+        pytest.skip("the ring backend cannot start here: " + " | ".join(r["stderr"].strip()[-300:] for r in res))
+
+
+WORKER = textwrap.dedent("""
+    import json, os, signal, sys
+    import numpy as np
+    from workbench import distributed
+    from workbench.sampling import greedy
+
+    cfg = json.loads(sys.argv[1])
+    s = distributed.load(cfg["model"], ctx=cfg["ctx"], group=distributed.init_group("ring"), logits_on="all")
+    out = {"rank": s.rank, "layers": [s.start, s.stop]}
+    report = os.path.join(cfg["out"], f"rank{s.rank}.json")
+    try:
+        if cfg["scenario"] == "main":
+            s.prefill(cfg["prompt"], chunk=cfg["chunk"])
+            np.save(os.path.join(cfg["out"], f"logits{s.rank}.npy"), np.array(s.logits))
+            snap = s.snapshot()
+            out["decode"] = s.decode(cfg["n_decode"])
+            s.restore(snap)
+            out["saved"] = s.save_checkpoint(cfg["save"], "two ranks").bytes
+            s.reset()
+            m = s.restore_checkpoint(cfg["restore"])  # written by one process
+            out["restored_tokens"] = m.n_tokens
+            out["restored_top"] = int(greedy(s.logits))
+            out["decode_after_restore"] = s.decode(cfg["n_decode"])
+            out["traffic"] = vars(s.traffic)
+        else:  # kill: the last rank dies while writing its shard
+            s.prefill(cfg["prompt"], chunk=cfg["chunk"])
+            def die(done, total):
+                if s.rank == 1 and done > 56:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                s.save_checkpoint(cfg["save"], "never", progress=die)
+                out["error"] = None
+            except distributed.DistributedError as err:
+                out["error"] = str(err)
+    finally:
+        with open(report, "w") as f:
+            json.dump(out, f)
+""")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ring: None, tiny_gguf: Path, reference: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One 2-rank run of the main scenario; the 1-process checkpoint it restores is written first."""
+    d = tmp_path_factory.mktemp("two")
+    one = d / "one-process"
+    S.write_checkpoint(one, [S.ShardState.from_state(reference["state"], 0, 6)], "one process")
+    (d / "worker.py").write_text(WORKER)
+    cfg = {"scenario": "main", "model": str(tiny_gguf), "ctx": CTX, "chunk": CHUNK, "prompt": PROMPT,
+           "n_decode": N_DECODE, "out": str(d), "save": str(d / "two-ranks"), "restore": str(one)}
+    res = launch(d, [sys.executable, str(d / "worker.py"), json.dumps(cfg)])
+    for r, x in enumerate(res):
+        assert x["rc"] == 0, f"rank {r} failed: {x['stderr'][-2000:]}"
+    return {"dir": d, "ranks": [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]}
+
+
+def test_two_ranks_same_logits_and_greedy_tokens(two_ranks: dict, reference: dict) -> None:
+    ranks = two_ranks["ranks"]
+    assert [r["layers"] for r in ranks] == [[0, 3], [3, 6]]
+    for r in range(2):  # logits_on="all": every rank holds the last rank's logits
+        assert np.array_equal(np.load(two_ranks["dir"] / f"logits{r}.npy"), reference["logits"])
+        assert ranks[r]["decode"] == reference["decode"]
+    # what crossed the boundary: the prompt, then every decoded token (decode feeds each one), twice
+    crossed = (len(PROMPT) + 2 * N_DECODE) * reference["hc_bytes"]
+    assert ranks[0]["traffic"]["hc_sent_bytes"] == ranks[1]["traffic"]["hc_received_bytes"] == crossed
+    assert ranks[0]["traffic"]["hc_received_bytes"] == ranks[1]["traffic"]["hc_sent_bytes"] == 0
+
+
+def test_two_rank_checkpoint_restores_in_one_process(two_ranks: dict, tiny_gguf: Path, reference: dict) -> None:
+    ck = two_ranks["dir"] / "two-ranks"
+    m = S.read_manifest(ck)
+    assert m.ranges == [(0, 3), (3, 6)] and m.text == b"two ranks" and S.verify_checkpoint(ck) == []
+    assert sum(e.bytes for e in m.shards) == two_ranks["ranks"][0]["saved"]
+    state, _ = S.load_checkpoint(ck)
+    assert_states_equal(state, reference["state"])
+    s = load(tiny_gguf, ctx=CTX)  # a plain single-process Session
+    try:
+        s.restore(state)
+        assert s.decode(N_DECODE) == reference["decode"]
+    finally:
+        s.close()
+
+
+def test_one_process_checkpoint_restores_in_two_ranks(two_ranks: dict, reference: dict) -> None:
+    for r in two_ranks["ranks"]:
+        assert r["restored_tokens"] == len(PROMPT)
+        assert r["restored_top"] == reference["decode"][0]
+        assert r["decode_after_restore"] == reference["decode"]
+
+
+def test_rank_killed_mid_save_leaves_no_manifest(ring: None, tiny_gguf: Path, tmp_path: Path) -> None:
+    (tmp_path / "worker.py").write_text(WORKER)
+    ck = tmp_path / "ck"
+    cfg = {"scenario": "kill", "model": str(tiny_gguf), "ctx": CTX, "chunk": CHUNK, "prompt": PROMPT[:40],
+           "out": str(tmp_path), "save": str(ck)}
+    res = launch(tmp_path, [sys.executable, str(tmp_path / "worker.py"), json.dumps(cfg)])
+    assert res[1]["rc"] == -signal.SIGKILL
+    assert res[0]["rc"] == 0, res[0]["stderr"][-2000:]
+    err = json.loads((tmp_path / "rank0.json").read_text())["error"]
+    assert err is not None and "checkpoint barrier" in err
+    assert not (ck / S.MANIFEST_NAME).exists()
+    names = os.listdir(ck)
+    assert not [n for n in names if n.endswith(".dsvl")]  # the survivor removed its finished shard
+    assert all(".dsvl.tmp." in n for n in names)  # only the dead rank's partial temp file is left
+    assert "no manifest" in S.verify_checkpoint(ck)[0]
+
+
+def test_cli_under_mlx_launch(ring: None, tiny_gguf: Path, reference: dict, tmp_path: Path) -> None:
+    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed next to this Python")
+    p = free_port_pair()
+    cmd = [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--starting-port", str(p),
+           "--", sys.executable, "-m", "workbench.commands.distributed", "run",
+           "--model", str(tiny_gguf), "--tokens", ",".join(map(str, PROMPT)), "--ctx", str(CTX),
+           "--chunk", str(CHUNK), "--max-tokens", str(N_DECODE), "--temp", "0", "--json",
+           "--dump-logits", str(tmp_path / "logits.npy"), "--save", str(tmp_path / "ck")]
+    pr = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
+    try:
+        so, se = pr.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"mlx.launch did not finish within {LAUNCH_TIMEOUT} s")
+    finally:
+        try:
+            os.killpg(pr.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        pr.wait(timeout=10)
+    lines = [ln for ln in so.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, f"stdout {so[-1000:]!r} stderr {se[-2000:]!r}"  # only the last rank prints
+    rec = json.loads(lines[0])
+    assert rec["ranks"] == 2 and rec["layers"] == [[0, 2], [3, 5]]
+    assert rec["tokens"] == reference["decode"] and rec["prompt_tokens"] == len(PROMPT)
+    assert np.array_equal(np.load(tmp_path / "logits.npy"), reference["logits"])
+    assert rec["hc_bytes_per_token"] == reference["hc_bytes"]
+    m = S.read_manifest(tmp_path / "ck")
+    assert list(m.tokens) == PROMPT + reference["decode"] and m.reason == SaveReason.SHUTDOWN

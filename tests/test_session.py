@@ -69,7 +69,7 @@ def test_chunked_prefill_matches_token_by_token(session: Session, prompt: list[i
     assert int(np.argmax(got)) == int(np.argmax(ref))
 
 
-@pytest.mark.parametrize("cut,chunk", [(37, 64), (129, 7), (200, 2048)])
+@pytest.mark.parametrize("cut,chunk", [(37, 64), (129, 32), (200, 2048)])
 def test_unaligned_resumed_prefill_matches(session: Session, prompt: list[int], token_by_token: dict,
                                            cut: int, chunk: int) -> None:
     got = _logits_after(session, [prompt[:cut], prompt[cut:]], chunk)
@@ -112,7 +112,7 @@ def test_snapshot_restore_continue_equals_never_stopping(session: Session, promp
     session.restore(snap)
     assert session.tokens == prompt[:140] and session.state.problems() == []
     out2 = session.decode(4)
-    assert out1 == out2
+    assert out1 == out2 and session.state.problems() == []
     np.testing.assert_array_equal(np.array(session.logits), logits1)
     # the snapshot itself was not touched by what happened after it
     assert snap.n_tokens == 140 and snap.problems() == []
@@ -162,12 +162,18 @@ def test_progress_reports_tokens(session: Session, prompt: list[int]) -> None:
     assert len(seen) == 3 * session.args.n_layer
 
 
-def test_restore_rejects_foreign_state(session: Session, tiny_gguf: Path) -> None:
+def test_restore_checks_ctx_and_adopts_the_sessions(session: Session, tiny_gguf: Path) -> None:
     other = load(tiny_gguf, ctx=8)
     session.reset()
     session.prefill(list(range(12)))
     with pytest.raises(SessionError, match="ctx"):
         other.restore(session.snapshot())
+    session.reset()
+    session.prefill(list(range(6)))
+    other.restore(session.snapshot())
+    assert other.state.ctx == 8 and other.tokens == list(range(6))
+    with pytest.raises(SessionError, match="context full"):
+        other.prefill(list(range(3)))
 
 
 def test_load_lists_layout_problems(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import mlx.core as mx
@@ -118,7 +118,8 @@ class Session:
         return self.state.copy()
 
     def restore(self, state: SessionState) -> None:
-        """Continue from ``state`` (copied); it must fit this model and context."""
+        """Continue from ``state`` (copied); it must fit this model and context. The
+        restored state takes this session's ctx and prefill chunk."""
         if state.layout != self.layout:
             raise SessionError("state layout does not match this model")
         if state.n_tokens > self.ctx:
@@ -126,7 +127,7 @@ class Session:
         problems = state.problems()
         if problems:
             raise SessionError("inconsistent state: " + "; ".join(problems[:5]))
-        self.state = state.to_mlx()
+        self.state = replace(state.to_mlx(), ctx=self.ctx, prefill_chunk=self.state.prefill_chunk)
 
     @property
     def file(self) -> GGUFFile | None:

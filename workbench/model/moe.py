@@ -62,9 +62,9 @@ def swiglu(gate: mx.array, up: mx.array, clamp: float) -> mx.array:
 
 class MoE:
     def __init__(self, n_expert_used: int, hash_routed: bool, weights_scale: float, clamp: float,
-                 weights: MoEWeights, expert_batch_bytes: int = EXPERT_BATCH_BYTES) -> None:
+                 weights: MoEWeights, normalize: bool = True, expert_batch_bytes: int = EXPERT_BATCH_BYTES) -> None:
         self.k, self.hash_routed, self.scale, self.clamp = n_expert_used, hash_routed, weights_scale, clamp
-        self.w, self.expert_batch_bytes = weights, expert_batch_bytes
+        self.w, self.normalize, self.expert_batch_bytes = weights, normalize, expert_batch_bytes
 
     def route(self, g: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """Expert ids ``[T, k]`` int32 and their weights ``[T, k]`` float32."""
@@ -75,8 +75,9 @@ class MoE:
             choose = prob if self.w.bias is None else prob + self.w.bias
             sel = topk_indices(choose, self.k)
         wt = mx.take_along_axis(prob, sel, axis=-1)
-        wt = wt / mx.maximum(wt.sum(axis=-1, keepdims=True), WEIGHT_SUM_FLOOR) * self.scale
-        return sel.astype(mx.int32), wt
+        if self.normalize:  # expert_weights_norm (true for ds4)
+            wt = wt / mx.maximum(wt.sum(axis=-1, keepdims=True), WEIGHT_SUM_FLOOR)
+        return sel.astype(mx.int32), wt * self.scale
 
     def shared(self, g: mx.array) -> mx.array:
         return linear(swiglu(linear(g, self.w.gate_sh), linear(g, self.w.up_sh), self.clamp), self.w.down_sh)

@@ -137,7 +137,7 @@ def build_block(args: ModelArgs, t: Tensors, L: int) -> Block:
         down_exps=t.experts(b + "ffn_down_exps.weight"),
         gate_sh=t.matrix(b + "ffn_gate_shexp.weight"), up_sh=t.matrix(b + "ffn_up_shexp.weight"),
         down_sh=t.matrix(b + "ffn_down_shexp.weight"))
-    moe = MoE(args.n_expert_used, hashed, args.expert_weights_scale, args.swiglu_clamp[L], mw)
+    moe = MoE(args.n_expert_used, hashed, args.expert_weights_scale, args.swiglu_clamp[L], mw, args.expert_weights_norm)
     return Block(args, _hc(t, b + "hc_attn"), t.float(b + "attn_norm.weight"), attention,
                  _hc(t, b + "hc_ffn"), t.float(b + "ffn_norm.weight"), moe)
 

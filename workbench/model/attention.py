@@ -86,34 +86,30 @@ class Attention:
         """Softmax attention with sinks for queries q ``[H, T, Dh]`` at p0.. over the raw
         rows (``raw[j]`` at position ``p0 - n_prev + j``) and the compressed rows.
         ``allowed`` ``[T, n_comp]`` restricts compressed rows (indexer); None: causal only."""
-        h, t, dh = q.shape
+        heads, t, dh = q.shape
         n_prev = raw.shape[0] - t
         scale = 1.0 / math.sqrt(dh)
         n_comp_all = 0 if comp is None else comp.shape[0]
-        block = max(1, min(t, QUERY_BLOCK, SCORE_BLOCK_ELEMS // (h * (self.n_swa + QUERY_BLOCK + n_comp_all))))
+        block = max(1, min(t, QUERY_BLOCK, SCORE_BLOCK_ELEMS // (heads * (self.n_swa + QUERY_BLOCK + n_comp_all))))
         sink = self.w.sinks[:, None, None]
         outs = []
         for b in range(0, t, block):
             e = min(t, b + block)
             qpos = np.arange(p0 + b, p0 + e)
             j0 = max(0, n_prev + b - self.n_swa + 1)  # first raw row any query of the block sees
-            kpos = np.arange(p0 - n_prev + j0, p0 + e)
-            rel = qpos[:, None] - kpos[None, :]
-            mask = (rel >= 0) & (rel < self.n_swa)
+            rel = qpos[:, None] - np.arange(p0 - n_prev + j0, p0 + e)[None, :]
+            mask = mx.array((rel >= 0) & (rel < self.n_swa))  # the raw window, this token included
             keys = raw[j0 : n_prev + e]
             if comp is not None:
-                n_vis = (qpos + 1) // self.ratio
+                n_vis = (qpos + 1) // self.ratio  # rows whose window ended at or before the query
                 nc = int(n_vis[-1])
-                cmask = np.arange(nc)[None, :] < n_vis[:, None]
-                mask_mx = mx.array(np.concatenate([mask, cmask], axis=1))
+                cmask = mx.array(np.arange(nc)[None, :] < n_vis[:, None])
                 if allowed is not None:
-                    mask_mx = mx.concatenate([mask_mx[:, : keys.shape[0]], allowed[b:e, :nc] & mask_mx[:, keys.shape[0] :]], axis=1)
+                    cmask = cmask & allowed[b:e, :nc]
+                mask = mx.concatenate([mask, cmask], axis=1)
                 keys = mx.concatenate([keys, comp[:nc]])
-            else:
-                mask_mx = mx.array(mask)
-            s = (q[:, b:e] @ keys.T) * scale  # [H, B, N]
-            s = mx.where(mask_mx, s, -mx.inf)
-            s = mx.concatenate([mx.broadcast_to(sink, (h, e - b, 1)), s], axis=-1)
+            s = mx.where(mask, (q[:, b:e] @ keys.T) * scale, -mx.inf)  # [H, B, N]
+            s = mx.concatenate([mx.broadcast_to(sink, (heads, e - b, 1)), s], axis=-1)
             p = mx.softmax(s, axis=-1)[..., 1:]  # the sink takes probability mass, no value
             outs.append(p @ keys)
             if len(outs) > 1:

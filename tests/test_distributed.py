@@ -86,6 +86,20 @@ def test_split_and_parse_ranges() -> None:
         S.split_layers(6, 7)
 
 
+def test_rank_weight_bytes_follow_the_layer_ranges(tiny_gguf: Path) -> None:
+    from workbench.gguf.reader import GGUFFile
+
+    with GGUFFile(tiny_gguf) as f:
+        sizes = {n: t.nbytes for n, t in f.tensors.items()}
+        n_layer = distributed.ModelArgs.from_metadata(f.metadata).n_layer
+    per = distributed.rank_weight_bytes(sizes, n_layer, [(0, 1), (1, 5), (5, n_layer)])
+    assert sum(per) == sum(sizes.values())
+    layer = {L: sum(b for n, b in sizes.items() if n.startswith(f"blk.{L}.")) for L in range(n_layer)}
+    assert per[0] == layer[0] + sizes["token_embd.weight"]
+    assert per[1] == sum(layer[L] for L in range(1, 5))
+    assert per[2] == sum(layer[L] for L in range(5, n_layer)) + sum(b for n, b in sizes.items() if n.startswith("output"))
+
+
 # ---- the shard format ------------------------------------------------------------------------------------
 def test_dsvl_shard_layout_and_partial_reads(reference: dict, tmp_path: Path) -> None:
     st = reference["state"]

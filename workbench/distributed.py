@@ -36,7 +36,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -488,6 +488,23 @@ class DistributedSession:
         return m
 
 
+def rank_weight_bytes(tensor_bytes: Mapping[str, int], n_layer: int,
+                      ranges: Sequence[tuple[int, int]]) -> list[int]:
+    """GGUF bytes each rank maps, from ``{tensor name: bytes}``: its layers' ``blk.L.*``
+    tensors, plus ``token_embd.*`` on the first rank and the other top-level tensors (the
+    output head, its norm and hyper-connection mixer) on the last."""
+    check_ranges(ranges, n_layer)
+    owner = {L: r for r, (a, b) in enumerate(ranges) for L in range(a, b)}
+    out = [0] * len(ranges)
+    for name, nbytes in tensor_bytes.items():
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m:
+            out[owner[int(m.group(1))]] += nbytes
+        else:
+            out[0 if name.startswith("token_embd.") else -1] += nbytes
+    return out
+
+
 def build_range_model(f: GGUFFile, args: ModelArgs, start: int, stop: int,
                       on_layer: Callable[[int], None] | None = None) -> Model:
     """A :class:`Model` holding only blocks ``start..stop-1``, the token embedding when
@@ -542,4 +559,4 @@ def load(path: str | os.PathLike, ctx: int = DEFAULT_CTX, *, group: mx.distribut
 
 
 __all__ = ["DistributedSession", "DistributedError", "Traffic", "CheckpointSaved", "LogitsOn", "init_group", "load",
-           "build_range_model", "routed_quant_bits"]
+           "build_range_model", "rank_weight_bytes", "routed_quant_bits"]

@@ -93,3 +93,15 @@ def test_vectors_pass_on_the_real_model() -> None:
     if not model or not Path(model).is_file():
         pytest.skip("set DS4_GGUF to the real DeepSeek V4 Flash q2 GGUF")
     assert main(["vectors", "--model", model, "--vectors", str(VECTORS)]) == 0
+
+
+def test_chat_history_splits_reasoning(tiny_gguf: Path) -> None:
+    from workbench.commands.run import assistant_message
+    from workbench.gguf.reader import GGUFFile
+    from workbench.tokenizer import Tokenizer
+
+    with GGUFFile(tiny_gguf) as f:
+        tok = Tokenizer.from_gguf(f)
+    ids = tok.encode("plan") + [tok.think_end] + tok.encode("answer")
+    assert assistant_message(ids, tok) == {"role": "assistant", "reasoning_content": "plan", "content": "answer"}
+    assert assistant_message(tok.encode("just text"), tok) == {"role": "assistant", "content": "just text"}

@@ -146,6 +146,15 @@ def turn(session: Session, tok: Tokenizer, tokens: list[int], args: argparse.Nam
     return rec
 
 
+def assistant_message(reply: list[int], tok: Tokenizer) -> dict[str, str]:
+    """The history entry for a reply: text before a ``</think>`` token is reasoning."""
+    if tok.think_end in reply:
+        cut = reply.index(tok.think_end)
+        return {"role": "assistant", "reasoning_content": tok.decode_text(reply[:cut]),
+                "content": tok.decode_text(reply[cut + 1 :])}
+    return {"role": "assistant", "content": tok.decode_text(reply)}
+
+
 def chat_loop(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler) -> None:
     """One user turn per stdin line; the session is extended when the rendered
     conversation continues its tokens, and re-prefilled otherwise."""
@@ -161,8 +170,7 @@ def chat_loop(session: Session, tok: Tokenizer, args: argparse.Namespace, sample
             session.reset()
             have = []
         rec = turn(session, tok, ids[len(have):], args, sampler)
-        reply = [t for t in rec["tokens"] if t != tok.eos]
-        messages.append({"role": "assistant", "content": tok.decode_text(reply)})
+        messages.append(assistant_message([t for t in rec["tokens"] if t != tok.eos], tok))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,94 @@
+"""Dequantization throughput per ggml type: ``workbench.gguf.quants.dequantize`` (MLX)
+against ``gguf.quants.dequantize`` (the NumPy reference) and against a plain memory copy
+of the dequantized float32 bytes (the floor: writing the output once).
+
+Inputs are random valid blocks (random codes, finite f16 scales) held in memory as an
+MLX array for the workbench and a NumPy array for the reference, shaped as rows of 4,096
+elements. Throughput is counted in GB/s of float32 output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
+from workbench.gguf.quants import dequantize
+from workbench.gguf.types import BF16, F16, GGML_TYPES, IQ2_XXS, Q2_K, Q4_K, Q8_0
+
+NAME = "dequant"
+TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
+ROW = 4096  # elements per row
+# byte ranges of each block's f16 scales (d, and dmin where there is one)
+_SCALE_BYTES = {Q8_0: (0, 2), Q2_K: (80, 84), Q4_K: (0, 4), IQ2_XXS: (0, 2)}
+
+
+def random_blocks(ggml_type: int, n_elems: int, seed: int = 0) -> np.ndarray:
+    """uint8 ``[n_elems / ROW, row_bytes]`` of valid random data: random codes with finite
+    f16 scales in [2^-10, 2^-6) for the block types; N(0, 1) values for F16/BF16."""
+    rng = np.random.default_rng(seed)
+    t = GGML_TYPES[ggml_type]
+    rows = n_elems // ROW
+    if ggml_type == F16:
+        return rng.standard_normal((rows, ROW), dtype=np.float32).astype("<f2").view(np.uint8)
+    if ggml_type == BF16:
+        return (rng.standard_normal((rows, ROW), dtype=np.float32).view("<u4") >> 16).astype("<u2").view(np.uint8)
+    blocks = rng.integers(0, 256, (rows * ROW // t.block_elems, t.block_bytes), dtype=np.uint8)
+    lo, hi = _SCALE_BYTES[ggml_type]
+    scales = rng.uniform(2.0**-10, 2.0**-6, (blocks.shape[0], (hi - lo) // 2)).astype("<f2")
+    blocks[:, lo:hi] = scales.view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def run(ctx: BenchContext, n_elems: int | None = None) -> BenchResult:
+    """Run the benchmark (``n_elems`` per type, a multiple of 4,096; default by mode)."""
+    import gguf.quants as ref
+
+    n = n_elems or ctx.pick(1 << 22, 1 << 24)
+    result = BenchResult(NAME)
+    out_bytes = 4 * n
+    src = np.random.default_rng(1).random(n, dtype=np.float32)
+    dst = np.ones_like(src)
+    for ggml_type in TYPES:
+        name = GGML_TYPES[ggml_type].name
+        ctx.step(f"dequant: {name}, {n:,} elements")
+        raw_np = random_blocks(ggml_type, n)
+        raw = mx.array(raw_np)
+        mx.eval(raw)
+        qtype = ref.GGMLQuantizationType(ggml_type)
+
+        def ours() -> None:
+            mx.eval(dequantize(raw, ggml_type))
+
+        ours()  # warm-up: first-call setup is not throughput
+        reps = 3 * ctx.repeats  # calls take milliseconds: more repeats cost little, steady the best
+        ours_s, ref_s = best_pair(ours, lambda: ref.dequantize(raw_np, qtype), reps)
+        _, copy_s = best_pair(lambda: None, lambda: np.copyto(dst, src), reps)
+        gbps = lambda s: out_bytes / s / 1e9  # noqa: E731
+        result.add_row({"type": name, "elements": n, "input_bytes": raw_np.nbytes, "output_bytes": out_bytes,
+                        "workbench_s": ours_s, "gguf_numpy_s": ref_s, "memcpy_s": copy_s,
+                        "workbench_gbps": gbps(ours_s), "gguf_numpy_gbps": gbps(ref_s), "memcpy_gbps": gbps(copy_s)})
+        sizes = f"{n:,} elements ({raw_np.nbytes / 2**20:,.1f} MiB in, {out_bytes / 2**20:,.0f} MiB float32 out)"
+        result.figures += [
+            Figure(NAME, f"dequant.{name}.vs_gguf", sizes, gbps(ours_s), "GB/s", "gguf.quants.dequantize (NumPy)",
+                   gbps(ref_s), True),
+            Figure(NAME, f"dequant.{name}.vs_memcpy", sizes, gbps(ours_s), "GB/s",
+                   "memory copy of the float32 output bytes", gbps(copy_s), True),
+        ]
+    result.charts = [_chart(result.tables[NAME])]
+    return result
+
+
+def _chart(rows: list[dict]) -> Any:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    x = [r["type"] for r in rows]
+    for key, name in (("workbench_gbps", "workbench (MLX)"), ("gguf_numpy_gbps", "gguf.quants (NumPy)"),
+                      ("memcpy_gbps", "memory copy of the output")):
+        fig.add_bar(x=x, y=[r[key] for r in rows], name=name)
+    fig.update_layout(title="Dequantization throughput (GB/s of float32 output)", yaxis_title="GB/s",
+                      barmode="group", template="plotly_white")
+    return fig

@@ -1,0 +1,106 @@
+"""Running the benchmarks: which exist, in what order, and the suite's result."""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench.bench.core import BenchContext, BenchError, BenchResult, Figure, machine
+
+# name -> module (each has ``run(ctx) -> BenchResult``), in run order
+BENCHMARKS: dict[str, str] = {
+    "kv_io": "workbench.bench.kvio",
+    "lookup": "workbench.bench.lookup",
+    "dequant": "workbench.bench.dequant",
+    "gguf_load": "workbench.bench.loading",
+    "tokenizer": "workbench.bench.tokenization",
+    "prefill": "workbench.bench.prefill",
+    "ttft": "workbench.bench.ttft",
+}
+DEFAULT_OUT = Path("build/bench")
+DEFAULT_MODEL = Path("data/tiny.gguf")
+DEFAULT_REAL_DIR = Path(tempfile.gettempdir()) / "workbench-bench"
+
+
+@dataclass(frozen=True)
+class BenchProgress:
+    """What a progress callback receives: benchmark ``index`` (0-based) of ``total``, its
+    name, the step starting now and the seconds since the suite started."""
+
+    bench: str
+    index: int
+    total: int
+    step: str
+    elapsed_s: float
+
+
+@dataclass
+class SuiteResult:
+    """Every benchmark's result plus the run's description and the files written."""
+
+    command: str
+    mode: str
+    machine: dict[str, Any]
+    results: list[BenchResult] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # benchmark -> error line
+    files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    finished: str = ""
+
+    @property
+    def figures(self) -> list[Figure]:
+        return [f for r in self.results for f in r.figures]
+
+
+def select(only: list[str] | None) -> list[str]:
+    """The benchmarks to run, in suite order; raises BenchError naming unknown ones."""
+    if not only:
+        return list(BENCHMARKS)
+    unknown = [n for n in only if n not in BENCHMARKS]
+    if unknown:
+        raise BenchError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    return [n for n in BENCHMARKS if n in only]
+
+
+def run_suite(mode: str = "standard", only: list[str] | None = None, out_dir: Path = DEFAULT_OUT,
+              model: Path = DEFAULT_MODEL, real_dir: Path = DEFAULT_REAL_DIR, command: str = "",
+              progress: Callable[[BenchProgress], None] | None = None) -> SuiteResult:
+    """Run the selected benchmarks in ``mode`` ("quick", "standard" or "full"), write the
+    outputs into ``out_dir`` (see :mod:`workbench.bench.report`) and return the result.
+
+    A benchmark that raises is recorded in ``failed`` (the others still run). Scratch
+    files live in a temporary directory removed at the end; ``real_dir`` keeps the
+    synthesized real-width model between runs.
+    """
+    from workbench.bench import report
+
+    names = select(only)
+    t0 = time.perf_counter()
+    suite = SuiteResult(command or f"workbench.bench.run_suite(mode={mode!r}, only={only!r})", mode, machine())
+    with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
+        for i, name in enumerate(names):
+            def step(msg: str, i: int = i, name: str = name) -> None:
+                if progress is not None:
+                    progress(BenchProgress(name, i, len(names), msg, time.perf_counter() - t0))
+
+            ctx = BenchContext(mode, Path(model), Path(tmp) / name, Path(real_dir), step)
+            ctx.work_dir.mkdir(parents=True)
+            step("starting")
+            started = time.perf_counter()
+            try:
+                result = importlib.import_module(BENCHMARKS[name]).run(ctx)
+            except Exception as err:  # one broken benchmark must not hide the others' figures
+                suite.failed[name] = f"{type(err).__name__}: {err}"
+                continue
+            result.seconds = time.perf_counter() - started
+            suite.results.append(result)
+    suite.seconds = time.perf_counter() - t0
+    suite.finished = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    for name, err in suite.failed.items():
+        suite.results.append(BenchResult(name, notes=[f"FAILED: {err}"]))
+    suite.files = report.write(suite, Path(out_dir))
+    return suite

@@ -14,7 +14,7 @@ prefill). The CLI is ``workbench bench``; outputs are described in :mod:`.report
 """
 
 from workbench.bench.core import BenchContext, BenchError, BenchResult, Figure
-from workbench.bench.suite import BENCHMARKS, BenchProgress, SuiteResult, run_suite
+from workbench.bench.suite import BENCHMARKS, BenchProgress, SuiteResult, charts, read_tables, run_suite
 
 __all__ = ["BENCHMARKS", "BenchContext", "BenchError", "BenchProgress", "BenchResult", "Figure", "SuiteResult",
-           "run_suite"]
+           "charts", "read_tables", "run_suite"]

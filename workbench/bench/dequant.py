@@ -77,13 +77,15 @@ def run(ctx: BenchContext, n_elems: int | None = None) -> BenchResult:
             Figure(NAME, f"dequant.{name}.vs_memcpy", sizes, gbps(ours_s), "GB/s",
                    "memory copy of the float32 output bytes", gbps(copy_s), True),
         ]
-    result.charts = [_chart(result.tables[NAME])]
+    result.charts = charts(result.tables)
     return result
 
 
-def _chart(rows: list[dict]) -> Any:
+def charts(tables: dict[str, list[dict]]) -> list[Any]:
+    """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
     import plotly.graph_objects as go
 
+    rows = tables[NAME]
     fig = go.Figure()
     x = [r["type"] for r in rows]
     for key, name in (("workbench_gbps", "workbench (MLX)"), ("gguf_numpy_gbps", "gguf.quants (NumPy)"),
@@ -91,4 +93,4 @@ def _chart(rows: list[dict]) -> Any:
         fig.add_bar(x=x, y=[r[key] for r in rows], name=name)
     fig.update_layout(title="Dequantization throughput (GB/s of float32 output)", yaxis_title="GB/s",
                       barmode="group", template="plotly_white")
-    return fig
+    return [fig]

@@ -285,13 +285,15 @@ def run(ctx: BenchContext, layout: StateLayout | None = None, sizes: list[int] |
     for T in sizes:
         measure_size(ctx, layout, T, work, result, peer)
     staged_table(ctx, layout, table_sizes, work, result)
-    result.charts = _charts(result.tables[NAME], result.tables[f"{NAME}_staged"])
+    result.charts = charts(result.tables)
     return result
 
 
-def _charts(rows: list[dict], table: list[dict]) -> list[Any]:
+def charts(tables: dict[str, list[dict]]) -> list[Any]:
+    """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
     import plotly.graph_objects as go
 
+    rows, table = tables[NAME], tables[f"{NAME}_staged"]
     fig = go.Figure()
     labels = [f"{r['tokens']:,} tok" for r in rows]
     for key, name in (("raw_write_s", "raw write"), ("save_s", "KV save"), ("raw_write_fsync_s", "raw write+fsync"),

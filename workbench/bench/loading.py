@@ -120,13 +120,15 @@ def run(ctx: BenchContext, n_q8: int | None = None) -> BenchResult:
         Figure(NAME, "gguf.q8_0_load.vs_mx_load", sizes, ours2_s, "s", "mx.load (MLX's GGUF loader, same affine form)",
                mlx_s, False),
     ]
-    result.charts = [_chart(result.tables[NAME])]
+    result.charts = charts(result.tables)
     return result
 
 
-def _chart(rows: list[dict]) -> Any:
+def charts(tables: dict[str, list[dict]]) -> list[Any]:
+    """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
     import plotly.graph_objects as go
 
+    rows = tables[NAME]
     fig = go.Figure()
     x = [f"{r['file']} ({r['what']})" for r in rows]
     fig.add_bar(x=x, y=[r["seconds"] / r["read_s"] for r in rows], name="load / read once")
@@ -134,4 +136,4 @@ def _chart(rows: list[dict]) -> Any:
                 name="mx.load / read once")
     fig.update_layout(title="GGUF load time in units of one read of the file", yaxis_title="x read time",
                       barmode="group", template="plotly_white")
-    return fig
+    return [fig]

@@ -106,17 +106,19 @@ def run(ctx: BenchContext, n_files: int = 1000, max_text: int | None = None) -> 
         Figure(NAME, "lookup.warm", sizes, warm_s, "s", "one SHA-1 pass over the prompt", sha_s, False,
                "index reused (directory unchanged)"),
     ]
-    result.charts = [_chart(result.tables[NAME][0])]
+    result.charts = charts(result.tables)
     return result
 
 
-def _chart(row: dict) -> Any:
+def charts(tables: dict[str, list[dict]]) -> list[Any]:
+    """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
     import plotly.graph_objects as go
 
+    row = tables[NAME][-1]
     fig = go.Figure()
     fig.add_bar(x=["cold index", "warm index"], y=[row["cold_s"] * 1e3, row["warm_s"] * 1e3], name="KVStore.lookup")
     fig.add_bar(x=["cold index", "warm index"], y=[row["read_headers_s"] * 1e3, row["sha1_prompt_s"] * 1e3],
                 name="baseline (headers I/O / SHA-1 of the prompt)")
     fig.update_layout(title=f"Lookup with {row['files']} checkpoints", yaxis_title="ms", barmode="group",
                       template="plotly_white")
-    return fig
+    return [fig]

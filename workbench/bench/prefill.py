@@ -118,7 +118,7 @@ def run(ctx: BenchContext, n_tokens: int | None = None, chunks: tuple[int, ...] 
         _real_dims(ctx, result, peak)
     else:
         result.notes.append(f"{REAL_PRESET} prefill and peak-RSS figures run with --full only")
-    result.charts = _charts(result.tables[NAME])
+    result.charts = charts(result.tables)
     return result
 
 
@@ -154,9 +154,11 @@ def _real_dims(ctx: BenchContext, result: BenchResult, peak: float) -> None:
     result.notes.append(f"{REAL_PRESET}: no peer figure (nano-deepseek-v4 would hold ~100 GB of dense float32 experts)")
 
 
-def _charts(rows: list[dict]) -> list[Any]:
+def charts(tables: dict[str, list[dict]]) -> list[Any]:
+    """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
     import plotly.graph_objects as go
 
+    rows = tables[NAME]
     fig = go.Figure()
     x = [f"{r['model']} chunk {r['chunk']}" for r in rows]
     fig.add_bar(x=x, y=[r["gflops"] for r in rows], name="achieved GFLOP/s")

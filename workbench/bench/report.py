@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from workbench.bench.core import BenchResult, Figure
+from workbench.bench.core import Figure
 
 if TYPE_CHECKING:
     from workbench.bench.suite import SuiteResult
@@ -40,6 +40,13 @@ def figures_frame(figures: list[Figure]) -> pd.DataFrame:
     return pd.DataFrame([f.row() for f in figures], columns=cols)
 
 
+def read_figures(path: Path) -> list[Figure]:
+    """Figures read back from a ``figures.csv``."""
+    df = pd.read_csv(path).fillna({"note": ""})
+    return [Figure(r.bench, r.name, r.sizes, float(r.value), r.unit, r.baseline_name, float(r.baseline),
+                   bool(r.higher_is_better), str(r.note)) for r in df.itertuples()]
+
+
 def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -49,8 +56,8 @@ def summary_markdown(suite: "SuiteResult") -> str:
     m = suite.machine
     lines = ["# ds4-workbench benchmarks", "",
              f"Command: `{suite.command}`  ",
-             f"Mode: {suite.mode}; benchmarks: {', '.join(r.name for r in suite.results)}; "
-             f"wall time {suite.seconds:,.0f} s; finished {suite.finished}", "",
+             f"Mode: {suite.mode}; wall time {suite.seconds:,.0f} s ("
+             + ", ".join(f"{r.name} {r.seconds:,.0f} s" for r in suite.results) + f"); finished {suite.finished}", "",
              "## Machine", "",
              "| CPU | cores | RAM | system | Python | MLX | MLX device | BLAS |",
              "|---|---|---|---|---|---|---|---|",
@@ -134,4 +141,3 @@ def as_json(suite: "SuiteResult") -> dict[str, Any]:
             "failed": suite.failed, "files": [str(p) for p in suite.files]}
 
 
-__all__ = ["fmt_value", "figures_frame", "summary_markdown", "ratio_chart", "write", "as_json", "BenchResult"]

@@ -66,6 +66,22 @@ def select(only: list[str] | None) -> list[str]:
     return [n for n in BENCHMARKS if n in only]
 
 
+def read_tables(name: str, out_dir: Path = DEFAULT_OUT) -> dict[str, list[dict[str, Any]]]:
+    """Benchmark ``name``'s measurement tables read back from ``<table>.csv`` in
+    ``out_dir`` (the main table and any ``<name>_*`` one); {} when it has not run."""
+    import pandas as pd
+
+    select([name])
+    paths = [Path(out_dir) / f"{name}.csv", *sorted(Path(out_dir).glob(f"{name}_*.csv"))]
+    return {p.stem: pd.read_csv(p).to_dict("records") for p in paths if p.is_file()}
+
+
+def charts(name: str, tables: dict[str, list[dict[str, Any]]]) -> list[Any]:
+    """Benchmark ``name``'s plotly figures from its tables (e.g. :func:`read_tables`)."""
+    select([name])
+    return importlib.import_module(BENCHMARKS[name]).charts(tables)
+
+
 def run_suite(mode: str = "standard", only: list[str] | None = None, out_dir: Path = DEFAULT_OUT,
               model: Path = DEFAULT_MODEL, real_dir: Path = DEFAULT_REAL_DIR, command: str = "",
               progress: Callable[[BenchProgress], None] | None = None) -> SuiteResult:

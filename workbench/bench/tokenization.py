@@ -71,16 +71,18 @@ def run(ctx: BenchContext, max_bytes: int | None = None) -> BenchResult:
         result.figures.append(Figure(NAME, f"tokenizer.{what}", f"{source}, {n_bytes / 1e6:.2f} MB, {len(ids):,} tokens",
                                      mbps(ours_s), "MB/s", "tokenizers.Tokenizer.encode, official tokenizer.json",
                                      mbps(ref_s), True, f"{len(ids) / ours_s:,.0f} tokens/s"))
-    result.charts = [_chart(result.tables[NAME])]
+    result.charts = charts(result.tables)
     return result
 
 
-def _chart(rows: list[dict]) -> Any:
+def charts(tables: dict[str, list[dict]]) -> list[Any]:
+    """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
     import plotly.graph_objects as go
 
+    rows = tables[NAME]
     fig = go.Figure()
     x = [r["call"] for r in rows]
     fig.add_bar(x=x, y=[r["workbench_mbps"] for r in rows], name="workbench Tokenizer")
     fig.add_bar(x=x, y=[r["tokenizers_mbps"] for r in rows], name="tokenizers (tokenizer.json)")
     fig.update_layout(title="Tokenizer throughput", yaxis_title="MB/s", barmode="group", template="plotly_white")
-    return fig
+    return [fig]

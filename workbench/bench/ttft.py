@@ -80,13 +80,15 @@ def run(ctx: BenchContext, prefixes: list[int] | None = None, suffixes: list[int
                 b["ttft_restore_s"], "s", f"the same restore path at prefix {lo:,}", a["ttft_restore_s"], False,
                 f"prefix x{hi // lo}; a full prefill grows x{b['ttft_full_s'] / a['ttft_full_s']:.1f}"))
     session.close()
-    result.charts = [_chart(rows)]
+    result.charts = charts(result.tables)
     return result
 
 
-def _chart(rows: list[dict]) -> Any:
+def charts(tables: dict[str, list[dict]]) -> list[Any]:
+    """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
     import plotly.graph_objects as go
 
+    rows = tables[NAME]
     fig = go.Figure()
     for P in sorted({r["prefix"] for r in rows}):
         part = [r for r in rows if r["prefix"] == P]
@@ -96,4 +98,4 @@ def _chart(rows: list[dict]) -> Any:
                         line=dict(dash="dash"), name=f"full prefill, prefix {P:,}")
     fig.update_layout(title="Time to first token vs suffix length", xaxis_title="suffix tokens", yaxis_title="s",
                       xaxis_type="log", yaxis_type="log", template="plotly_white")
-    return fig
+    return [fig]

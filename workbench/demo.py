@@ -19,7 +19,7 @@ from typing import Callable
 import pandas as pd
 
 from workbench import viz
-from workbench.engine import Engine, restrict
+from workbench.engine import Engine, restrict, routed_quant_bits
 from workbench.kv.format import read_header, read_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
@@ -90,7 +90,7 @@ def run_demo(model: str | Path, out: str | Path = "build/demo.html", kv_dir: str
     directory = Path(kv_dir if kv_dir is not None else tmp)
     try:
         session = load(model, ctx=ctx)
-        store = KVStore.from_policy(directory, DEMO_POLICY)
+        store = KVStore.from_policy(directory, DEMO_POLICY, quant_bits=routed_quant_bits(session.file))
         engine = Engine(session, store, DEMO_POLICY)
         sampler = restrict(engine.tokenizer.text_token_mask())
         workload = agent_session(seed=seed, turns=turns, file_chars=file_chars, max_tokens=max_tokens)

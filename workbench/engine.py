@@ -31,7 +31,7 @@ from workbench.gguf.reader import GGUFFile
 from workbench.gguf.types import Q4_K
 from workbench.kv.format import SaveReason
 from workbench.kv.policy import ContinuedSchedule, KVPolicy
-from workbench.kv.store import KVLoadError, KVSaveError, KVStore, SaveResult
+from workbench.kv.store import KVLoadError, KVSaveError, KVStore
 from workbench.sampling import Sampler, greedy
 from workbench.session import Progress, Session
 from workbench.telemetry import Recorder
@@ -69,6 +69,18 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class SaveRecord:
+    """A checkpoint write attempted while serving: why, where, and how it went."""
+
+    reason: str  # cold | continued | evict | shutdown
+    path: str
+    status: str  # saved | exists | skipped
+    bytes: int
+    seconds: float
+    tokens: int
+
+
+@dataclass(frozen=True)
 class Completion:
     """The result of :meth:`Engine.complete`."""
 
@@ -76,7 +88,7 @@ class Completion:
     tokens: list[int]
     usage: Usage
     timings: Timings
-    saves: list[SaveResult] = field(default_factory=list)
+    saves: list[SaveRecord] = field(default_factory=list)
     note: str = ""  # why the prefix was (not) reused, why no cold save
 
 
@@ -113,8 +125,7 @@ class Engine:
         self.store = store
         self.policy = policy or KVPolicy()
         if tokenizer is None:
-            with GGUFFile(session.path) as f:
-                tokenizer = Tokenizer.from_gguf(f)
+            tokenizer = Tokenizer.from_gguf(session.file)
         self.tokenizer = tokenizer
         self.recorder = recorder or Recorder()
         self.durable = durable
@@ -148,12 +159,14 @@ class Engine:
     def complete(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
                  tools: Sequence[dict] | None = None, max_tokens: int = 16,
                  sampler: Sampler | Callable[[Any], int] | None = None,
-                 system: str = "", thinking: bool = False, conversation: str = "") -> Completion:
-        """Serve one request: reuse a prefix, prefill the rest, decode ``max_tokens``."""
+                 system: str = "", thinking: bool = False, conversation: str = "",
+                 on_token: Callable[[int], None] | None = None) -> Completion:
+        """Serve one request: reuse a prefix, prefill the rest, decode ``max_tokens``
+        (``on_token`` is called with each generated id, for streaming)."""
         req = self.requests
         self.requests += 1
         rendered = self.render(prompt, messages, tools, system, thinking).encode("utf-8")
-        saves: list[SaveResult] = []
+        saves: list[SaveRecord] = []
         t0 = time.perf_counter()
         tokens, source, note, restore_s, save_s = self._reuse(rendered, req, saves)
         lookup_s = time.perf_counter() - t0 - restore_s - save_s
@@ -178,7 +191,7 @@ class Engine:
         # decode
         t2 = time.perf_counter()
         out = self.session.decode(min(max_tokens, self.session.ctx - self.session.n_tokens), sampler,
-                                  stop=[self.tokenizer.eos])
+                                  stop=[self.tokenizer.eos], on_token=on_token)
         decode_s = time.perf_counter() - t2
         self._sync_live_text()
         text_ids = [t for t in out if t != self.tokenizer.eos]
@@ -190,7 +203,7 @@ class Engine:
                      decode_s=decode_s, ttft_s=timings.ttft_s, full_prefill_s=full_est, save_s=save_s)
         return Completion(self.tokenizer.decode_text(text_ids), out, usage, timings, saves, note)
 
-    def close(self) -> SaveResult | None:
+    def close(self) -> SaveRecord | None:
         """Shutdown save of the live state (when the policy wants one and it is not saved)."""
         n = self.session.n_tokens
         if self.store is None or n == self._saved_len or not self.policy.shutdown_due(n):
@@ -198,7 +211,7 @@ class Engine:
         return self._save("shutdown", -1, "")
 
     # ---- steps --------------------------------------------------------------------------
-    def _reuse(self, rendered: bytes, req: int, saves: list[SaveResult]) -> tuple[list[int], str, str, float, float]:
+    def _reuse(self, rendered: bytes, req: int, saves: list[SaveRecord]) -> tuple[list[int], str, str, float, float]:
         """Find the longest reusable prefix and put the session there.
 
         Returns (effective prompt tokens, source, note, restore seconds, save seconds)."""
@@ -285,7 +298,7 @@ class Engine:
     def _sync_live_text(self) -> None:
         self._live_text = self.tokenizer.decode(self.session.tokens)
 
-    def _save(self, reason: str, req: int, conversation: str, protect: Sequence = ()) -> SaveResult | None:
+    def _save(self, reason: str, req: int, conversation: str, protect: Sequence = ()) -> SaveRecord | None:
         """Save the live state as it is now; record the save and its evictions."""
         assert self.store is not None
         state = self.session.snapshot()
@@ -309,7 +322,7 @@ class Engine:
                      reason=reason if result.saved else f"{reason} {result.status}: {result.detail}",
                      tokens=state.n_tokens, bytes=result.bytes, save_s=result.seconds, path=str(result.path),
                      **self._disk())
-        return result
+        return SaveRecord(reason, str(result.path), result.status, result.bytes, result.seconds, state.n_tokens)
 
     def _disk(self) -> dict:
         assert self.store is not None

@@ -3,8 +3,16 @@
     workbench run --model data/tiny.gguf --prompt "Hello" --max-tokens 16 --temp 0
     workbench run --model M --chat            # interactive: one user turn per stdin line
 
-The library does the work (:func:`workbench.session.generate`); this module only turns
-arguments into calls and prints. Without ``--json`` the generated text streams to
+The library does the work (:func:`workbench.session.generate`, or with ``--kv-dir`` the
+:class:`~workbench.engine.Engine` and its disk prefix cache); this module only turns
+arguments into calls and prints.
+
+    workbench run --model M --prompt-file long.txt --kv-dir ~/.ds4-kv --kv-budget-mb 8192
+
+With ``--kv-dir`` each turn reports where its prefix came from (live state, a disk
+checkpoint, none), ``prompt_tokens``, ``cached_tokens``, ``cache_write_tokens`` (tokens
+prefilled) and every checkpoint written (cold / continued / evict, and the shutdown save
+at exit). Without ``--json`` the generated text streams to
 stdout and a summary follows (progress bars go to stderr); with ``--json`` one object per
 turn is printed.
 """
@@ -47,6 +55,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float, default=0.05, help="min-p relative to the top token (default 0.05)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (default 0: off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    parser.add_argument("--kv-dir", default=None, help="disk KV cache directory (ds4 .kv files): reuse and save prefixes")
+    parser.add_argument("--kv-budget-mb", type=float, default=4096.0, help="disk budget of --kv-dir in MiB (default 4096)")
+    parser.add_argument("--kv-min-tokens", type=int, default=512, help="smallest checkpoint saved or used (default 512)")
+    parser.add_argument("--kv-align", type=int, default=2048, help="cold/continued save boundary alignment (default 2048)")
+    parser.add_argument("--kv-durable", action="store_true", help="fsync checkpoints and the directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object per turn, no progress bar")
 
 
@@ -173,6 +186,79 @@ def chat_loop(session: Session, tok: Tokenizer, args: argparse.Namespace, sample
         messages.append(assistant_message([t for t in rec["tokens"] if t != tok.eos], tok))
 
 
+def cached_turn(engine: Any, args: argparse.Namespace, sampler: Sampler, tok: Tokenizer,
+                **request: Any) -> dict[str, Any]:
+    """One request through the engine (prefix reuse + saves); print and return the record."""
+    progress, close = progress_bar(not args.json)
+    engine.progress = progress
+    stream = None if args.json else TextStream(tok, sys.stdout)
+    try:
+        c = engine.complete(max_tokens=args.max_tokens, sampler=sampler, thinking=args.think, on_token=stream,
+                            **request)
+    finally:
+        close()
+    t = c.timings
+    rec = {
+        "source": c.usage.source,
+        "prompt_tokens": c.usage.prompt_tokens,
+        "cached_tokens": c.usage.cached_tokens,
+        "cache_write_tokens": c.usage.cache_write_tokens,
+        "ttft_seconds": round(t.ttft_s, 4),
+        "restore_seconds": round(t.restore_s, 4),
+        "prefill_seconds": round(t.prefill_s, 4),
+        "prefill_tokens_per_s": round(c.usage.cache_write_tokens / t.prefill_s, 2) if t.prefill_s > 0 else None,
+        "decode_tokens": len(c.tokens),
+        "decode_tokens_per_s": round(len(c.tokens) / t.decode_s, 2) if t.decode_s > 0 else None,
+        "saved": [save_record(s) for s in c.saves],
+        "note": c.note,
+        "tokens": c.tokens,
+        "text": c.text,
+    }
+    if stream is not None:
+        stream.finish()
+        print(f"prompt: {rec['prompt_tokens']} tokens, {rec['cached_tokens']} from {rec['source']}, "
+              f"{rec['cache_write_tokens']} prefilled; time to first token {t.ttft_s:.2f} s", file=sys.stdout)
+        for s_ in rec["saved"]:
+            print(f"saved {s_['reason']}: {s_['tokens']} tokens -> {s_['path']} ({s_['status']}, "
+                  f"{s_['bytes'] / 2**20:.1f} MiB, {s_['seconds'] * 1000:.0f} ms)", file=sys.stdout)
+    else:
+        print(json.dumps(rec, ensure_ascii=False))
+    return rec
+
+
+def save_record(s: Any) -> dict[str, Any]:
+    return {"reason": s.reason, "path": s.path, "status": s.status, "tokens": s.tokens, "bytes": s.bytes,
+            "seconds": round(s.seconds, 4)}
+
+
+def run_cached(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler, text: str | None) -> None:
+    """``--kv-dir``: serve the prompt (or each chat turn) through the engine's disk cache."""
+    from workbench.engine import Engine, routed_quant_bits
+    from workbench.kv.policy import KVPolicy
+    from workbench.kv.store import KVStore
+
+    policy = KVPolicy(min_tokens=args.kv_min_tokens, boundary_align=args.kv_align, budget_mb=args.kv_budget_mb)
+    store = KVStore.from_policy(args.kv_dir, policy, quant_bits=routed_quant_bits(session.file))
+    engine = Engine(session, store, policy, tokenizer=tok, durable=args.kv_durable)
+    try:
+        if args.chat:
+            messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+            for line in sys.stdin:
+                if not line.strip():
+                    continue
+                messages.append({"role": "user", "content": line.rstrip("\n")})
+                rec = cached_turn(engine, args, sampler, tok, messages=list(messages))
+                messages.append(assistant_message([t for t in rec["tokens"] if t != tok.eos], tok))
+        else:
+            cached_turn(engine, args, sampler, tok, prompt=text, system=args.system)
+    finally:
+        last = engine.close()
+    if last is not None:
+        rec = {"shutdown_save": save_record(last)}
+        print(json.dumps(rec) if args.json else
+              f"saved shutdown: {last.tokens} tokens -> {last.path} ({last.status})")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 0:
         raise RunError(f"--max-tokens must be >= 0, got {args.max_tokens}")
@@ -185,7 +271,9 @@ def run(args: argparse.Namespace) -> int:
         close()
     try:
         tok = Tokenizer.from_gguf(session.file)
-        if args.chat:
+        if args.kv_dir is not None:
+            run_cached(session, tok, args, sampler, text)
+        elif args.chat:
             chat_loop(session, tok, args, sampler)
         else:
             ids = tok.encode_rendered(render_single(text, system=args.system, thinking=args.think))

@@ -14,11 +14,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from workbench.bench import BENCHMARKS, BenchContext, BenchError, Figure, run_suite
+from workbench.bench import BENCHMARKS, BenchContext, BenchError, Figure, charts, read_tables, run_suite
 from workbench.bench.flops import dense_per_token, prefill_flops, visible_rows
 from workbench.bench.kvio import CTX, random_state
 from workbench.bench.lookup import SMALL_LAYOUT
-from workbench.bench.report import fmt_value
+from workbench.bench.report import fmt_value, read_figures
 from workbench.cli import main
 from workbench.kv.format import payload_bytes
 from workbench.state import StateLayout
@@ -248,6 +248,13 @@ def test_cli_json_and_files(tmp_path: Path, tiny_gguf: Path, capsys: pytest.Capt
     md = (out / "summary.md").read_text()
     assert doc["machine"]["cpu"] in md and "--only dequant" in md
     assert md.count("| dequant | dequant.") == 12
+    # what the notebook reads back: the tables, their charts and the figures
+    tables = read_tables("dequant", out)
+    assert list(tables) == ["dequant"] and len(tables["dequant"]) == 6
+    assert len(charts("dequant", tables)) == 1
+    back = read_figures(out / "figures.csv")
+    assert [f.row()["ratio"] for f in back] == pytest.approx([f["ratio"] for f in doc["figures"]])
+    assert read_tables("ttft", out) == {}
 
 
 def test_unknown_and_failing_benchmarks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

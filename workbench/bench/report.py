@@ -42,9 +42,9 @@ def figures_frame(figures: list[Figure]) -> pd.DataFrame:
 
 def read_figures(path: Path) -> list[Figure]:
     """Figures read back from a ``figures.csv``."""
-    df = pd.read_csv(path).fillna({"note": ""})
+    df = pd.read_csv(path, dtype={"note": str, "sizes": str})
     return [Figure(r.bench, r.name, r.sizes, float(r.value), r.unit, r.baseline_name, float(r.baseline),
-                   bool(r.higher_is_better), str(r.note)) for r in df.itertuples()]
+                   bool(r.higher_is_better), r.note if isinstance(r.note, str) else "") for r in df.itertuples()]
 
 
 def _md_cell(text: str) -> str:

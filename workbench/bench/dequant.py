@@ -42,6 +42,10 @@ def random_blocks(ggml_type: int, n_elems: int, seed: int = 0) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
+def gbps(n_bytes: int, seconds: float) -> float:
+    return n_bytes / seconds / 1e9
+
+
 def run(ctx: BenchContext, n_elems: int | None = None) -> BenchResult:
     """Run the benchmark (``n_elems`` per type, a multiple of 4,096; default by mode)."""
     import gguf.quants as ref
@@ -66,16 +70,15 @@ def run(ctx: BenchContext, n_elems: int | None = None) -> BenchResult:
         reps = 3 * ctx.repeats  # calls take milliseconds: more repeats cost little, steady the best
         ours_s, ref_s = best_pair(ours, lambda: ref.dequantize(raw_np, qtype), reps)
         _, copy_s = best_pair(lambda: None, lambda: np.copyto(dst, src), reps)
-        gbps = lambda s: out_bytes / s / 1e9  # noqa: E731
         result.add_row({"type": name, "elements": n, "input_bytes": raw_np.nbytes, "output_bytes": out_bytes,
                         "workbench_s": ours_s, "gguf_numpy_s": ref_s, "memcpy_s": copy_s,
-                        "workbench_gbps": gbps(ours_s), "gguf_numpy_gbps": gbps(ref_s), "memcpy_gbps": gbps(copy_s)})
+                        "workbench_gbps": gbps(out_bytes, ours_s), "gguf_numpy_gbps": gbps(out_bytes, ref_s), "memcpy_gbps": gbps(out_bytes, copy_s)})
         sizes = f"{n:,} elements ({raw_np.nbytes / 2**20:,.1f} MiB in, {out_bytes / 2**20:,.0f} MiB float32 out)"
         result.figures += [
-            Figure(NAME, f"dequant.{name}.vs_gguf", sizes, gbps(ours_s), "GB/s", "gguf.quants.dequantize (NumPy)",
-                   gbps(ref_s), True),
-            Figure(NAME, f"dequant.{name}.vs_memcpy", sizes, gbps(ours_s), "GB/s",
-                   "memory copy of the float32 output bytes", gbps(copy_s), True),
+            Figure(NAME, f"dequant.{name}.vs_gguf", sizes, gbps(out_bytes, ours_s), "GB/s", "gguf.quants.dequantize (NumPy)",
+                   gbps(out_bytes, ref_s), True),
+            Figure(NAME, f"dequant.{name}.vs_memcpy", sizes, gbps(out_bytes, ours_s), "GB/s",
+                   "memory copy of the float32 output bytes", gbps(out_bytes, copy_s), True),
         ]
     result.charts = charts(result.tables)
     return result

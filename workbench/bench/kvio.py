@@ -24,6 +24,7 @@ serialization; everything after it is the copy and the rename).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -92,14 +93,10 @@ def raw_write(path: Path, nbytes: int, durable: bool = False) -> None:
             os.close(dfd)
 
 
-_PATTERN: list[bytearray] = []
-
-
-def _pattern() -> bytearray:
+@functools.cache
+def _pattern() -> bytes:
     """One 8 MiB buffer of random bytes, made once."""
-    if not _PATTERN:
-        _PATTERN.append(bytearray(np.random.default_rng(1).integers(0, 256, IO_CHUNK, dtype=np.uint8).tobytes()))
-    return _PATTERN[0]
+    return np.random.default_rng(1).integers(0, 256, IO_CHUNK, dtype=np.uint8).tobytes()
 
 
 def raw_read(path: Path, into: np.ndarray) -> None:

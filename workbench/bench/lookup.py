@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
+from workbench.bench.core import BenchContext, BenchError, BenchResult, Figure, best_pair
 from workbench.bench.kvio import random_state
 from workbench.kv.format import TEXT_OFFSET, SaveReason
-from workbench.kv.store import KVStore
+from workbench.kv.store import Entry, KVStore
 from workbench.state import StateLayout
 
 NAME = "lookup"
@@ -80,18 +80,18 @@ def run(ctx: BenchContext, n_files: int = 1000, max_text: int | None = None) -> 
     prompt = text + b" and one more question"
     expected = len(text)
 
-    def cold() -> Any:
-        hit = KVStore(directory, budget_mb=None, min_tokens=1, maintain=False).lookup(prompt, CTX)
-        assert hit is not None and hit.text_bytes == expected, "lookup missed the longest stored prefix"
-        return hit
+    def check(hit: Entry | None) -> None:
+        if hit is None or hit.text_bytes != expected:
+            raise BenchError(f"{directory}: lookup missed the longest stored prefix ({expected} bytes)")
+
+    def cold() -> None:
+        check(KVStore(directory, budget_mb=None, min_tokens=1, maintain=False).lookup(prompt, CTX))
 
     warm_store = KVStore(directory, budget_mb=None, min_tokens=1, maintain=False)
     warm_store.lookup(prompt, CTX)  # builds the index
 
-    def warm() -> Any:
-        hit = warm_store.lookup(prompt, CTX)
-        assert hit is not None and hit.text_bytes == expected, "lookup missed the longest stored prefix"
-        return hit
+    def warm() -> None:
+        check(warm_store.lookup(prompt, CTX))
 
     ctx.step(f"lookup: cold and warm index over {n_found} files")
     reps = ctx.repeats * 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from workbench.bench.core import BenchError
 from workbench.model.config import ModelArgs
 from workbench.session import chunk_schedule
 
@@ -27,7 +28,7 @@ DIFFERENCES = (
 )
 
 
-class PeerUnavailable(Exception):
+class PeerUnavailable(BenchError):
     """nano-deepseek-v4 or PyTorch is missing, or its config cannot match the model's."""
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from workbench.bench.core import BenchContext, BenchResult, Figure, timed
+from workbench.bench.core import BenchContext, BenchError, BenchResult, Figure, timed
 from workbench.bench.prefill import prompt_tokens
 from workbench.kv.format import SaveReason
 from workbench.kv.store import KVStore
@@ -52,7 +52,8 @@ def run(ctx: BenchContext, prefixes: list[int] | None = None, suffixes: list[int
             t0 = time.perf_counter()
             hit = store.lookup(prompt, session_ctx)
             t1 = time.perf_counter()
-            assert hit is not None and hit.tokens == P, "the saved prefix was not found"
+            if hit is None or hit.tokens != P:
+                raise BenchError(f"{store.dir}: the saved {P}-token prefix was not found")
             state, _ = store.load(hit, layout, session_ctx)
             t2 = time.perf_counter()
             session.restore(state)

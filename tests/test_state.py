@@ -36,3 +36,12 @@ def test_problems_name_the_layer_and_field():
     c = s.copy()
     c.tokens.append(9)
     assert s.n_tokens == 5
+
+
+def test_ds4_args_match_the_ds4_layout_and_are_consistent():
+    from workbench.model.config import ModelArgs
+
+    args = ModelArgs.ds4()
+    assert args.problems() == []
+    assert StateLayout.from_args(args) == StateLayout.ds4()
+    assert args.hc_dim == 16384 and args.hc_mix == 24 and args.n_nope == 448

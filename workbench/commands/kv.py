@@ -106,7 +106,7 @@ def _print(obj: dict, as_json: bool) -> None:
 
 # ---- ls -----------------------------------------------------------------------------------
 def _ls(args: argparse.Namespace) -> int:
-    store = KVStore(args.dir, budget_mb=None, create=False, maintain=False)
+    store = KVStore.readonly(args.dir)
     now = time.time()
     entries = store.entries()
     others = store.others()
@@ -200,7 +200,7 @@ def _verify(args: argparse.Namespace) -> int:
     layout, note = _model_layout(args.model)
     target: Path = args.path
     if target.is_dir():
-        store = KVStore(target, budget_mb=None, create=False, maintain=False)
+        store = KVStore.readonly(target)
         reports = store.verify(layout, args.ctx, quarantine=args.quarantine, layout_note=note)
         quarantined = args.quarantine
     else:

@@ -381,6 +381,12 @@ class KVStore:
             self.evict_to_budget()
 
     @classmethod
+    def readonly(cls, directory: str | os.PathLike) -> "KVStore":
+        """Look at a directory (e.g. a ds4-server cache) without changing it: no budget,
+        no temp-file sweep, no eviction on open, no directory creation."""
+        return cls(directory, budget_mb=None, create=False, maintain=False)
+
+    @classmethod
     def from_policy(cls, directory: str | os.PathLike, policy: KVPolicy, **kw) -> "KVStore":
         """A store with the policy's budget, min tokens, half-life, weights and consume rule."""
         return cls(directory, policy.budget_mb, policy.min_tokens, half_life_s=policy.half_life_s,
@@ -460,10 +466,12 @@ class KVStore:
         return out
 
     def entries(self) -> list[Entry]:
-        """Valid-looking checkpoints, most recently used first (fresh stat of every file)."""
+        """Valid-looking checkpoints, most recently used first, then newest, then by name
+        (a stable order: timestamps have one-second resolution). Fresh stat of every file."""
         with self.lock.shared():
             self._scan(full=True)
-        return sorted(self._index().values(), key=lambda e: (e.header.last_used, e.header.created_at), reverse=True)
+        by_name = sorted(self._index().values(), key=lambda e: e.sha)
+        return sorted(by_name, key=lambda e: (e.header.last_used, e.header.created_at), reverse=True)
 
     def others(self) -> list[OtherFile]:
         """Every non-checkpoint file counted against the budget."""

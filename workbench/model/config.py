@@ -78,6 +78,15 @@ class ModelArgs:
         return self.head_dim - self.n_rot
 
     @classmethod
+    def ds4(cls) -> "ModelArgs":
+        """The real DeepSeek V4 Flash as ds4 compiles it in (its §0 constants)."""
+        return cls(n_layer=43, n_embd=4096, n_vocab=129280, n_head=64, n_head_kv=1, head_dim=512, n_rot=64,
+                   q_lora_rank=1024, o_lora_rank=1024, o_groups=8, n_expert=256, n_expert_used=6, n_ff_exp=2048,
+                   n_expert_shared=1, n_hash_layer=3, n_swa=128, idx_heads=64, idx_dim=128, idx_topk=512, n_hc=4,
+                   sinkhorn_iters=20, compress_ratios=ds4_ratio_schedule(43), swiglu_clamp=(10.0,) * 43,
+                   name="DeepSeek-V4-Flash")
+
+    @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], check: bool = True) -> "ModelArgs":
         """Build from GGUF metadata; raise ConfigError naming every missing key and, when
         ``check``, every consistency problem (:meth:`problems`)."""

@@ -10,6 +10,7 @@ reaches the kernel and its reply redraws the page. Screenshots land in ``build/b
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,28 @@ def click_add_a_bar(page: Page) -> dict:
     }
 
 
+# bars of the first trace of the dashboard's first figure (tokens per request)
+FIRST_TRACE_BARS_JS = ("document.querySelector('.ds4wb-dashboard-plots .js-plotly-plot .trace.bars')"
+                       "?.querySelectorAll('.point').length")
+
+
+def run_one_more_request(page: Page) -> dict:
+    """In notebook 04, set the dashboard's turns to 1 and press Run workload: the kernel
+    serves the agent's first request again (a disk hit on its continued checkpoint) and the
+    summary line and the tokens-per-request figure redraw with one more request."""
+    dash = page.locator(".ds4wb-panel", has_text="KV cache dashboard")
+    turns = dash.locator(".widget-inline-hbox", has_text="turns").locator("input")
+    turns.fill("1")
+    turns.press("Enter")
+    dash.locator(".widget-button", has_text="Run workload").click()
+    summary = dash.locator(".widget-html", has_text=re.compile(r"^\s*12 requests"))
+    summary.wait_for(timeout=60_000)
+    last = dash.locator(".widget-html", has_text="last:").inner_text()
+    page.wait_for_function(f"() => ({FIRST_TRACE_BARS_JS}) === 12", timeout=30_000)
+    return {"summary": summary.inner_text().split(" · ")[0].strip(), "source": re.search(r"source (\w+)", last).group(1),
+            "bars": page.evaluate(f"() => {FIRST_TRACE_BARS_JS}")}
+
+
 # notebook -> (the least of each element the page must show after Run All, probe, what it returns)
 NOTEBOOKS = {
     "00_smoke.ipynb": (
@@ -51,6 +74,20 @@ NOTEBOOKS = {
         },
         click_add_a_bar,
         {"label": "6 bars", "bars": 6},  # the last cell left the slider at 5
+    ),
+    "04_cache_hits.ipynb": (
+        {
+            browser.WIDGET: 30,  # the dashboard and the checkpoint manager, with their controls
+            browser.BUTTON: 8,  # Run workload, Redraw; Refresh, Verify all, Inspect, Restore, Delete, Save session
+            browser.HTML: 10,
+            ".jp-OutputArea .ds4wb-panel": 2,
+            ".jp-OutputArea .ds4wb-dashboard-plots .js-plotly-plot": 4,  # the dashboard's live FigureWidgets
+            browser.PLOTLY_MIME: 4,  # the static viz figures (fig.show())
+            browser.PLOTLY_SVG: 8,
+            FIGURE_WIDGET_BARS: 11 * 4,  # tokens per request: 11 requests x 4 stacked traces
+        },
+        run_one_more_request,
+        {"summary": "12 requests", "source": "disk", "bars": 12},
     ),
 }
 

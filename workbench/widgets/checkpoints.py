@@ -30,7 +30,8 @@ from workbench.session import Session
 from workbench.state import StateLayout
 from workbench.tokenizer import Tokenizer
 from workbench import viz
-from workbench.widgets.common import MIB, Panel, WidgetError, pre_html, table_html, tokenizer_of, visible_text
+from workbench.widgets.common import (MIB, Panel, WidgetError, pre_html, refit, table_html, tokenizer_of,
+                                      visible_text)
 
 PREVIEW_CHARS = 72  # tail of the stored text shown in the table
 INSPECT_CHARS = 2000  # tail of the stored text shown by Inspect
@@ -138,7 +139,7 @@ class CheckpointManager(Panel):
         entries = self.store.entries()
         self._by_sha = {e.sha: e for e in entries}
         self.entries = entries_frame(entries)
-        self.table.value = table_html(self.entries, max_height="18em", wrap=("text",))
+        self.table.value = table_html(self.entries, max_height="16em", clip=("text",))
         others = self.store.others()
         self.others.value = "" if not others else (
             "<div style='font-size:12px;color:#7a5b00'>other files counted against the budget: "
@@ -221,6 +222,7 @@ class CheckpointManager(Panel):
             self.layer_plot.add_traces(list(fig.data))
             self.layer_plot.update_layout(fig.layout.to_plotly_json())
         self.inspect_box.layout.display = None
+        refit(self.layer_plot)
         self.set_status(f"inspected {entry.path.name}")
         return header
 

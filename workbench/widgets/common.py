@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import ipywidgets as widgets
 import pandas as pd
+import plotly.graph_objects as go
 
 from workbench.errors import WorkbenchError
 from workbench.gguf.reader import GGUFFile
@@ -32,6 +33,7 @@ TABLE_CSS = (
     "border-bottom:1px solid #ccc;white-space:nowrap}"
     ".ds4wb-table td{padding:2px 8px;border-bottom:1px solid #eee;white-space:nowrap;vertical-align:top}"
     ".ds4wb-table td.ds4wb-wrap{white-space:pre-wrap;word-break:break-all;max-width:48em}"
+    ".ds4wb-table td.ds4wb-clip{max-width:36em;overflow:hidden;text-overflow:ellipsis}"
     ".ds4wb-table tr.ds4wb-bad td{background:#fdecea}"
     ".ds4wb-pre{white-space:pre-wrap;word-break:break-all;font-family:var(--jp-code-font-family,monospace);"
     "font-size:12px;background:#fafafa;border:1px solid #e0e0e0;border-radius:4px;padding:6px;margin:0;"
@@ -133,20 +135,23 @@ class Panel(widgets.VBox):
         self.status.value = f"<span style='color:#333'>{html.escape(text)}</span>"
 
 
-def table_html(df: pd.DataFrame, max_height: str = "22em", wrap: tuple[str, ...] = (),
+def table_html(df: pd.DataFrame, max_height: str = "22em", wrap: tuple[str, ...] = (), clip: tuple[str, ...] = (),
                bad_rows: pd.Series | None = None, float_format: str = "{:,.2f}") -> str:
     """``df`` as an escaped HTML table in a scroll box with a sticky header.
 
-    ``wrap`` names columns whose cells wrap (text previews); ``bad_rows`` (bool, aligned
-    with ``df``) tints those rows red."""
+    ``wrap`` names columns whose cells wrap (long messages), ``clip`` columns cut to one
+    line with an ellipsis (text previews); ``bad_rows`` (bool, aligned with ``df``) tints
+    those rows red."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
     rows = []
     bad = list(bad_rows) if bad_rows is not None else [False] * len(df)
     for flag, row in zip(bad, df.to_dict("records")):  # per-column types (iterrows would upcast ints)
         cells = []
         for col in df.columns:
-            cls = " class='ds4wb-wrap'" if col in wrap else ""
-            cells.append(f"<td{cls}>{html.escape(_cell(row[col], float_format))}</td>")
+            text = html.escape(_cell(row[col], float_format))
+            cls = (" class='ds4wb-wrap'" if col in wrap else
+                   f" class='ds4wb-clip' title='{text}'" if col in clip else "")
+            cells.append(f"<td{cls}>{text}</td>")
         rows.append(f"<tr{' class=ds4wb-bad' if flag else ''}>{''.join(cells)}</tr>")
     body = "".join(rows) or f"<tr><td colspan={len(df.columns)} style='color:#888'>(none)</td></tr>"
     return (f"{TABLE_CSS}<div class='ds4wb-scroll' style='max-height:{max_height}'>"
@@ -169,6 +174,17 @@ def pre_html(text: str) -> str:
 def visible_text(text: str) -> str:
     """Control characters made visible (newline as ⏎) for one-line previews."""
     return text.replace("\r", "␍").replace("\n", "⏎").replace("\t", "⇥")
+
+
+def refit(fig: go.FigureWidget) -> None:
+    """Make every displayed view of ``fig`` size itself to its container.
+
+    A FigureWidget view is drawn before its output is laid out on the page, at plotly's
+    700 px default width, and never measures its container afterwards on its own; a
+    relayout that turns ``autosize`` on does. Two messages, since an unchanged value is
+    not sent."""
+    fig.layout.autosize = False
+    fig.layout.autosize = True
 
 
 def tokenizer_of(session: Any) -> Tokenizer:

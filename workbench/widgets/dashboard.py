@@ -28,10 +28,10 @@ import plotly.graph_objects as go
 from workbench import viz
 from workbench.engine import Completion, Engine, restrict
 from workbench.session import Progress
-from workbench.widgets.common import MIB, Panel
+from workbench.widgets.common import MIB, Panel, refit
 from workbench.workloads import WORKLOADS, Workload
 
-FIGURE_HEIGHT = 340
+FIGURE_HEIGHT = 370
 # the keyword that sets a workload's length: its turns, or a document's chunks
 LENGTH_PARAMETER = {"agent": "turns", "multi-user": "turns", "long-document": "chunks"}
 
@@ -42,6 +42,16 @@ def _event_timeline(df: pd.DataFrame) -> go.Figure:
     return viz.event_timeline(df.assign(tokens=df["tokens"].fillna(0)))
 
 
+# the dashboard's narrow figures: legends below the tick labels (the x title is the ticks'
+# own word), none where the lanes or the single line already say it all
+_BELOW = dict(legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, font=dict(size=11)),
+              margin=dict(l=55, r=10, t=40, b=105), xaxis_title=None)
+STYLES = {
+    "tokens": _BELOW,
+    "ttft": _BELOW,
+    "timeline": dict(showlegend=False, margin=dict(l=110, r=10, t=40, b=45)),
+    "disk": dict(showlegend=False, margin=dict(l=55, r=10, t=40, b=45)),
+}
 PLOTS = {  # name -> (figure builder, which rows change it)
     "tokens": (viz.tokens_per_request, "request"),
     "ttft": (viz.ttft_breakdown, "request"),
@@ -154,23 +164,29 @@ class CacheDashboard(Panel):
                                            layout=widgets.Layout(width="10em"))
         self.run_button = self.button("Run workload", self.run_selected, icon="play", style="primary",
                                       tooltip="send the workload's requests through engine.complete")
+        self.redraw_button = self.button("Redraw", self.redraw, icon="refresh",
+                                         tooltip="rebuild the plots from engine.records and fit them to the page")
         self.requests_bar = widgets.IntProgress(value=0, min=0, max=1, description="requests",
                                                 layout=widgets.Layout(width="20em"))
         self.prefill_bar = widgets.IntProgress(value=0, min=0, max=1, description="prefill",
                                                layout=widgets.Layout(width="20em"))
         self.last = widgets.HTML("")
         self.workload.observe(self._relabel_length, names="value")
-        grid = widgets.GridBox([self.figures[name] for name in PLOTS],
-                               layout=widgets.Layout(grid_template_columns="repeat(2, minmax(0, 1fr))",
-                                                     grid_gap="6px", width="100%"))
+        # two figures a row; each in a box that may shrink below the figure's drawn width
+        # (min-width 0), so plotly sizes the figure to the column instead of overflowing it
+        cells = [widgets.VBox([self.figures[name]], layout=widgets.Layout(flex="1 1 0%", min_width="0"))
+                 for name in PLOTS]
+        self.plots = widgets.VBox([widgets.HBox(cells[i:i + 2], layout=widgets.Layout(width="100%"))
+                                   for i in range(0, len(cells), 2)])
+        self.plots.add_class("ds4wb-dashboard-plots")
         self.children = [
             self.title,
             self.summary,
-            widgets.HBox([self.workload, self.length, self.seed, self.run_button]),
+            widgets.HBox([self.workload, self.length, self.seed, self.run_button, self.redraw_button]),
             widgets.HBox([self.requests_bar, self.prefill_bar, self.status]),
             self.last,
             self.error,
-            grid,
+            self.plots,
         ]
         self.redraw()
         engine.recorder.listeners.append(self._on_row)
@@ -229,11 +245,13 @@ class CacheDashboard(Panel):
         return self._sampler
 
     def redraw(self, which: tuple[str, ...] = tuple(PLOTS)) -> None:
-        """Rebuild the named figures and the summary from ``engine.records``."""
+        """Rebuild the named figures and the summary from ``engine.records``, and fit the
+        figures to the page."""
         df = self.engine.records
         for name in which:
-            self._layouts[name] = sync_figure(self.figures[name], PLOTS[name][0](df),
-                                              last_layout=self._layouts.get(name))
+            fig = PLOTS[name][0](df).update_layout(**STYLES[name])
+            self._layouts[name] = sync_figure(self.figures[name], fig, last_layout=self._layouts.get(name))
+            refit(self.figures[name])
         self.stats = summarize(df)
         self.summary.value = summary_html(self.stats)
 

@@ -56,8 +56,9 @@ def summary_markdown(suite: "SuiteResult") -> str:
     m = suite.machine
     lines = ["# ds4-workbench benchmarks", "",
              f"Command: `{suite.command}`  ",
-             f"Mode: {suite.mode}; wall time {suite.seconds:,.0f} s ("
-             + ", ".join(f"{r.name} {r.seconds:,.0f} s" for r in suite.results) + f"); finished {suite.finished}", "",
+             f"Mode: {suite.mode}; {len(suite.results)} of {len(suite.planned)} benchmarks run; wall time "
+             f"{suite.seconds:,.0f} s (" + ", ".join(f"{r.name} {r.seconds:,.0f} s" for r in suite.results)
+             + f"); written {suite.finished}", "",
              "## Machine", "",
              "| CPU | cores | RAM | system | Python | MLX | MLX device | BLAS |",
              "|---|---|---|---|---|---|---|---|",
@@ -135,7 +136,8 @@ def write(suite: "SuiteResult", out_dir: Path) -> list[Path]:
 
 def as_json(suite: "SuiteResult") -> dict[str, Any]:
     """The JSON document: machine, command, mode, every figure (with ratio), notes, files."""
-    return {"command": suite.command, "mode": suite.mode, "finished": suite.finished, "seconds": suite.seconds,
+    return {"command": suite.command, "mode": suite.mode, "planned": suite.planned, "finished": suite.finished,
+            "seconds": suite.seconds,
             "machine": suite.machine, "figures": [f.row() for f in suite.figures],
             "notes": [{"bench": r.name, "note": n} for r in suite.results for n in r.notes],
             "failed": suite.failed, "files": [str(p) for p in suite.files]}

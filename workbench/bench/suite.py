@@ -45,6 +45,7 @@ class SuiteResult:
     command: str
     mode: str
     machine: dict[str, Any]
+    planned: list[str] = field(default_factory=list)  # benchmarks selected, in run order
     results: list[BenchResult] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # benchmark -> error line
     files: list[Path] = field(default_factory=list)
@@ -88,15 +89,17 @@ def run_suite(mode: str = "standard", only: list[str] | None = None, out_dir: Pa
     """Run the selected benchmarks in ``mode`` ("quick", "standard" or "full"), write the
     outputs into ``out_dir`` (see :mod:`workbench.bench.report`) and return the result.
 
-    A benchmark that raises is recorded in ``failed`` (the others still run). Scratch
-    files live in a temporary directory removed at the end; ``real_dir`` keeps the
-    synthesized real-width model between runs.
+    The outputs are rewritten after every benchmark, so an interrupted run keeps the
+    figures of those that finished. A benchmark that raises is recorded in ``failed``
+    (its summary row says FAILED; the others still run). Scratch files live in a
+    temporary directory removed at the end; ``real_dir`` keeps the synthesized
+    real-width model between runs.
     """
     from workbench.bench import report
 
     names = select(only)
     t0 = time.perf_counter()
-    suite = SuiteResult(command or f"workbench.bench.run_suite(mode={mode!r}, only={only!r})", mode, machine())
+    suite = SuiteResult(command or f"workbench.bench.run_suite(mode={mode!r}, only={only!r})", mode, machine(), names)
     with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
         for i, name in enumerate(names):
             def step(msg: str, i: int = i, name: str = name) -> None:
@@ -111,12 +114,10 @@ def run_suite(mode: str = "standard", only: list[str] | None = None, out_dir: Pa
                 result = importlib.import_module(BENCHMARKS[name]).run(ctx)
             except Exception as err:  # one broken benchmark must not hide the others' figures
                 suite.failed[name] = f"{type(err).__name__}: {err}"
-                continue
+                result = BenchResult(name, notes=[f"FAILED: {suite.failed[name]}"])
             result.seconds = time.perf_counter() - started
             suite.results.append(result)
-    suite.seconds = time.perf_counter() - t0
-    suite.finished = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    for name, err in suite.failed.items():
-        suite.results.append(BenchResult(name, notes=[f"FAILED: {err}"]))
-    suite.files = report.write(suite, Path(out_dir))
+            suite.seconds = time.perf_counter() - t0
+            suite.finished = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+            suite.files = report.write(suite, Path(out_dir))
     return suite

@@ -78,7 +78,7 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
     for col in COLUMNS:
         if col in _TEXT:
-            df[col] = df[col].fillna("").astype(str)
+            df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)
         else:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["request"] = df["request"].fillna(-1).astype(int)

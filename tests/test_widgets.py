@@ -24,7 +24,7 @@ from workbench.sampling import top_tokens
 from workbench.session import load
 from workbench.telemetry import requests
 from workbench.tokenizer import Tokenizer
-from workbench.widgets import CacheDashboard, CheckpointManager, ModelLoader, PrefillPanel
+from workbench.widgets import CacheDashboard, CheckpointManager, ModelLoader, PrefillPanel, dashboard
 
 POLICY = KVPolicy(min_tokens=256, boundary_align=256, continued_interval=1024, budget_mb=256)
 PROMPT = "Summarise the plot of a long novel about two lovers kept apart by a powerful nobleman. " * 6
@@ -279,3 +279,18 @@ def test_cache_dashboard_follows_the_engine_live(fresh, tokenizer, tmp_path):
 
     dash.close()
     assert dash._on_row not in engine.recorder.listeners
+
+
+def test_a_failing_redraw_shows_in_the_dashboard_not_in_the_engine(fresh, tokenizer, monkeypatch):
+    engine = Engine(fresh, None, POLICY, tokenizer=tokenizer)
+    dash = CacheDashboard(engine)
+
+    def broken(df):
+        raise ValueError("deliberately broken figure")
+
+    monkeypatch.setitem(dashboard.PLOTS, "tokens", (broken, "request"))
+    out = engine.complete(prompt="Hello there", max_tokens=2)
+    assert out.usage.prompt_tokens > 0 and len(engine.records) == 1
+    assert dash.error.shown and "deliberately broken figure" in dash.error.message
+    assert len(dash.figures["ttft"].data[0].x) == 1  # the other figures still drew
+    dash.close()

@@ -30,8 +30,8 @@ from workbench.session import Session
 from workbench.state import StateLayout
 from workbench.tokenizer import Tokenizer
 from workbench import viz
-from workbench.widgets.common import (MIB, Panel, WidgetError, pre_html, refit, table_html, tokenizer_of,
-                                      visible_text)
+from workbench.widgets.common import (LEGEND_BELOW, MIB, Panel, WidgetError, pre_html, refit, table_html,
+                                      tokenizer_of, visible_text)
 
 PREVIEW_CHARS = 72  # tail of the stored text shown in the table
 INSPECT_CHARS = 2000  # tail of the stored text shown by Inspect
@@ -110,7 +110,7 @@ class CheckpointManager(Panel):
                                        tooltip="save the session's state under its decoded text")
         self.header_table = widgets.HTML("")
         self.text_preview = widgets.HTML("")
-        self.layer_plot = go.FigureWidget(layout=dict(height=300, template="plotly_white",
+        self.layer_plot = go.FigureWidget(layout=dict(height=320, template="plotly_white",
                                                       margin=dict(l=60, r=20, t=40, b=40)))
         self.inspect_box = widgets.VBox([widgets.HBox([self.header_table, self.text_preview]), self.layer_plot],
                                         layout=widgets.Layout(display="none"))
@@ -214,9 +214,10 @@ class CheckpointManager(Panel):
                                      f"{fixed / MIB:,.2f} MiB (not plotted)</div>")
         tail = ("…" if len(text) > INSPECT_CHARS else "") + text[-INSPECT_CHARS:]
         self.text_preview.value = (f"<div style='font-size:12px;color:#555'>stored text ({len(text):,} characters; "
-                                   f"the end)</div>" + pre_html(tail))
+                                   f"the end)</div>" + pre_html(tail, end=True))
         fig = viz.kv_bytes_by_layer([r for r in rows if r["layer"] >= 0])
-        fig.update_layout(title=f"{entry.sha[:12]}: KV payload per layer ({header.tokens:,} tokens)", height=300)
+        fig.update_layout(title=f"{entry.sha[:12]}: KV payload per layer ({header.tokens:,} tokens)", height=320,
+                          **LEGEND_BELOW)
         with self.layer_plot.batch_update():
             self.layer_plot.data = []
             self.layer_plot.add_traces(list(fig.data))

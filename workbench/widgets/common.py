@@ -28,7 +28,8 @@ MIB = 1024 * 1024
 TABLE_CSS = (
     "<style>"
     ".ds4wb-scroll{overflow:auto;border:1px solid #e0e0e0;border-radius:4px}"
-    ".ds4wb-table{border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace);width:100%}"
+    ".ds4wb-table{border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace);width:100%;"
+    "line-height:1.35}"
     ".ds4wb-table th{position:sticky;top:0;background:#f5f5f5;text-align:left;padding:3px 8px;"
     "border-bottom:1px solid #ccc;white-space:nowrap}"
     ".ds4wb-table td{padding:2px 8px;border-bottom:1px solid #eee;white-space:nowrap;vertical-align:top}"
@@ -38,6 +39,9 @@ TABLE_CSS = (
     ".ds4wb-pre{white-space:pre-wrap;word-break:break-all;font-family:var(--jp-code-font-family,monospace);"
     "font-size:12px;background:#fafafa;border:1px solid #e0e0e0;border-radius:4px;padding:6px;margin:0;"
     "max-height:14em;overflow:auto}"
+    ".ds4wb-tail{display:flex;flex-direction:column-reverse;overflow:auto;max-height:14em;border:1px solid #e0e0e0;"
+    "border-radius:4px}"
+    ".ds4wb-tail .ds4wb-pre{max-height:none;overflow:visible;border:0}"
     "</style>"
 )
 
@@ -166,14 +170,29 @@ def _cell(value: Any, float_format: str) -> str:
     return str(value)
 
 
-def pre_html(text: str) -> str:
-    """``text`` escaped in a scrollable monospace block."""
-    return f"{TABLE_CSS}<pre class='ds4wb-pre'>{html.escape(text)}</pre>"
+def pre_html(text: str, end: bool = False) -> str:
+    """``text`` escaped in a scrollable monospace block; with ``end`` the block opens
+    scrolled to its last line (for the tail of a transcript)."""
+    block = f"<pre class='ds4wb-pre'>{html.escape(text)}</pre>"
+    return TABLE_CSS + (f"<div class='ds4wb-tail'>{block}</div>" if end else block)
+
+
+def size_text(n: int) -> str:
+    """A byte count in the unit that keeps it readable: B, KiB, MiB or GiB."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,} B"
 
 
 def visible_text(text: str) -> str:
     """Control characters made visible (newline as ⏎) for one-line previews."""
     return text.replace("\r", "␍").replace("\n", "⏎").replace("\t", "⇥")
+
+
+# narrow figures: the legend below the tick labels, the x title left to the ticks
+LEGEND_BELOW = dict(legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, font=dict(size=11)),
+                    margin=dict(l=55, r=10, t=40, b=105), xaxis_title=None)
 
 
 def refit(fig: go.FigureWidget) -> None:

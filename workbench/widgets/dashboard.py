@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 from workbench import viz
 from workbench.engine import Completion, Engine, restrict
 from workbench.session import Progress
-from workbench.widgets.common import MIB, Panel, refit
+from workbench.widgets.common import LEGEND_BELOW, MIB, Panel, refit
 from workbench.workloads import WORKLOADS, Workload
 
 FIGURE_HEIGHT = 370
@@ -42,13 +42,10 @@ def _event_timeline(df: pd.DataFrame) -> go.Figure:
     return viz.event_timeline(df.assign(tokens=df["tokens"].fillna(0)))
 
 
-# the dashboard's narrow figures: legends below the tick labels (the x title is the ticks'
-# own word), none where the lanes or the single line already say it all
-_BELOW = dict(legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, font=dict(size=11)),
-              margin=dict(l=55, r=10, t=40, b=105), xaxis_title=None)
+# legends below the tick labels; none where the lanes or the single line say it all
 STYLES = {
-    "tokens": _BELOW,
-    "ttft": _BELOW,
+    "tokens": LEGEND_BELOW,
+    "ttft": LEGEND_BELOW,
     "timeline": dict(showlegend=False, margin=dict(l=110, r=10, t=40, b=45)),
     "disk": dict(showlegend=False, margin=dict(l=55, r=10, t=40, b=45)),
 }
@@ -246,14 +243,21 @@ class CacheDashboard(Panel):
 
     def redraw(self, which: tuple[str, ...] = tuple(PLOTS)) -> None:
         """Rebuild the named figures and the summary from ``engine.records``, and fit the
-        figures to the page."""
+        figures to the page. A figure that fails to build does not stop the others; the
+        first failure is raised afterwards."""
         df = self.engine.records
+        failed: list[Exception] = []
         for name in which:
-            fig = PLOTS[name][0](df).update_layout(**STYLES[name])
-            self._layouts[name] = sync_figure(self.figures[name], fig, last_layout=self._layouts.get(name))
-            refit(self.figures[name])
+            try:
+                fig = PLOTS[name][0](df).update_layout(**STYLES[name])
+                self._layouts[name] = sync_figure(self.figures[name], fig, last_layout=self._layouts.get(name))
+                refit(self.figures[name])
+            except Exception as err:  # draw the others, then report the first failure
+                failed.append(err)
         self.stats = summarize(df)
         self.summary.value = summary_html(self.stats)
+        if failed:
+            raise failed[0]
 
     def close(self) -> None:
         """Stop listening to the engine and close the widget."""

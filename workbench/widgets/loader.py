@@ -24,7 +24,7 @@ from workbench.gguf.layout import ds4_compat_problems, validate_ds4
 from workbench.gguf.reader import GGUFFile
 from workbench.model.config import ModelArgs
 from workbench.session import Progress, Session, load
-from workbench.widgets.common import MIB, Panel, table_html
+from workbench.widgets.common import MIB, Panel, size_text, table_html
 
 SORTS = {"file order": None, "name": ("name", True), "type": ("type", True), "MiB (largest first)": ("MiB", False)}
 
@@ -44,7 +44,7 @@ def summary_frame(f: GGUFFile) -> pd.DataFrame:
     for t in f.tensors.values():
         per_type[t.type_name] = per_type.get(t.type_name, 0) + t.nbytes
     rows = [("file", f.path), ("size", f"{f.file_size / MIB:,.1f} MiB, GGUF v{f.version}, {len(f.tensors)} tensors"),
-            ("bytes per type", ", ".join(f"{k} {v / MIB:,.1f} MiB" for k, v in
+            ("bytes per type", ", ".join(f"{k} {size_text(v)}" for k, v in
                                           sorted(per_type.items(), key=lambda kv: -kv[1])))]
     try:
         a = ModelArgs.from_metadata(f.metadata)
@@ -92,6 +92,8 @@ class ModelLoader(Panel):
         self.tensor_sort = widgets.Dropdown(options=list(SORTS), value="file order", description="sort",
                                             layout=widgets.Layout(width="16em"))
         self.tensor_table = widgets.HTML("")
+        self.tensor_controls = widgets.HBox([self.tensor_filter, self.tensor_sort],
+                                            layout=widgets.Layout(display="none"))
         self.tensor_filter.observe(lambda _c: self.guarded(self._show_tensors), names="value")
         self.tensor_sort.observe(lambda _c: self.guarded(self._show_tensors), names="value")
         self.children = [
@@ -99,7 +101,7 @@ class ModelLoader(Panel):
             widgets.HBox([self.path_text, self.ctx_input, self.validate_button, self.load_button]),
             widgets.HBox([self.progress, self.status]),
             self.error, self.verdict, self.summary,
-            widgets.HBox([self.tensor_filter, self.tensor_sort]),
+            self.tensor_controls,
             self.tensor_table,
         ]
 
@@ -160,8 +162,9 @@ class ModelLoader(Panel):
             text = f"<div style='color:#1e6b30'><b>✓ valid</b> ds4 layout: {html.escape(path)}</div>"
             if compat:
                 items = "".join(f"<li>{html.escape(p)}</li>" for p in compat)
-                text += ("<div style='color:#7a5b00'>differs from ds4's compiled-in constants (the workbench runs "
-                         f"it; ds4 itself would refuse it):<ul style='margin:2px 0'>{items}</ul></div>")
+                text += (f"<details style='color:#7a5b00'><summary>differs from ds4's compiled-in constants in "
+                         f"{len(compat)} setting{'s' if len(compat) != 1 else ''} (the workbench runs it; ds4 itself "
+                         f"would refuse it)</summary><ul style='margin:2px 0'>{items}</ul></details>")
             else:
                 text += "<div style='color:#1e6b30'>matches ds4's compiled-in constants</div>"
         self.verdict.value = text
@@ -169,6 +172,7 @@ class ModelLoader(Panel):
     def _show_file(self, f: GGUFFile) -> None:
         self.summary.value = table_html(summary_frame(f), max_height="none", wrap=("value",))
         self.tensors = tensor_frame(f)
+        self.tensor_controls.layout.display = None
         self._show_tensors()
 
     def _show_tensors(self) -> None:

@@ -83,7 +83,8 @@ class PrefillPanel(Panel):
                                                layout=widgets.Layout(width="11em"))
         self.temperature = widgets.BoundedFloatText(value=0.0, min=0.0, max=5.0, step=0.1,
                                                     description="temperature", tooltip="0 = greedy",
-                                                    layout=widgets.Layout(width="13em"))
+                                                    style={"description_width": "initial"},
+                                                    layout=widgets.Layout(width="11em"))
         self.whole_chars = widgets.Checkbox(value=True, description="whole characters only", indent=False,
                                             tooltip="sample only tokens that are whole UTF-8 characters "
                                                     "(random synthetic models otherwise emit broken bytes)",
@@ -197,8 +198,10 @@ class PrefillPanel(Panel):
             self.top_next, self.top_table.value = [], ""
             return
         self.top_next = top_tokens(logits, TOP_K)
+        top = self.top_next[0][1]
         df = pd.DataFrame([{"rank": i + 1, "id": t, "token": token_label(self.tokenizer, t), "probability": p,
-                            "": "█" * max(1, round(p * 30))} for i, (t, p) in enumerate(self.top_next)])
+                            "relative to the first": "█" * max(1, round(20 * p / top))}
+                           for i, (t, p) in enumerate(self.top_next)])
         self.top_table.value = ("<div style='font-size:12px;color:#555;margin-top:4px'>most likely next tokens</div>"
                                 + table_html(df, max_height="none", float_format="{:.4f}"))
 
@@ -218,6 +221,6 @@ class PrefillPanel(Panel):
         if n:
             text = self.tokenizer.decode_text(self.session.tokens)
             tail = ("…" if len(text) > TAIL_CHARS else "") + text[-TAIL_CHARS:]
-            self.session_text.value = pre_html(tail)
+            self.session_text.value = pre_html(tail, end=True)
         else:
             self.session_text.value = f"<i style='color:#777'>{html.escape('empty session')}</i>"

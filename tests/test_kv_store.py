@@ -341,3 +341,16 @@ def test_cli_reads_a_ds4_server_directory_without_a_model(tmp_path, capsys) -> N
     assert out["files"][0]["ok"] and out["files"][0]["checksum"] == "absent"
     assert cli_main(["kv", "verify", str(tmp_path), "--ctx", "16384"]) == 1  # saved at 32768: does not fit
     assert "does not fit current context" in capsys.readouterr().out
+
+
+def test_remove_deletes_only_checkpoints_of_this_directory(tmp_path):
+    from workbench.kv.store import KVStore, KVStoreError
+
+    store = KVStore(tmp_path / "kv", budget_mb=None, min_tokens=1)
+    foreign = tmp_path / "kv" / "notes.txt"
+    foreign.write_text("mine")
+    with pytest.raises(KVStoreError):
+        store.remove(foreign)
+    with pytest.raises(KVStoreError):
+        store.remove(tmp_path / "kv" / ("0" * 40 + ".kv"))
+    assert foreign.exists()

@@ -63,3 +63,12 @@ def test_report_html_is_self_contained(tmp_path):
     out = viz.report_html([viz.tokens_per_request(_records()), viz.disk_usage(_records())], tmp_path / "r.html")
     text = out.read_text()
     assert text.count("plotly.js v") <= 2 and "Tokens per request" in text and len(text) > 1_000_000
+
+
+def test_event_timeline_sizes_are_finite_without_token_counts():
+    import math
+
+    rec = Recorder()
+    rec.record("miss", request=0, reason="no-live-checkpoint")
+    fig = viz.event_timeline(rec.frame())
+    assert all(math.isfinite(s) for t in fig.data for s in t.marker.size)

@@ -65,15 +65,17 @@ def event_timeline(df: pd.DataFrame) -> go.Figure:
     ev = df[df["event"] != "request"].copy()
     ev["lane"] = [f"{e}: {r or s}" if e in ("save", "hit") else e
                   for e, r, s in zip(ev["event"], ev["reason"], ev["source"])]
+    ev["tokens"] = ev["tokens"].fillna(0)
+    biggest = max(float(ev["tokens"].max()) if len(ev) else 0.0, 1.0)
     fig = go.Figure()
     for lane, part in ev.groupby("lane", sort=True):
         reason = lane.split(": ")[-1]
         color = REASON_COLORS.get(reason) or SOURCE_COLORS.get(reason) or ("#d62728" if "fail" in lane else "#444")
-        size = 8 + 12 * (part["tokens"].fillna(0) / max(float(ev["tokens"].max() or 1), 1.0))
+        size = 8 + 12 * part["tokens"] / biggest
         fig.add_scatter(x=part["time_s"], y=[lane] * len(part), mode="markers", name=lane,
                         marker=dict(size=size, color=color),
                         text=[f"request {r}<br>{t:.0f} tokens<br>{Path(p).name}" if p else f"request {r}"
-                              for r, t, p in zip(part["request"], part["tokens"].fillna(0), part["path"])],
+                              for r, t, p in zip(part["request"], part["tokens"], part["path"])],
                         hoverinfo="text+x")
     return _layout(fig, "Cache events", "seconds since start", "")
 

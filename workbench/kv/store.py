@@ -792,6 +792,19 @@ class KVStore:
             os.close(dfd)
 
     # ---- eviction ---------------------------------------------------------------------------
+    def remove(self, entry: Entry | str | os.PathLike) -> Path:
+        """Delete one checkpoint of this directory (under the exclusive lock, so no other
+        process is mid-read of it). Only ``<sha>.kv`` files are removed."""
+        path = entry.path if isinstance(entry, Entry) else Path(entry)
+        if path.parent.resolve() != self.dir.resolve() or not NAME_RE.match(path.name):
+            raise KVStoreError(f"{path}: not a checkpoint of {self.dir}")
+        with self.lock.exclusive():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                raise KVStoreError(f"{path}: no longer exists") from None
+        return path
+
     def score(self, entry: Entry, now: float | None = None) -> float:
         """The entry's keep-worthiness (higher survives longer)."""
         h = entry.header

@@ -8,8 +8,8 @@ Each button is one library call a script could make: ``store.entries()``,
 ``store.load(entry, session.layout, session.ctx)`` + ``session.restore(state)``,
 ``store.verify(session.layout)``; Inspect reads the header, the text and the payload's row
 counts (``kv.format``) and plots the payload bytes per layer
-(``viz.kv_bytes_by_layer(kv.format.payload_breakdown(...))``). Delete unlinks the file
-under the store's directory lock, and only while "confirm" is pressed.
+(``viz.kv_bytes_by_layer(kv.format.payload_breakdown(...))``). Delete is
+``store.remove(entry)``, only while "confirm" is pressed.
 """
 
 from __future__ import annotations
@@ -190,8 +190,7 @@ class CheckpointManager(Panel):
         if not self.confirm.value:
             raise WidgetError(f"delete {entry.path.name}: press 'confirm' first")
         self.confirm.value = False
-        with self.store.lock.exclusive():
-            entry.path.unlink()
+        self.store.remove(entry)
         self.inspect_box.layout.display = "none"
         self.refresh()
         self.set_status(f"deleted {entry.path.name}")

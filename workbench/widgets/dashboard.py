@@ -36,11 +36,6 @@ FIGURE_HEIGHT = 370
 LENGTH_PARAMETER = {"agent": "turns", "multi-user": "turns", "long-document": "chunks"}
 
 
-def _event_timeline(df: pd.DataFrame) -> go.Figure:
-    """``viz.event_timeline`` with missing token counts as 0 (what its hover text shows):
-    while no event carries a token count, its marker sizes would otherwise be NaN."""
-    return viz.event_timeline(df.assign(tokens=df["tokens"].fillna(0)))
-
 
 # legends below the tick labels; none where the lanes or the single line say it all
 STYLES = {
@@ -52,7 +47,7 @@ STYLES = {
 PLOTS = {  # name -> (figure builder, which rows change it)
     "tokens": (viz.tokens_per_request, "request"),
     "ttft": (viz.ttft_breakdown, "request"),
-    "timeline": (_event_timeline, "event"),
+    "timeline": (viz.event_timeline, "event"),
     "disk": (viz.disk_usage, "disk"),
 }
 

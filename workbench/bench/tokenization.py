@@ -63,7 +63,8 @@ def run(ctx: BenchContext, max_bytes: int | None = None) -> BenchResult:
         if ids != ref_ids:
             result.notes.append(f"tokenizer {what}: ids differ from tokenizer.json's on {source} "
                                 f"({len(ids)} vs {len(ref_ids)} tokens)")
-        ours_s, ref_s = best_pair(lambda: ours_fn(string), lambda: ref.encode(string, add_special_tokens=False), reps)
+        ours_s, ref_s = best_pair(lambda: ours_fn(string), lambda: ref.encode(string, add_special_tokens=False).ids,
+                                  reps)
         result.add_row({"call": what, "text": source, "bytes": n_bytes, "tokens": len(ids), "workbench_s": ours_s,
                         "tokenizers_s": ref_s, "workbench_mbps": n_bytes / ours_s / 1e6, "tokenizers_mbps": n_bytes / ref_s / 1e6,
                         "workbench_tokens_per_s": len(ids) / ours_s})

@@ -239,16 +239,75 @@ def _read_file(tmp_path, blob: bytes, layout: StateLayout | None = SMALL, ctx: i
         return F.read_kv_file(f, layout, ctx, name="f.kv")
 
 
+def _chunk_sum(algorithm: int, data: bytes) -> int:
+    """A payload chunk's checksum computed independently of the module."""
+    if algorithm == 1:
+        return zlib.crc32(data)
+    xxhash = pytest.importorskip("xxhash")
+    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
+
+
+def _with_trailer(blob: bytes, payload_end: int, algorithm: int, chunks: list[int]) -> bytes:
+    """``blob`` with its KCS trailer rebuilt for ``algorithm`` and ``chunks``."""
+    head = struct.unpack_from("<3sBB3xIIII", blob, payload_end)
+    body = struct.pack("<3sBB3xIIII", b"KCS", 1, algorithm, head[3], len(chunks), head[5], head[6])
+    body += struct.pack(f"<{len(chunks)}I", *chunks)
+    return blob[:payload_end] + body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_crc32_trailers_still_load_and_check(tmp_path) -> None:
+    """Files written before XXH3 (algorithm 1, CRC-32 chunks) load, and a flipped bit is
+    still caught; an unknown algorithm is rejected."""
+    state = random_state(SMALL, 300, 4096)
+    blob = kv_bytes(state, b"abc")
+    p_end = 55 + F.payload_bytes(state)
+    v1 = _with_trailer(blob, p_end, 1, [zlib.crc32(blob[55:p_end])])
+    header, _, back, trailer = _read_file(tmp_path, v1)
+    assert trailer.checksums.algorithm == 1 and header.tokens == 300
+    assert_same_state(state, back)
+    bad = bytearray(v1)
+    bad[55 + 200_000] ^= 0x01
+    with pytest.raises(KVFormatError, match=r"f\.kv: payload checksum mismatch in chunk 0"):
+        _read_file(tmp_path, bytes(bad))
+    with pytest.raises(KVFormatError, match=r"f\.kv: checksum trailer version 1 algorithm 3"):
+        _read_file(tmp_path, _with_trailer(blob, p_end, 3, [0]))
+
+
+def test_xxh3_trailer_checks_the_low_32_bits(tmp_path) -> None:
+    xxhash = pytest.importorskip("xxhash")
+    state = random_state(SMALL, 300, 4096)
+    blob = kv_bytes(state, b"abc")
+    p_end = 55 + F.payload_bytes(state)
+    digest = xxhash.xxh3_64_intdigest(blob[55:p_end])
+    assert blob[p_end + 4] == 2 and struct.unpack_from("<I", blob, p_end + 24)[0] == digest & 0xFFFFFFFF
+    _read_file(tmp_path, _with_trailer(blob, p_end, 2, [digest & 0xFFFFFFFF]))
+    with pytest.raises(KVFormatError, match=r"f\.kv: payload checksum mismatch in chunk 0"):
+        _read_file(tmp_path, _with_trailer(blob, p_end, 2, [(digest >> 32) & 0xFFFFFFFF]))
+
+
+def test_loaded_tensors_are_own_mlx_arrays(tmp_path) -> None:
+    """A load yields evaluated MLX float32 arrays, one buffer per tensor (no shared
+    memory), so Session.restore's to_mlx copies nothing."""
+    state = random_state(SMALL, 300, 4096)
+    _, _, back, _ = _read_file(tmp_path, kv_bytes(state, b"abc"))
+    arrays = [back.logits] + [a for ls in back.layers for _, a in ls.tensors()]
+    assert all(isinstance(a, mx.array) and a.dtype == mx.float32 for a in arrays)
+    views = [np.asarray(a) for a in arrays if a.size]
+    assert not any(np.shares_memory(x, y) for i, x in enumerate(views) for y in views[i + 1:])
+    conv = back.to_mlx()
+    assert conv.layers[0].raw is back.layers[0].raw and conv.logits is back.logits
+
+
 def test_checksum_trailer_layout_and_ds4_view(tmp_path) -> None:
     state = random_state(SMALL, 300, 4096)
     text = b"abc"
     blob = kv_bytes(state, text)
     p_end = 55 + F.payload_bytes(state)
     t = blob[p_end:]
-    assert t[:3] == b"KCS" and t[3] == 1 and t[4] == 1
+    assert t[:3] == b"KCS" and t[3] == 1 and t[4] == F.DEFAULT_ALGORITHM
     chunk, n = struct.unpack_from("<II", t, 8)
     assert chunk == 16 << 20 and n == 1 and len(t) == 28 + 4 * n
-    assert struct.unpack_from("<I", t, 24)[0] == zlib.crc32(blob[55:p_end])
+    assert struct.unpack_from("<I", t, 24)[0] == _chunk_sum(t[4], blob[55:p_end])
     assert struct.unpack_from("<I", t, 20)[0] == zlib.crc32(blob[48:55])  # length + text
     assert struct.unpack_from("<I", t, len(t) - 4)[0] == zlib.crc32(t[:-4])
     masked = bytearray(blob[:48])

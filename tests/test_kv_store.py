@@ -9,6 +9,7 @@ import os
 import struct
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from test_kv_format import SMALL, assert_same_state, random_state
@@ -291,7 +292,7 @@ def test_loaded_state_is_new_and_payload_arrays_are_float32(tmp_path) -> None:
     state = random_state(SMALL, 300, CTX)
     path = st.save(state, "q" * 70, SaveReason.COLD).path
     back, _ = st.load(st.lookup("q" * 80, CTX), SMALL, 8192)
-    assert back.ctx == 8192 and back.layers[2].comp.dtype == np.float32 and back.problems() == []
+    assert back.ctx == 8192 and back.layers[2].comp.dtype == mx.float32 and back.problems() == []
 
 
 def test_progress_reports_every_layer_up_to_the_payload_size(tmp_path) -> None:

@@ -779,7 +779,8 @@ class KVStore:
                         break
                     n += write_all(f, view[:got])
                 if crc is not None:
-                    n += write_all(f, Checksums(CHECKSUM_CHUNK, header_crc(head), text_crc(key), crc.finish()).pack())
+                    n += write_all(f, Checksums(CHECKSUM_CHUNK, header_crc(head), text_crc(key), crc.finish(),
+                                                crc.algorithm).pack())
             return header, n
         finally:
             os.unlink(spath)

@@ -159,48 +159,188 @@ class _Cursor:
             self.pos += count * a.itemsize
             return a.astype(bool).tolist() if item == BOOL else a.tolist()
         if item == STRING:
-            return self.string_array(count, what)
+            strings = self.string_array(count, what)
+            return strings if depth == 0 else strings.decode()
         return [self.value(item, f"{what}[{i}]", depth + 1)[0] for i in range(count)]
 
-    def string_array(self, count: int, what: str) -> list[str]:
-        """``count`` strings: one pass slicing bytes off the mapping, then one decode each."""
-        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
-        raw: list[bytes] = [b""] * count
-        for i in range(count):
-            if size - pos < 8:
-                self.pos = pos
-                self.need(8, f"the length of {what}[{i}]")
-            (n,) = unpack(buf, pos)
-            pos += 8
-            if n > size - pos:
-                self.pos = pos
-                self.need(n, f"{what}[{i}] ({n} bytes)")
-            raw[i] = buf[pos:pos + n]
-            pos += n
+    def string_array(self, count: int, what: str) -> "LazyStrings":
+        """``count`` strings: one pass reading the lengths (bounds-checked, so the cursor
+        lands after the array), then one UTF-8 check of all the bytes; the list of str is
+        built on first use (:class:`LazyStrings`)."""
+        buf, start, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        pos = start
+        offsets = [0] * count
+        try:  # fast pass: the mapping's own bounds stop a runaway length
+            for i in range(count):
+                offsets[i] = pos
+                pos += 8 + unpack(buf, pos)[0]
+        except (struct.error, OverflowError):
+            pos = size + 1
+        if pos > size:  # truncated: find the item and say what is missing
+            pos = start
+            for i in range(count):
+                if size - pos < 8:
+                    self.pos = pos
+                    self.need(8, f"the length of {what}[{i}]")
+                (n,) = unpack(buf, pos)
+                pos += 8
+                if n > size - pos:
+                    self.pos = pos
+                    self.need(n, f"{what}[{i}] ({n} bytes)")
+                pos += n
         self.pos = pos
-        try:
-            return [b.decode("utf-8") for b in raw]
-        except UnicodeDecodeError:
-            for i, b in enumerate(raw):
-                try:
-                    b.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise self.fail(f"{what}[{i}] is not valid UTF-8 ({err.reason})") from None
-            raise
+        data = np.frombuffer(buf, dtype=np.uint8, count=pos - start, offset=start)
+        return LazyStrings(self.path, data, start, np.asarray(offsets, dtype=np.int64), what)
+
+
+class LazyStrings:
+    """A GGUF string array, validated as UTF-8 but not yet split into str objects.
+
+    Built from ``data`` (uint8, the array's bytes ``[start, end)`` of the file) and
+    ``offsets`` (int64 ``[count]``, absolute byte of each item's u64 length field) in a few
+    vectorised passes: the length fields are replaced by one separator byte that occurs in
+    no item, and the result is decoded as UTF-8 once (a concatenation of ASCII-separated
+    pieces is valid UTF-8 exactly when every piece is). :meth:`decode` splits it.
+    Raises GGUFError naming the first item that is not valid UTF-8.
+    """
+
+    def __init__(self, path: str, data: np.ndarray, start: int, offsets: np.ndarray, what: str) -> None:
+        self.count = len(offsets)
+        self._text: str | None = None
+        self._items: list[str] | None = None
+        if self.count == 0:
+            self._items = []
+            return
+        rel = offsets - start
+        keep = np.ones(data.size, dtype=bool)
+        for k in range(8):
+            keep[rel + k] = False
+        absent = np.flatnonzero(np.bincount(data[keep], minlength=256)[:128] == 0)
+        if absent.size:
+            self._sep = chr(int(absent[0]))
+            joined = data.copy()
+            joined[rel[1:] + 7] = int(absent[0])
+            keep[rel[1:] + 7] = True
+            try:
+                self._text = joined[keep].tobytes().decode("utf-8")
+                return
+            except UnicodeDecodeError:
+                pass
+        # every ASCII byte occurs in the items, or some item is not UTF-8: one by one
+        ends = np.append(rel[1:], data.size)
+        raw = data.tobytes()
+        items = []
+        for i, (a, b) in enumerate(zip((rel + 8).tolist(), ends.tolist())):
+            try:
+                items.append(raw[a:b].decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise GGUFError(f"{path}: {what}[{i}] is not valid UTF-8 ({err.reason})") from None
+        self._items = items
+
+    def __len__(self) -> int:
+        return self.count
+
+    def decode(self) -> list[str]:
+        """The items as a new list of str."""
+        if self._items is not None:
+            return list(self._items)
+        assert self._text is not None
+        return self._text.split(self._sep)
+
+
+class Metadata(dict):
+    """GGUF metadata: a ``dict`` of key -> python value in file order, whose string
+    arrays are decoded on first access of their key (then kept as a plain list).
+
+    Every way of reading values (``[]``, ``get``, ``items``, ``values``, ``==``, ``copy``,
+    ``dict(m)``, ``{**m}``, ``json.dumps``) sees decoded lists.
+    """
+
+    def _resolve(self, key: Any) -> None:
+        v = dict.get(self, key)
+        if isinstance(v, LazyStrings):
+            dict.__setitem__(self, key, v.decode())
+
+    def _resolve_all(self) -> None:
+        for key, v in dict.items(self):
+            if isinstance(v, LazyStrings):
+                self._resolve(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        self._resolve(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._resolve(key)
+        return dict.get(self, key, default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._resolve(key)
+        return dict.pop(self, key, *default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._resolve(key)
+        return dict.setdefault(self, key, default)
+
+    def popitem(self) -> tuple[Any, Any]:
+        self._resolve_all()
+        return dict.popitem(self)
+
+    def __iter__(self) -> Any:  # defined so that dict(m) and {**m} go through __getitem__
+        return dict.__iter__(self)
+
+    def items(self) -> Any:
+        self._resolve_all()
+        return dict.items(self)
+
+    def values(self) -> Any:
+        self._resolve_all()
+        return dict.values(self)
+
+    def copy(self) -> dict[str, Any]:
+        self._resolve_all()
+        return dict(dict.items(self))
+
+    def __eq__(self, other: object) -> bool:
+        self._resolve_all()
+        if isinstance(other, Metadata):
+            other._resolve_all()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __or__(self, other: Any) -> Any:
+        self._resolve_all()
+        return dict.__or__(self, other)
+
+    def __ror__(self, other: Any) -> Any:
+        self._resolve_all()
+        return dict.__ror__(self, other)
+
+    def __repr__(self) -> str:
+        self._resolve_all()
+        return dict.__repr__(self)
+
+    def __reduce__(self) -> Any:
+        return (dict, (self.copy(),))
 
 
 class GGUFFile:
     """An open GGUF v3 file. Use as a context manager or call :meth:`close`.
 
     Attributes: ``path``, ``version``, ``alignment``, ``data_offset`` (absolute byte where
-    tensor data starts), ``file_size`` (bytes), ``metadata`` (key -> python value; arrays
-    as lists), ``metadata_types`` (key -> GGUF value type id, arrays as ``(9, item_type)``),
+    tensor data starts), ``file_size`` (bytes), ``metadata`` (a :class:`Metadata` dict,
+    key -> python value; arrays as lists, string arrays decoded on first access), ``metadata_types`` (key -> GGUF value type id, arrays as ``(9, item_type)``),
     ``tensors`` (name -> :class:`TensorInfo`, in file order).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self.metadata: dict[str, Any] = {}
+        self.metadata: Metadata = Metadata()
         self.metadata_types: dict[str, int | tuple[int, int]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._mm: mmap.mmap | None = None

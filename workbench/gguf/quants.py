@@ -50,7 +50,8 @@ def _check_type(ggml_type: int) -> None:
 # The standard ggml tables, taken from the reference package: the grid (256 entries of 8
 # magnitudes in {8, 25, 43}) and the 128 sign bytes (bit j set = negate element j; bit 7 is
 # the parity of bits 0..6). Both are folded into one table of signed 8-vectors indexed by
-# ``grid_index * 128 + sign_index``: [32768, 8] int8 (256 KiB; values ±8, ±25, ±43 exact).
+# ``grid_index * 128 + sign_index``: [32768, 8] int8 (256 KiB; values ±8, ±25, ±43 exact),
+# kept as one uint64 per signed 8-vector so a gather moves 8 values at once.
 # Multiplying by the signed value is bit-identical to the reference's ``(db * grid) * sign``
 # since rounding is symmetric and a NaN scale propagates unchanged either way.
 _REF_IQ2_XXS.init_grid()
@@ -59,7 +60,7 @@ IQ2XXS_SIGNS: np.ndarray = np.frombuffer(_REF_IQ2_XXS.ksigns, dtype=np.uint8).co
 _sign_bits = (IQ2XXS_SIGNS[:, None] >> np.arange(8, dtype=np.uint8)) & 1  # [128, 8]
 _IQ2XXS_SIGNED = mx.array(
     (IQ2XXS_GRID[:, None, :] * np.where(_sign_bits == 1, -1.0, 1.0)[None])
-    .reshape(256 * 128, 8).astype(np.int8))
+    .reshape(256 * 128, 8).astype(np.int8).view(np.uint64).reshape(256 * 128))
 
 
 # --- per-type block decoders: blocks [N, block_bytes] uint8 -> [N, block_elems] -----------------
@@ -103,7 +104,7 @@ def _dequant_q2_k(blocks: mx.array) -> mx.array:
     ml = (dmin * (sc >> 4).astype(mx.float32)).reshape(n, 16, 1)
     # [half n, shift, 32] -> 16 groups of 16 in (half, shift, sub-half) order, one scale each
     q = (blocks[:, 16:80].reshape(n, 2, 1, 32) >> _Q2K_SHIFTS) & 3
-    q = q.reshape(n, 16, 16).astype(mx.float32)
+    q = q.reshape(n, 16, 16)  # uint8 codes: the product widens them exactly, in one pass
     return (dl * q - ml).reshape(n, 256)
 
 
@@ -123,7 +124,7 @@ def _dequant_q4_k(blocks: mx.array) -> mx.array:
     dm = (dmin * mn.astype(mx.float32)).reshape(n, 8, 1)
     # 32 bytes per pair of sub-blocks: low nibbles first, then high nibbles
     q = (blocks[:, 16:].reshape(n, 4, 1, 32) >> _Q4K_SHIFTS) & 15
-    q = q.reshape(n, 8, 32).astype(mx.float32)
+    q = q.reshape(n, 8, 32)  # uint8 codes: the product widens them exactly, in one pass
     return (ds * q - dm).reshape(n, 256)
 
 
@@ -138,7 +139,8 @@ def _dequant_iq2_xxs(blocks: mx.array) -> mx.array:
     a1 = groups[:, :, 4:].view(mx.uint32).reshape(n, 8)
     db = d * (0.5 + (a1 >> 28).astype(mx.float32)) * 0.25  # [n, 8]
     sign_idx = (a1[:, :, None] >> _IQ2XXS_SIGN_SHIFTS) & 127  # [n, 8, 4]
-    vals = mx.take(_IQ2XXS_SIGNED, grid_idx * 128 + sign_idx, axis=0).astype(mx.float32)
+    # int8 factors [n, 8, 4, 8]; the product widens them exactly, in one pass
+    vals = _IQ2XXS_SIGNED[grid_idx * 128 + sign_idx].view(mx.int8).reshape(n, 8, 4, 8)
     return (db.reshape(n, 8, 1, 1) * vals).reshape(n, 256)
 
 

@@ -665,8 +665,7 @@ def read_payload(f: BinaryIO, budget: int, layout: StateLayout, ctx: int | None 
     check_payload_header(ph, layout, name, ctx, prefill_chunk)
     T = ph.tokens
     tokens = src.array((T,), "<u4", "token ids")
-    logits = mx.zeros((layout.n_vocab,), dtype=mx.float32)
-    mx.eval(logits)
+    logits = mx.array(np.zeros(layout.n_vocab, dtype=np.float32))
     src.reserve(logits.nbytes, "logits")
     src.fill(memoryview(logits).cast("B"), lambda _: "logits")
     n_comp = list(struct.unpack(f"<{layout.n_layer}I", src.bytes(4 * layout.n_layer, "compressed row counts")))
@@ -693,10 +692,10 @@ def read_payload(f: BinaryIO, budget: int, layout: StateLayout, ctx: int | None 
     if not keep:
         src.skip(body, locate)
         return None
-    # one MLX float32 array per tensor, evaluated (own, writable, contiguous memory), then
-    # filled in place from the file: the only copy is the one out of the page cache
-    arrays = [mx.zeros(shape, dtype=mx.float32) for _, _, shape in fields]
-    mx.eval(*arrays)
+    # one MLX float32 array per tensor (mx.array copies, so each owns writable contiguous
+    # memory, allocated on this thread: measured 10x cheaper than evaluating mx.zeros on
+    # MLX's stream thread), then filled in place from the file: no to_mlx copy afterwards
+    arrays = [mx.array(np.zeros(shape, dtype=np.float32)) for _, _, shape in fields]
     layers = []
     for (L, fname, _), start, arr in zip(fields, starts, arrays):
         if arr.size:

@@ -279,6 +279,39 @@ class QTensor:
         return dequantize(slabs, self._type)
 
 
+def stacked_experts(banks: Sequence[QTensor], ids: mx.array | np.ndarray | Sequence[int]) -> mx.array:
+    """The selected experts of several 3-D tensors stacked along the output axis.
+
+    ``banks``: tensors ``[n_expert, out_b, in]`` of one ggml type and equal ``n_expert`` and
+    ``in`` (e.g. an FFN's gate and up projections). Returns float32
+    ``[len(ids), Σ out_b, in]``, bank ``b``'s rows after those of the banks before it,
+    bit-identical to concatenating ``bank.experts(ids)``: the raw slabs are stacked (uint8,
+    a fraction of the float32 size) and dequantized in one pass.
+    """
+    first = banks[0]
+    for b in banks:
+        if len(b.shape) != 3 or b.ggml_type != first.ggml_type or b.shape[0] != first.shape[0] \
+                or b.shape[2] != first.shape[2]:
+            raise QuantError(f"stacked_experts needs 3-D tensors of one type and equal expert count and "
+                             f"width, got {', '.join(repr(x) for x in banks)}")
+    if len(banks) == 1:
+        return first.experts(ids)
+    n_expert = first.shape[0]
+    idx = np.asarray(ids)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise QuantError(f"expert ids must be a 1-D integer array, got shape {idx.shape} dtype {idx.dtype}")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n_expert):
+        raise QuantError(f"expert ids {idx.tolist()} out of range for {n_expert} experts")
+    if all(isinstance(b.raw, np.ndarray) for b in banks):
+        raw: mx.array | np.ndarray = np.concatenate([b.raw[idx] for b in banks], axis=1)
+    else:
+        take = mx.array(idx.astype(np.int32))
+        raw = mx.concatenate([mx.take(b.raw if isinstance(b.raw, mx.array) else mx.array(np.ascontiguousarray(b.raw)),
+                                      take, axis=0) for b in banks], axis=1)
+    return dequantize(raw, first.ggml_type)
+
+
 # --- matmul ------------------------------------------------------------------------------------
 
 # Largest float32 tile of a dequantized weight materialised at once by matmul (bytes).

@@ -6,8 +6,13 @@ the experts from ``tid2eid[token]``; the others take the top-k of ``prob + exp_p
 clamped below at 6.103515625e-5) times ``expert_weights_scale``. Each expert is a SwiGLU
 with an asymmetric clamp (gate ≤ c, up in [-c, c]); the shared expert uses it too.
 
-Routed experts stay quantized; a chunk dequantizes only the experts its tokens use, a few
-at a time, and runs float32 BLAS matmuls over each expert's tokens.
+Routed experts stay quantized; a chunk dequantizes each expert its tokens use exactly once,
+a batch of experts at a time (``expert_batch_bytes`` of float32 weights), and runs float32
+BLAS matmuls over each expert's tokens. When gate and up are ``QTensor`` s of one type,
+they are dequantized together as one ``[2·n_ff, n_embd]`` matrix per expert and applied in
+one matmul. Dequantized batches are short-lived, equal-sized buffers: with MLX's buffer
+cache large enough to hold a few of them (``workbench.session.load`` sets it on the CPU),
+each batch reuses the previous one's memory instead of page-faulting fresh memory in.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from workbench.gguf.quants import QTensor, stacked_experts
 from workbench.model.ops import Weight, compute_dtype, linear, topk_indices
 
 WEIGHT_SUM_FLOOR = 6.103515625e-5
@@ -98,17 +104,23 @@ class MoE:
         ys = []
         for i in range(0, len(experts), batch):
             ids = experts[i : i + batch]
-            wg = self.w.gate_exps.experts(ids).astype(dt)
-            wu = self.w.up_exps.experts(ids).astype(dt)
+            wgu = self._gate_up(ids).astype(dt)  # [E, 2·n_ff, n_embd]
             wd = self.w.down_exps.experts(ids).astype(dt)
             for j in range(len(ids)):
                 a, n = int(starts[i + j]), int(counts[i + j])
-                x = xs[a : a + n].astype(dt)
-                hmid = swiglu((x @ wg[j].T).astype(mx.float32), (x @ wu[j].T).astype(mx.float32), self.clamp)
+                h = (xs[a : a + n].astype(dt) @ wgu[j].T).astype(mx.float32)  # [n, 2·n_ff]
+                hmid = swiglu(h[:, :n_ff], h[:, n_ff:], self.clamp)
                 ys.append(((hmid * ws[a : a + n]).astype(dt) @ wd[j].T).astype(mx.float32))
             mx.eval(ys)
         y = mx.concatenate(ys)
         return mx.zeros((t, g.shape[1]), mx.float32).at[mx.array(tok.astype(np.int32))].add(y)
+
+    def _gate_up(self, ids: np.ndarray) -> mx.array:
+        """Gate rows then up rows of the given experts: float32 ``[len(ids), 2·n_ff, n_embd]``."""
+        gate, up = self.w.gate_exps, self.w.up_exps
+        if isinstance(gate, QTensor) and isinstance(up, QTensor) and gate.ggml_type == up.ggml_type:
+            return stacked_experts([gate, up], ids)
+        return mx.concatenate([gate.experts(ids), up.experts(ids)], axis=1)
 
     def __call__(self, g: mx.array, tokens: mx.array) -> mx.array:
         """g ``[T, n_embd]`` (ffn-normed), tokens ``[T]`` int32 → ``[T, n_embd]``."""

@@ -33,8 +33,10 @@ import pytest
 
 from workbench import distributed
 from workbench.kv import shards as S
+from workbench.gguf.reader import GGUFFile
 from workbench.kv.format import SaveReason, comp_cap, raw_cap, read_kv_file, write_kv_file
-from workbench.session import load
+from workbench.model.config import ModelArgs
+from workbench.session import SessionError, load
 from workbench.state import LAYER_FIELDS
 
 CTX = 1024
@@ -87,17 +89,16 @@ def test_split_and_parse_ranges() -> None:
 
 
 def test_rank_weight_bytes_follow_the_layer_ranges(tiny_gguf: Path) -> None:
-    from workbench.gguf.reader import GGUFFile
-
     with GGUFFile(tiny_gguf) as f:
         sizes = {n: t.nbytes for n, t in f.tensors.items()}
-        n_layer = distributed.ModelArgs.from_metadata(f.metadata).n_layer
+        n_layer = ModelArgs.from_metadata(f.metadata).n_layer
     per = distributed.rank_weight_bytes(sizes, n_layer, [(0, 1), (1, 5), (5, n_layer)])
     assert sum(per) == sum(sizes.values())
     layer = {L: sum(b for n, b in sizes.items() if n.startswith(f"blk.{L}.")) for L in range(n_layer)}
     assert per[0] == layer[0] + sizes["token_embd.weight"]
     assert per[1] == sum(layer[L] for L in range(1, 5))
-    assert per[2] == sum(layer[L] for L in range(5, n_layer)) + sum(b for n, b in sizes.items() if n.startswith("output"))
+    head = sum(b for n, b in sizes.items() if n.startswith("output"))
+    assert per[2] == sum(layer[L] for L in range(5, n_layer)) + head
 
 
 # ---- the shard format ------------------------------------------------------------------------------------
@@ -207,6 +208,10 @@ def test_single_rank_session_matches_session(tiny_gguf: Path, reference: dict, t
     s = distributed.load(tiny_gguf, ctx=CTX)
     try:
         assert (s.size, s.ranges) == (1, [(0, 6)])
+        with pytest.raises(SessionError, match="outside the vocabulary"):
+            s.prefill([0, s.args.n_vocab])
+        with pytest.raises(SessionError, match="context full"):
+            s.prefill([1] * (CTX + 1))
         s.prefill(PROMPT[:2 * CHUNK], chunk=CHUNK)  # resumed on a chunk boundary: the same schedule
         s.prefill(PROMPT[2 * CHUNK:], chunk=CHUNK)
         assert np.array_equal(np.array(s.logits), reference["logits"])

@@ -156,7 +156,8 @@ class DistributedSession:
         self.ranges = [tuple(r) for r in ranges]
         self.start, self.stop = self.ranges[self.rank]
         if len(model.blocks) != self.stop - self.start:
-            raise DistributedError(f"rank {self.rank}: {len(model.blocks)} blocks for layers {self.start}..{self.stop - 1}")
+            raise DistributedError(f"rank {self.rank}: {len(model.blocks)} blocks for layers "
+                                   f"{self.start}..{self.stop - 1}")
         self.logits_on, self.path, self._file, self.quant_bits = logits_on, path, file, quant_bits
         self.layout = StateLayout.from_args(args)
         self.traffic = Traffic()
@@ -260,12 +261,15 @@ class DistributedSession:
     def _broadcast_logits(self, logits: mx.array | None) -> mx.array:
         return self._broadcast(logits, (self.args.n_vocab,), mx.float32, self.last_rank, "logits broadcast")
 
-    def _agree(self, error: str, what: str, tokens: Sequence[int] | None = None) -> None:
-        """Barrier: raise on every rank when any rank reports ``error`` or the ranks' token
-        lists (length and CRC) differ."""
+    def _agree(self, error: str | WorkbenchError | None, what: str, tokens: Sequence[int] | None = None) -> None:
+        """Barrier: raise on every rank when any rank reports an ``error`` (a rank re-raises
+        its own exception, the others DistributedError) or the ranks' token lists (length and
+        CRC) differ."""
         toks = [] if tokens is None else list(tokens)
         rows = self._gather([0 if error else 1, len(toks), _crc_tokens(toks)], what)
         failed = [r for r in range(self.size) if rows[r, 0] == 0]
+        if isinstance(error, WorkbenchError):
+            raise error
         if failed:
             raise DistributedError(f"{what} failed on rank(s) {failed}" + (f": {error}" if error else ""))
         if tokens is not None and not (rows[:, 1:] == rows[0, 1:]).all():
@@ -284,12 +288,14 @@ class DistributedSession:
             raise DistributedError(f"ranks hold layers {rows[:, 7:].tolist()}, expected {self.ranges}")
 
     # ---- running ------------------------------------------------------------------------------
-    def _check_tokens(self, tokens: list[int]) -> None:
+    def _token_problem(self, tokens: list[int]) -> SessionError | None:
+        """Why ``tokens`` cannot be appended (None when they can)."""
         bad = [t for t in tokens if not 0 <= t < self.args.n_vocab]
         if bad:
-            raise SessionError(f"token ids outside the vocabulary of {self.args.n_vocab}: {bad[:5]}")
+            return SessionError(f"token ids outside the vocabulary of {self.args.n_vocab}: {bad[:5]}")
         if self.n_tokens + len(tokens) > self.ctx:
-            raise SessionError(f"context full: {self.n_tokens} tokens + {len(tokens)} new > ctx {self.ctx}")
+            return SessionError(f"context full: {self.n_tokens} tokens + {len(tokens)} new > ctx {self.ctx}")
+        return None
 
     def _advance(self, st: ShardState, tokens: list[int], want_logits: bool,
                  on_layer: Callable[[int], None] | None = None) -> ShardState:
@@ -337,8 +343,7 @@ class DistributedSession:
         chunk = self.state.prefill_chunk if chunk is None else int(chunk)
         if chunk < 1:
             raise SessionError(f"chunk must be >= 1, got {chunk}")
-        self._check_tokens(tokens)
-        self._agree("", "prefill", self.state.tokens + tokens)  # also lines the ranks up: t0 is common
+        self._agree(self._token_problem(tokens), "prefill", self.state.tokens + tokens)  # lines the ranks up
         t0 = time.perf_counter()
         start, n = self.n_tokens, len(tokens)
         sched = chunk_schedule(start, n, chunk)
@@ -364,8 +369,7 @@ class DistributedSession:
 
     def step(self, token: int) -> mx.array | None:
         """Feed one token (the same on every rank: checked); return the new logits."""
-        self._check_tokens([int(token)])
-        self._agree("", "step", self.state.tokens + [int(token)])
+        self._agree(self._token_problem([int(token)]), "step", self.state.tokens + [int(token)])
         return self._step(int(token))
 
     def decode(self, max_tokens: int, sampler: Callable[[mx.array], int] | None = None,

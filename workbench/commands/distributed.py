@@ -72,7 +72,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     way = c.add_mutually_exclusive_group(required=True)
     way.add_argument("--to-shards", metavar="KV", help=".kv file to split into a sharded checkpoint")
     way.add_argument("--to-kv", metavar="DIR", help="sharded checkpoint to join into one .kv file")
-    c.add_argument("--out", required=True, help="checkpoint directory (--to-shards), or .kv path or directory (--to-kv)")
+    c.add_argument("--out", required=True,
+                   help="checkpoint directory (--to-shards), or .kv path or directory (--to-kv)")
     c.add_argument("--ranks", type=int, default=2, help="number of even layer ranges (--to-shards, default 2)")
     c.add_argument("--layers", default=None, help="explicit inclusive ranges, e.g. 0-2,3-5 (--to-shards)")
     c.add_argument("--model", default=None, help="GGUF giving the exact layout (--to-shards; default: inferred)")

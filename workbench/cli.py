@@ -23,6 +23,7 @@ COMMANDS = {
     "kv": "workbench.commands.kv",
     "demo": "workbench.commands.demo",
     "bench": "workbench.commands.bench",
+    "distributed": "workbench.commands.distributed",
 }
 
 

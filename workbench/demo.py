@@ -19,11 +19,12 @@ from typing import Callable
 import pandas as pd
 
 from workbench import viz
-from workbench.engine import Engine, restrict, routed_quant_bits
+from workbench.engine import Engine, restrict
+from workbench.gguf.layout import routed_quant_bits
 from workbench.kv.format import read_header, read_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
-from workbench.session import Progress, load
+from workbench.session import load
 from workbench.state import StateLayout
 from workbench.workloads import agent_session
 

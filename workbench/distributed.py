@@ -42,9 +42,8 @@ import mlx.core as mx
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.gguf.layout import validate_ds4
+from workbench.gguf.layout import routed_quant_bits, validate_ds4
 from workbench.gguf.reader import GGUFFile
-from workbench.gguf.types import Q4_K
 from workbench.kv.format import SaveReason
 from workbench.kv.shards import (
     Manifest, ShardEntry, ShardError, ShardState, check_ranges, load_range, make_manifest, publish_manifest,
@@ -98,13 +97,6 @@ def init_group(backend: str = "any") -> mx.distributed.Group:
         return mx.distributed.init(strict=backend != "any", backend=backend)
     except (RuntimeError, ValueError) as err:
         raise DistributedError(f"cannot start the {backend!r} distributed backend: {err}") from None
-
-
-def routed_quant_bits(f: GGUFFile) -> int:
-    """ds4's KVC header byte: 4 when layer 0's gate experts are Q4_K, else 2 (the rule of
-    ``workbench.engine.routed_quant_bits``, which this module avoids importing: pandas)."""
-    info = f.tensors.get("blk.0.ffn_gate_exps.weight")
-    return 4 if info is not None and info.ggml_type == Q4_K else 2
 
 
 def _crc_tokens(tokens: Sequence[int]) -> int:
@@ -303,7 +295,6 @@ class DistributedSession:
         layers, send them on (or apply the head when ``want_logits``)."""
         T, p0 = len(tokens), st.n_tokens
         shape = (T, self.args.n_hc, self.args.n_embd)
-        tok = mx.array(np.asarray(tokens, dtype=np.int32))
         if self.is_first:
             x = self.model.embed(tokens)
         else:
@@ -312,13 +303,7 @@ class DistributedSession:
                 mx.eval(x)
             self.traffic.hc_received_bytes += x.nbytes
             self.traffic.hc_messages += 1
-        layers = []
-        for i, block in enumerate(self.model.blocks):
-            x, ls = block(x, tok, p0, st.layers[i])
-            mx.eval(x, *(v for _, v in ls.tensors()))
-            layers.append(ls)
-            if on_layer is not None:
-                on_layer(i)
+        x, layers = self.model.run_layers(x, tokens, p0, st.layers, on_layer)
         logits = None
         if not self.is_last:
             with self._comm(f"sending streams for positions {p0}..{p0 + T - 1} to rank {self.rank + 1}"):
@@ -563,4 +548,4 @@ def load(path: str | os.PathLike, ctx: int = DEFAULT_CTX, *, group: mx.distribut
 
 
 __all__ = ["DistributedSession", "DistributedError", "Traffic", "CheckpointSaved", "LogitsOn", "init_group", "load",
-           "build_range_model", "rank_weight_bytes", "routed_quant_bits"]
+           "build_range_model", "rank_weight_bytes"]

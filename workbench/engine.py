@@ -27,8 +27,6 @@ import numpy as np
 import pandas as pd
 
 from workbench.chat import render_messages, render_single
-from workbench.gguf.reader import GGUFFile
-from workbench.gguf.types import Q4_K
 from workbench.kv.format import SaveReason
 from workbench.kv.policy import ContinuedSchedule, KVPolicy
 from workbench.kv.store import KVLoadError, KVSaveError, KVStore
@@ -103,12 +101,6 @@ def restrict(allowed: np.ndarray, sampler: Callable | None = None) -> Callable[[
         return int(pick(x))
 
     return sample
-
-
-def routed_quant_bits(f: GGUFFile) -> int:
-    """ds4's header byte: 4 when layer 0's gate experts are Q4_K, else 2."""
-    info = f.tensors.get("blk.0.ffn_gate_exps.weight")
-    return 4 if info is not None and info.ggml_type == Q4_K else 2
 
 
 class Engine:

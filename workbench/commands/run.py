@@ -233,7 +233,8 @@ def save_record(s: Any) -> dict[str, Any]:
 
 def run_cached(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler, text: str | None) -> None:
     """``--kv-dir``: serve the prompt (or each chat turn) through the engine's disk cache."""
-    from workbench.engine import Engine, routed_quant_bits
+    from workbench.engine import Engine
+    from workbench.gguf.layout import routed_quant_bits
     from workbench.kv.policy import KVPolicy
     from workbench.kv.store import KVStore
 

@@ -345,3 +345,9 @@ def ds4_compat_problems(args: ModelArgs) -> list[str]:
         problems.append(f"{PREFIX}attention.compress_ratios differ from ds4's schedule "
                         f"(0 for L<2, then 4 on even, 128 on odd layers) at layers {off}")
     return problems
+
+
+def routed_quant_bits(f: GGUFFile) -> int:
+    """ds4's KVC header byte 4: 4 when layer 0's gate experts are Q4_K, else 2."""
+    info = f.tensors.get("blk.0.ffn_gate_exps.weight")
+    return 4 if info is not None and info.ggml_type == Q4_K else 2

@@ -87,6 +87,21 @@ class Model:
         y = hc_collapse(x, w.fn, w.scale, w.base, a.hc_eps, a.rms_eps)
         return linear(rms_norm(y, self.out_norm, a.rms_eps), self.head)
 
+    def run_layers(self, x: mx.array, tokens: list[int], p0: int, states: list[LayerState],
+                   on_layer: Callable[[int], None] | None = None) -> tuple[mx.array, list[LayerState]]:
+        """Streams x ``[T, n_hc, n_embd]`` of tokens at positions p0.. through this model's
+        blocks (all of them, or a pipeline rank's range), each evaluated before the next;
+        returns the output streams and the blocks' new states. ``on_layer(i)`` after block i."""
+        tok = mx.array(np.asarray(tokens, dtype=np.int32))
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, st = block(x, tok, p0, states[i])
+            mx.eval(x, *(v for _, v in st.tensors()))
+            new_states.append(st)
+            if on_layer is not None:
+                on_layer(i)
+        return x, new_states
+
     def __call__(self, tokens: list[int], p0: int, states: list[LayerState],
                  on_layer: Callable[[int], None] | None = None,
                  logits: bool = True) -> tuple[mx.array | None, list[LayerState]]:
@@ -96,15 +111,7 @@ class Model:
         False, e.g. for a prefill chunk that is not the last) and the new per-layer states
         (the inputs are not modified). ``on_layer(L)`` is called after layer L.
         """
-        tok = mx.array(np.asarray(tokens, dtype=np.int32))
-        x = self.embed(tokens)
-        new_states = []
-        for L, block in enumerate(self.blocks):
-            x, st = block(x, tok, p0, states[L])
-            mx.eval(x, *(v for _, v in st.tensors()))
-            new_states.append(st)
-            if on_layer is not None:
-                on_layer(L)
+        x, new_states = self.run_layers(self.embed(tokens), tokens, p0, states, on_layer)
         if not logits:
             return None, new_states
         out = self.logits(x[-1:])[0]

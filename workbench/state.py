@@ -131,6 +131,16 @@ KIND_OF = {
 }
 
 
+def as_mlx(a: Any) -> Any:
+    """``a`` as an MLX float32 array (None and MLX arrays pass through unchanged)."""
+    return a if a is None or isinstance(a, mx.array) else mx.array(a, dtype=mx.float32)
+
+
+def layers_to_mlx(layers: list[LayerState]) -> list[LayerState]:
+    """New LayerStates whose arrays are all MLX float32."""
+    return [LayerState(**{name: as_mlx(getattr(ls, name)) for name in LAYER_FIELDS}) for ls in layers]
+
+
 @dataclass
 class SessionState:
     """Everything needed to continue a session: tokens, next-token logits, per-layer KV."""
@@ -172,11 +182,7 @@ class SessionState:
 
     def to_mlx(self) -> "SessionState":
         """A copy whose arrays are all MLX float32 (states read from disk hold NumPy views)."""
-        def conv(a: Any) -> Any:
-            return a if a is None or isinstance(a, mx.array) else mx.array(a, dtype=mx.float32)
-
-        layers = [LayerState(**{name: conv(getattr(ls, name)) for name in LAYER_FIELDS}) for ls in self.layers]
-        return replace(self, tokens=list(self.tokens), logits=conv(self.logits), layers=layers)
+        return replace(self, tokens=list(self.tokens), logits=as_mlx(self.logits), layers=layers_to_mlx(self.layers))
 
     def problems(self) -> list[str]:
         """Shape inconsistencies against the layout and token count (empty when valid)."""

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
-import mlx.core as mx
 import numpy as np
 
 from workbench.kv.format import (
@@ -52,7 +51,7 @@ from workbench.kv.format import (
     layer_tensor_shapes, raw_cap, raw_window, read_kv_file, write_all, write_kv_file,
 )
 from workbench.kv.store import text_sha
-from workbench.state import F32, LAYER_FIELDS, LayerState, SessionState, StateLayout
+from workbench.state import F32, LAYER_FIELDS, LayerState, SessionState, StateLayout, as_mlx, layers_to_mlx
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total) of one shard file
 
@@ -157,11 +156,7 @@ class ShardState:
 
     def to_mlx(self) -> "ShardState":
         """A copy whose arrays are all MLX float32 (shards read from disk hold NumPy views)."""
-        def conv(a: Any) -> Any:
-            return a if a is None or isinstance(a, mx.array) else mx.array(a, dtype=mx.float32)
-
-        layers = [LayerState(**{name: conv(getattr(ls, name)) for name in LAYER_FIELDS}) for ls in self.layers]
-        return replace(self, tokens=list(self.tokens), logits=conv(self.logits), layers=layers)
+        return replace(self, tokens=list(self.tokens), logits=as_mlx(self.logits), layers=layers_to_mlx(self.layers))
 
     def problems(self) -> list[str]:
         """Shape inconsistencies against the layout, range and token count (empty when valid)."""

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
+from workbench.atomic import atomic_write
 from workbench.state import StateLayout
 
 MIB = 1024 * 1024
@@ -172,7 +173,6 @@ def report_html(figures: Sequence[go.Figure], path: str | Path, title: str = "ds
     for i, fig in enumerate(figures):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
     parts.append("</body></html>")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write("\n".join(parts).encode("utf-8"))
     return path

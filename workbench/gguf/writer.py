@@ -16,7 +16,6 @@ offset and followed by zero padding up to the next multiple of the alignment.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -25,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from workbench.atomic import atomic_write
 from workbench.errors import WorkbenchError
 from workbench.gguf.types import GGML_TYPES
 
@@ -245,10 +245,9 @@ def write_gguf(out: str | Path, metadata: Mapping[str, MetaValue],
     data_start = align_up(len(header), alignment)
     total = data_start + pos
 
-    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_write(out) as f:
             f.write(header)
             f.write(bytes(data_start - len(header)))
             done = data_start
@@ -274,11 +273,6 @@ def write_gguf(out: str | Path, metadata: Mapping[str, MetaValue],
                 done += pad
             if progress:
                 progress(done, total)
-        os.replace(tmp, out)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise GGUFWriteError(f"{out}: {err.strerror or err}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out

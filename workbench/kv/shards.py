@@ -46,6 +46,7 @@ from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
+from workbench.atomic import atomic_write
 from workbench.kv.format import (
     ExtFlag, KVFormatError, OFF_LAST_USED, SaveReason, comp_cap, default_prefill_chunk, kv_file_bytes,
     layer_tensor_shapes, raw_cap, raw_window, read_kv_file, write_all, write_kv_file,
@@ -414,30 +415,14 @@ def shard_name(save_id: str, start: int, stop: int) -> str:
     return f"{save_id}.L{start}-{stop - 1}.dsvl"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish_manifest(directory: str | os.PathLike, manifest: Manifest, durable: bool = False) -> Path:
     """Write the manifest to a temp name and rename it over ``manifest.json`` (atomic)."""
     d = Path(directory)
     final = manifest_path(d)
-    tmp = d / f"{MANIFEST_NAME}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(final, durable) as f:
             write_all(f, manifest.to_json().encode("utf-8"))
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
-        if durable:
-            _fsync_dir(d)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise ShardError(f"{final}: cannot publish manifest: {err.strerror or err}") from None
     return final
 
@@ -515,20 +500,11 @@ def write_shard_file(directory: str | os.PathLike, shard: ShardState, save_id: s
     """
     d = Path(directory)
     name = shard_name(save_id, shard.start, shard.stop)
-    tmp = d / f"{name}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(d / name, durable) as f:
             entry = write_shard(f, shard, name, progress)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, d / name)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise ShardError(f"{d / name}: cannot write shard: {err.strerror or err}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return entry
 
 
@@ -837,25 +813,16 @@ def checkpoint_to_kv(directory: str | os.PathLike, out: str | os.PathLike, check
     dest = Path(out)
     if dest.is_dir():
         dest = dest / f"{text_sha(m.text)}.kv"
-    tmp = dest.with_name(f"{dest.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(dest, durable) as f:
             _, n = write_kv_file(f, state, m.text, quant_bits=m.quant_bits, reason=m.reason, ext_flags=m.ext_flags,
                                  checksum=checksum, now=m.created_at, hits=m.hits)
             if n != kv_file_bytes(state, len(m.text), checksum):
                 raise ShardError(f"{dest}: wrote {n} bytes, expected {kv_file_bytes(state, len(m.text), checksum)}")
             f.seek(OFF_LAST_USED)  # outside the header checksum, as a store touch rewrites it
             write_all(f, struct.pack("<Q", m.last_used))
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, dest)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise ShardError(f"{dest}: cannot write: {err.strerror or err}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 

@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, ClassVar, Iterable, Mapping
 
+from workbench.atomic import fsync_dir, tmp_path
 from workbench.errors import WorkbenchError
 from workbench.kv.format import (
     CHECKSUM_CHUNK, OFF_HITS, OFF_LAST_USED, TEXT_OFFSET, Checksums, ChunkCRC, KVFormatError, KVHeader, Progress,
@@ -683,7 +684,7 @@ class KVStore:
                 self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=predicted, why="no-room"))
                 return SaveResult(final, "skipped", 0, time.perf_counter() - t0, evicted,
                                   detail="budget is held by protected, foreign or invalid files")
-            tmp = self.dir / f"{sha}.kv.tmp.{os.getpid()}"
+            tmp = tmp_path(final)
             try:
                 header, written = self._write_tmp(tmp, state, key, reason, ext_flags, mode, durable, progress)
                 on_disk = os.stat(tmp).st_size
@@ -693,7 +694,7 @@ class KVStore:
                 with self.lock.exclusive():
                     os.replace(tmp, final)
                     if durable:
-                        self._fsync_dir()
+                        fsync_dir(self.dir)
                     st = os.stat(final)  # index the new file from the header just written
                     self._cache[final.name] = ((st.st_ino, st.st_size, st.st_mtime_ns), Entry(
                         final, sha, replace(header, file_size=st.st_size), st.st_mtime_ns))
@@ -784,13 +785,6 @@ class KVStore:
             return header, n
         finally:
             os.unlink(spath)
-
-    def _fsync_dir(self) -> None:
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     # ---- eviction ---------------------------------------------------------------------------
     def remove(self, entry: Entry | str | os.PathLike) -> Path:

@@ -24,12 +24,13 @@ import numpy as np
 
 from workbench.chat import render_single
 from workbench.commands.run import RunError, TextStream, print_summary, progress_bar, prompt_text, summary
+from workbench.commands.common import add_sampling_args, sampler_from_args
 from workbench.errors import WorkbenchError
 from workbench.gguf.reader import GGUFFile
 from workbench.kv.format import SaveReason
 from workbench.kv.shards import checkpoint_to_kv, kv_to_checkpoint, parse_ranges, read_manifest, verify_checkpoint
 from workbench.model.config import ModelArgs
-from workbench.sampling import Sampler, top_tokens
+from workbench.sampling import top_tokens
 from workbench.session import DEFAULT_CTX, Generation
 from workbench.state import StateLayout
 from workbench.tokenizer import Tokenizer
@@ -50,11 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context limit in tokens (default {DEFAULT_CTX})")
     r.add_argument("--chunk", type=int, default=None, help="prefill chunk size (default: min(ctx, 2048))")
     r.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    r.add_argument("--temp", type=float, default=1.0, help="temperature; <= 0 is greedy (default 1.0)")
-    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    r.add_argument("--min-p", type=float, default=0.05, help="min-p relative to the top token (default 0.05)")
-    r.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (default 0: off)")
-    r.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    add_sampling_args(r)
     r.add_argument("--layers", default=None,
                    help="layer range of each rank, inclusive, e.g. 0-21,22-42 (default: even split)")
     r.add_argument("--logits", choices=("last", "all"), default="last",
@@ -128,7 +125,7 @@ def run_rank(args: argparse.Namespace) -> int:
         if s.logits is not None and args.dump_logits:
             np.save(args.dump_logits, np.asarray(s.logits, dtype=np.float32))
         top = top_tokens(s.logits, 5) if s.logits is not None else []
-        sampler = Sampler(temperature=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k, seed=args.seed)
+        sampler = sampler_from_args(args)
         stream = TextStream(tok, sys.stdout) if speaker and not args.json else None
         t0 = time.perf_counter()
         room = min(args.max_tokens, s.ctx - s.n_tokens)

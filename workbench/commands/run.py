@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from workbench.chat import render_messages, render_single
+from workbench.commands.common import add_sampling_args, sampler_from_args
 from workbench.errors import WorkbenchError
 from workbench.sampling import Sampler
 from workbench.session import DEFAULT_CTX, Generation, Progress, Session, generate, load
@@ -50,11 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=None, help="prefill chunk size (default: min(ctx, 2048))")
     parser.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context limit in tokens (default {DEFAULT_CTX})")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per turn (default 128)")
-    parser.add_argument("--temp", type=float, default=1.0, help="temperature; <= 0 is greedy (default 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    parser.add_argument("--min-p", type=float, default=0.05, help="min-p relative to the top token (default 0.05)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (default 0: off)")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    add_sampling_args(parser)
     parser.add_argument("--kv-dir", default=None, help="disk KV cache directory (ds4 .kv files): reuse and save prefixes")
     parser.add_argument("--kv-budget-mb", type=float, default=4096.0, help="disk budget of --kv-dir in MiB (default 4096)")
     parser.add_argument("--kv-min-tokens", type=int, default=512, help="smallest checkpoint saved or used (default 512)")
@@ -263,7 +260,7 @@ def run_cached(session: Session, tok: Tokenizer, args: argparse.Namespace, sampl
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 0:
         raise RunError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    sampler = Sampler(temperature=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k, seed=args.seed)
+    sampler = sampler_from_args(args)
     text = None if args.chat else prompt_text(args)
     progress, close = progress_bar(not args.json)
     try:

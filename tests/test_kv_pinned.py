@@ -1,0 +1,109 @@
+"""Checkpoint bytes pinned across refactors: the same state must give the same bytes.
+
+The digests below were taken from the code before ``workbench/kv/`` was split by job
+(issue 10); any change to them is a change of the on-disk format, never a refactor.
+States are deterministic (NumPy PCG64 by seed); the store's clock is pinned (created_at
+is covered by the header checksum), and the random save id of a sharded checkpoint is
+replaced by a fixed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("xxhash")  # the default chunk checksum (algorithm 2) needs it
+
+from workbench.kv import format as F  # noqa: E402
+from workbench.kv import shards as S  # noqa: E402
+from workbench.kv.format import ExtFlag, SaveReason  # noqa: E402
+from workbench.kv.store import KVStore  # noqa: E402
+from workbench.state import LayerState, SessionState, StateLayout  # noqa: E402
+
+SMALL = StateLayout(n_layer=6, head_dim=64, idx_dim=32, n_vocab=512, n_swa=128, ratios=(0, 0, 4, 128, 4, 128))
+NOW = 1_780_000_000
+TEXT = "<｜User｜>pinned héllo".encode()
+
+
+def det_state(T: int, ctx: int = 4096, seed: int = 7) -> SessionState:
+    """A state of ``T`` tokens whose contents depend only on ``seed``."""
+    rng = np.random.default_rng(seed)
+    lay = SMALL
+
+    def f(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    layers = []
+    for L, r in enumerate(lay.ratios):
+        ls = LayerState(raw=f(min(T, lay.n_swa), lay.head_dim))
+        if r:
+            c = 2 if r == 4 else 1
+            ls.comp, ls.comp_kv, ls.comp_score = f(T // r, lay.head_dim), f(c * r, c * lay.head_dim), \
+                f(c * r, c * lay.head_dim)
+        if r == 4:
+            ls.idx, ls.idx_kv, ls.idx_score = f(T // 4, lay.idx_dim), f(8, 2 * lay.idx_dim), f(8, 2 * lay.idx_dim)
+        layers.append(ls)
+    state = SessionState(lay, ctx, min(ctx, 2048), rng.integers(0, lay.n_vocab, T).tolist(), f(lay.n_vocab), layers)
+    assert state.problems() == []
+    return state
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+# (tokens, checksum, reason, ext flags) -> sha256[:32] of write_kv_file's bytes at NOW
+KV_FILES = {
+    (5, True, SaveReason.COLD, 0): "bea6e3d5979da766d86bac270a4114aa",
+    (300, True, SaveReason.CONTINUED, ExtFlag.THINKING_VISIBLE): "6c37989d487383b089c7178710178b3a",
+    (300, False, SaveReason.EVICT, 0): "da0448cb4dcab7915733a3a7a9f908ad",
+    (129, True, SaveReason.SHUTDOWN, ExtFlag.RESPONSES_VISIBLE): "5a475fd9fec7cb83440794c5308167fc",
+}
+
+
+@pytest.mark.parametrize("key", list(KV_FILES), ids=lambda k: f"T{k[0]}-{'kcs' if k[1] else 'plain'}-{k[2].name}")
+def test_kv_file_bytes_pinned(key: tuple) -> None:
+    T, checksum, reason, ext = key
+    buf = io.BytesIO()
+    _, n = F.write_kv_file(buf, det_state(T), TEXT, quant_bits=2, reason=reason, ext_flags=ext, checksum=checksum,
+                           now=NOW)
+    assert n == len(buf.getvalue())
+    assert digest(buf.getvalue()) == KV_FILES[key]
+
+
+STORE_FILE = "f50103e7b759f3847911cb0854e35077"  # KVStore.save of det_state(300) under TEXT at NOW
+
+
+@pytest.mark.parametrize("mode", ["direct", "staged"])
+def test_store_save_bytes_pinned(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("time.time", lambda: float(NOW))  # created_at is covered by the header checksum
+    store = KVStore(tmp_path, budget_mb=None, min_tokens=1, maintain=False)
+    res = store.save(det_state(300), TEXT, SaveReason.COLD, mode=mode)
+    assert res.saved and res.path.name == hashlib.sha1(TEXT).hexdigest() + ".kv"
+    assert digest(res.path.read_bytes()) == STORE_FILE
+
+
+SHARDS = {"L0-1": "497ae19ded81256b97db922d3a07275b", "L2-5": "2ed140bbdbcaddd1e3b14ac6bd091235"}  # DSVL shard files of det_state(300) split 0-1 / 2-5
+MANIFEST = "9c85c4d9ce34fca6b380abdb58cda0dc"  # its manifest.json, save id replaced by 16 zeros
+ROUND_TRIP = "f317cecb1d42d0b958c5542a6cb19192"  # checkpoint_to_kv of kv_to_checkpoint of the pinned T=300 file
+
+
+def test_sharded_checkpoint_bytes_pinned(tmp_path: Path) -> None:
+    state = det_state(300)
+    m = S.write_checkpoint(tmp_path / "c", [S.ShardState.from_state(state, 0, 2), S.ShardState.from_state(state, 2, 6)],
+                           TEXT, reason=SaveReason.COLD, created_at=NOW, last_used=NOW + 5, hits=3)
+    got = {e.file.split(".")[1]: digest((tmp_path / "c" / e.file).read_bytes()) for e in m.shards}
+    assert got == SHARDS
+    manifest = (tmp_path / "c" / "manifest.json").read_text().replace(m.save_id, "0" * 16)
+    assert digest(manifest.encode()) == MANIFEST
+    kv = tmp_path / "one.kv"
+    with open(kv, "wb") as f:
+        F.write_kv_file(f, state, TEXT, quant_bits=4, reason=SaveReason.COLD, now=NOW, hits=2)
+    S.kv_to_checkpoint(kv, tmp_path / "d", 3)
+    out = S.checkpoint_to_kv(tmp_path / "d", tmp_path / "back.kv")
+    assert out.read_bytes() == kv.read_bytes()
+    assert digest(out.read_bytes()) == ROUND_TRIP

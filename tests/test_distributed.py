@@ -105,7 +105,7 @@ def test_rank_weight_bytes_follow_the_layer_ranges(tiny_gguf: Path) -> None:
 def test_dsvl_shard_layout_and_partial_reads(reference: dict, tmp_path: Path) -> None:
     st = reference["state"]
     lay = st.layout
-    m = S.write_checkpoint(tmp_path / "c", [S.ShardState.from_state(st, a, b) for a, b in [(0, 1), (1, 4), (4, 6)]],
+    m = S.write_checkpoint(tmp_path / "c", [st.layer_slice(a, b) for a, b in [(0, 1), (1, 4), (4, 6)]],
                            "some text", quant_bits=2, reason=SaveReason.COLD)
     assert [(e.start, e.stop) for e in m.shards] == [(0, 1), (1, 4), (4, 6)]
     e = m.shards[1]
@@ -124,7 +124,7 @@ def test_dsvl_shard_layout_and_partial_reads(reference: dict, tmp_path: Path) ->
     # any range reads from whichever shards hold it, and equals the same slice of the state
     for a, b in [(0, 6), (2, 5), (3, 4), (5, 6)]:
         part = S.load_range(tmp_path / "c", a, b)
-        want = S.ShardState.from_state(st, a, b)
+        want = st.layer_slice(a, b)
         assert_states_equal(part, want)
         assert (part.logits is None) == (b != 6)
     whole, m2 = S.load_checkpoint(tmp_path / "c")
@@ -135,12 +135,12 @@ def test_dsvl_shard_layout_and_partial_reads(reference: dict, tmp_path: Path) ->
 def test_corrupt_or_truncated_shards_are_named(reference: dict, tmp_path: Path) -> None:
     st = reference["state"]
     d = tmp_path / "c"
-    m = S.write_checkpoint(d, [S.ShardState.from_state(st, a, b) for a, b in [(0, 3), (3, 6)]])
+    m = S.write_checkpoint(d, [st.layer_slice(a, b) for a, b in [(0, 3), (3, 6)]])
     e = m.shards[1]
     p = d / e.file
     data = bytearray(p.read_bytes())
     lay = st.layout
-    spans = S.layer_spans(lay, S.DSVLHeader.for_shard(S.ShardState.from_state(st, 3, 6)),
+    spans = S.layer_spans(lay, S.DSVLHeader.for_shard(st.layer_slice(3, 6)),
                           [lay.n_comp(L, 160) for L in range(3, 6)], [lay.n_idx(L, 160) for L in range(3, 6)])
     at = spans[1].offset + 100  # inside layer 4
     data[at] ^= 0x40
@@ -162,7 +162,7 @@ def test_corrupt_or_truncated_shards_are_named(reference: dict, tmp_path: Path) 
 def test_failed_save_keeps_previous_checkpoint(reference: dict, tmp_path: Path) -> None:
     st = reference["state"]
     d = tmp_path / "c"
-    parts = [S.ShardState.from_state(st, a, b) for a, b in [(0, 3), (3, 6)]]
+    parts = [st.layer_slice(a, b) for a, b in [(0, 3), (3, 6)]]
     first = S.write_checkpoint(d, parts, "first")
 
     def die(done: int, total: int) -> None:
@@ -188,7 +188,7 @@ def test_kv_and_shards_convert_losslessly(reference: dict, tmp_path: Path) -> No
     back = S.checkpoint_to_kv(tmp_path / "c", tmp_path / "b.kv")
     assert back.read_bytes() == kv.read_bytes()  # header, text (not UTF-8), payload, checksum trailer
     # shards -> .kv -> shards: identical shard files; into a directory the store's <sha1>.kv name
-    S.write_checkpoint(tmp_path / "d", [S.ShardState.from_state(st, a, b) for a, b in [(0, 2), (2, 6)]], "x")
+    S.write_checkpoint(tmp_path / "d", [st.layer_slice(a, b) for a, b in [(0, 2), (2, 6)]], "x")
     (tmp_path / "store").mkdir()
     kv2 = S.checkpoint_to_kv(tmp_path / "d", tmp_path / "store")
     assert kv2.name == hashlib.sha1(b"x").hexdigest() + ".kv"
@@ -220,7 +220,7 @@ def test_single_rank_session_matches_session(tiny_gguf: Path, reference: dict, t
         s.restore(snap)
         s.save_checkpoint(tmp_path / "c", "t")
         # a 3-shard checkpoint of the same state restores into this 1-rank layout too
-        S.write_checkpoint(tmp_path / "three", [S.ShardState.from_state(reference["state"], a, b)
+        S.write_checkpoint(tmp_path / "three", [reference["state"].layer_slice(a, b)
                                                 for a, b in S.split_layers(6, 3)])
         s.reset()
         m = s.restore_checkpoint(tmp_path / "three")
@@ -344,7 +344,7 @@ def two_ranks(ring: None, tiny_gguf: Path, reference: dict, tmp_path_factory: py
     """One 2-rank run of the main scenario; the 1-process checkpoint it restores is written first."""
     d = tmp_path_factory.mktemp("two")
     one = d / "one-process"
-    S.write_checkpoint(one, [S.ShardState.from_state(reference["state"], 0, 6)], "one process")
+    S.write_checkpoint(one, [reference["state"].layer_slice(0, 6)], "one process")
     (d / "worker.py").write_text(WORKER)
     cfg = {"scenario": "main", "model": str(tiny_gguf), "ctx": CTX, "chunk": CHUNK, "prompt": PROMPT,
            "n_decode": N_DECODE, "out": str(d), "save": str(d / "two-ranks"), "restore": str(one)}

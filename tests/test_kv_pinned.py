@@ -94,7 +94,7 @@ ROUND_TRIP = "f317cecb1d42d0b958c5542a6cb19192"  # checkpoint_to_kv of kv_to_che
 
 def test_sharded_checkpoint_bytes_pinned(tmp_path: Path) -> None:
     state = det_state(300)
-    m = S.write_checkpoint(tmp_path / "c", [S.ShardState.from_state(state, 0, 2), S.ShardState.from_state(state, 2, 6)],
+    m = S.write_checkpoint(tmp_path / "c", [state.layer_slice(0, 2), state.layer_slice(2, 6)],
                            TEXT, reason=SaveReason.COLD, created_at=NOW, last_used=NOW + 5, hits=3)
     got = {e.file.split(".")[1]: digest((tmp_path / "c" / e.file).read_bytes()) for e in m.shards}
     assert got == SHARDS

@@ -1,8 +1,9 @@
 """The session state's layout: shapes, byte breakdown and validation."""
 
 import mlx.core as mx
+import pytest
 
-from workbench.state import EMPTY_SCORE, SessionState, StateLayout
+from workbench.state import EMPTY_SCORE, SessionState, StateError, StateLayout, join
 
 
 def test_ds4_layout_fixed_and_per_token_bytes():
@@ -45,3 +46,31 @@ def test_ds4_args_match_the_ds4_layout_and_are_consistent():
     assert args.problems() == []
     assert StateLayout.from_args(args) == StateLayout.ds4()
     assert args.hc_dim == 16384 and args.hc_mix == 24 and args.n_nope == 448
+
+
+def test_layer_range_states_slice_validate_and_join():
+    lay = StateLayout(n_layer=4, head_dim=16, idx_dim=8, n_vocab=10, n_swa=4, ratios=(0, 0, 4, 128))
+    part = SessionState.empty(lay, ctx=64, start=1, stop=3)
+    assert (part.start, part.stop, len(part.layers)) == (1, 3, 2) and not part.is_whole and not part.has_last_layer
+    assert part.problems() == [] and part.layers[1].idx.shape == (0, 8)  # layer 2 has the indexer
+    whole = SessionState.empty(lay, ctx=64)
+    whole.tokens, whole.logits = [1, 2, 3, 4, 5], mx.arange(10, dtype=mx.float32)
+    whole.layers[0].raw = whole.layers[1].raw = whole.layers[2].raw = whole.layers[3].raw = mx.ones((4, 16))
+    whole.layers[2].comp, whole.layers[2].idx = mx.ones((1, 16)), mx.ones((1, 8))
+    assert whole.is_whole and whole.problems() == []
+    head, tail = whole.layer_slice(0, 3), whole.layer_slice(3, 4)
+    assert head.logits is None and tail.logits is whole.logits and head.problems() == tail.problems() == []
+    assert [r["layer"] for r in tail.layer_bytes()] == [3, 3, 3]
+    tail.logits = None
+    assert tail.problems() == ["logits shape None, expected (10,)"]  # the last layer's range carries them
+    tail.logits = whole.logits
+    joined = join([tail, head])
+    assert joined.is_whole and joined.problems() == [] and joined.layers[3] is tail.layers[0]
+    with pytest.raises(StateError, match="cover layers 0..2"):
+        join([head])
+    head.tokens = [1]
+    with pytest.raises(StateError, match="disagree"):
+        join([head, tail])
+    with pytest.raises(StateError, match="outside the state's layers 0..2"):
+        head.layer_slice(2, 4)
+    assert SessionState(lay, 64, 64, start=2, stop=3).problems() == ["0 layers for range 2..2"]

@@ -20,8 +20,8 @@ chunk k+1 while rank 1 runs chunk k); decoding is sequential through the ranks.
 
 A rank builds only its own layers from the GGUF (plus the token embedding on the first
 rank and the output head on the last) and holds only those layers' KV state (a
-:class:`~workbench.kv.shards.ShardState`). Collective steps (checkpoint barriers, token
-and logits broadcasts, consistency checks) raise :class:`DistributedError` on every rank
+:class:`~workbench.state.SessionState` with this rank's layer range). Collective steps
+(checkpoint barriers, token and logits broadcasts, consistency checks) raise :class:`DistributedError` on every rank
 together, so no rank continues alone; a lost peer raises it too (the ring backend reports
 "connection to a peer was lost").
 """
@@ -46,7 +46,7 @@ from workbench.gguf.layout import routed_quant_bits, validate_ds4
 from workbench.gguf.reader import GGUFFile
 from workbench.kv.format import SaveReason
 from workbench.kv.shards import (
-    Manifest, ShardEntry, ShardError, ShardState, check_ranges, load_range, make_manifest, publish_manifest,
+    Manifest, ShardEntry, ShardError, check_ranges, load_range, make_manifest, publish_manifest,
     read_manifest, remove_unreferenced, shard_name, split_layers, write_shard_file,
 )
 from workbench.model.config import ModelArgs
@@ -56,7 +56,7 @@ from workbench.sampling import greedy
 from workbench.session import (
     DEFAULT_CTX, MAX_PREFILL_CHUNK, ModelFileError, PrefillStats, Progress, ProgressFn, SessionError, chunk_schedule,
 )
-from workbench.state import StateLayout
+from workbench.state import SessionState, StateLayout
 
 LogitsOn = Literal["all", "last"]
 TMP_RE = re.compile(r"\.tmp\.(\d+)$")
@@ -126,7 +126,7 @@ class DistributedSession:
 
     ``model`` holds only this rank's blocks (layers ``ranges[rank]``); its ``embedding``
     is set on the first rank and its output head on the last (None elsewhere). ``state``
-    is this rank's :class:`ShardState`, replaced (never mutated) by each call.
+    is this rank's :class:`SessionState` (layers ``ranges[rank]``), replaced (never mutated) by each call.
     ``logits_on="all"`` broadcasts next-token logits to every rank; ``"last"`` keeps them on
     the last rank only (``logits`` is None elsewhere; decoding still works, the sampled
     token is broadcast).
@@ -153,7 +153,7 @@ class DistributedSession:
         self.logits_on, self.path, self._file, self.quant_bits = logits_on, path, file, quant_bits
         self.layout = StateLayout.from_args(args)
         self.traffic = Traffic()
-        self.state = ShardState.empty(self.layout, ctx, min(ctx, MAX_PREFILL_CHUNK), self.start, self.stop)
+        self.state = SessionState.empty(self.layout, ctx, min(ctx, MAX_PREFILL_CHUNK), self.start, self.stop)
         self._check_agreement()
 
     # ---- roles and state -----------------------------------------------------------------
@@ -193,13 +193,13 @@ class DistributedSession:
 
     def reset(self) -> None:
         """Forget every token (local; every rank calls it)."""
-        self.state = ShardState.empty(self.layout, self.ctx, self.state.prefill_chunk, self.start, self.stop)
+        self.state = SessionState.empty(self.layout, self.ctx, self.state.prefill_chunk, self.start, self.stop)
 
-    def snapshot(self) -> ShardState:
+    def snapshot(self) -> SessionState:
         """An independent in-memory copy of this rank's state."""
         return self.state.copy()
 
-    def restore(self, state: ShardState) -> None:
+    def restore(self, state: SessionState) -> None:
         """Continue from this rank's ``state`` (a :meth:`snapshot`); every rank calls it, and
         all ranks must restore the same tokens (checked collectively)."""
         err = ""
@@ -289,8 +289,8 @@ class DistributedSession:
             return SessionError(f"context full: {self.n_tokens} tokens + {len(tokens)} new > ctx {self.ctx}")
         return None
 
-    def _advance(self, st: ShardState, tokens: list[int], want_logits: bool,
-                 on_layer: Callable[[int], None] | None = None) -> ShardState:
+    def _advance(self, st: SessionState, tokens: list[int], want_logits: bool,
+                 on_layer: Callable[[int], None] | None = None) -> SessionState:
         """``st`` extended by one chunk: receive (or embed) the streams, run this rank's
         layers, send them on (or apply the head when ``want_logits``)."""
         T, p0 = len(tokens), st.n_tokens
@@ -313,8 +313,8 @@ class DistributedSession:
         elif want_logits:
             logits = self.model.logits(x[-1:])[0]
             mx.eval(logits)
-        return ShardState(self.layout, st.ctx, st.prefill_chunk, self.start, self.stop, st.tokens + list(tokens),
-                          logits, layers)
+        return SessionState(layout=self.layout, ctx=st.ctx, prefill_chunk=st.prefill_chunk,
+                            tokens=st.tokens + list(tokens), logits=logits, layers=layers, start=self.start, stop=self.stop)
 
     def prefill(self, tokens: Iterable[int], chunk: int | None = None, progress: ProgressFn | None = None
                 ) -> PrefillStats:

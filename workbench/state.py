@@ -23,10 +23,11 @@ in slot ``4 + p % 4``), copying 4..7 to 0..3 when a window completes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
+from workbench.errors import WorkbenchError
 from workbench.model.config import ModelArgs, ds4_ratio_schedule
 
 EMPTY_SCORE = -1e30  # score of an empty frontier slot (ds4's -inf stand-in)
@@ -141,9 +142,19 @@ def layers_to_mlx(layers: list[LayerState]) -> list[LayerState]:
     return [LayerState(**{name: as_mlx(getattr(ls, name)) for name in LAYER_FIELDS}) for ls in layers]
 
 
+class StateError(WorkbenchError):
+    """A layer range or a set of layer-range states that cannot be taken or joined."""
+
+
 @dataclass
 class SessionState:
-    """Everything needed to continue a session: tokens, next-token logits, per-layer KV."""
+    """Everything needed to continue a session: tokens, next-token logits, per-layer KV.
+
+    A state may hold only layers ``start..stop-1`` (a pipeline rank's range): ``layers``
+    then has ``stop - start`` entries, shaped as the whole state's, and ``logits`` are
+    required only when the range holds the last layer (optional, same shape, elsewhere).
+    A whole state has ``start == 0`` and ``stop == layout.n_layer`` (the defaults).
+    """
 
     layout: StateLayout
     ctx: int  # context limit the session was created with
@@ -151,12 +162,22 @@ class SessionState:
     tokens: list[int] = field(default_factory=list)
     logits: Any = None  # [n_vocab] float32 after the last token, None when empty
     layers: list[LayerState] = field(default_factory=list)
+    start: int = 0  # first layer held
+    stop: int | None = None  # one past the last layer held (None: layout.n_layer; an int after init)
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = self.layout.n_layer
 
     @classmethod
-    def empty(cls, layout: StateLayout, ctx: int, prefill_chunk: int | None = None) -> "SessionState":
+    def empty(cls, layout: StateLayout, ctx: int, prefill_chunk: int | None = None, start: int = 0,
+              stop: int | None = None) -> "SessionState":
+        """No tokens: empty rows, empty frontiers, for layers ``start..stop-1`` (default all)."""
         chunk = prefill_chunk if prefill_chunk is not None else min(ctx, 2048)
+        stop = layout.n_layer if stop is None else stop
+        _check_range(layout, start, stop)
         layers = []
-        for L in range(layout.n_layer):
+        for L in range(start, stop):
             r = layout.ratios[L]
             ls = LayerState(raw=mx.zeros((0, layout.head_dim), mx.float32))
             if r:
@@ -170,11 +191,30 @@ class SessionState:
                 ls.idx_kv = mx.zeros(shape, mx.float32)
                 ls.idx_score = mx.full(shape, EMPTY_SCORE, mx.float32)
             layers.append(ls)
-        return cls(layout=layout, ctx=ctx, prefill_chunk=chunk, layers=layers)
+        return cls(layout=layout, ctx=ctx, prefill_chunk=chunk, layers=layers, start=start, stop=stop)
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def is_whole(self) -> bool:
+        """True when every layer of the model is held."""
+        return self.start == 0 and self.stop == self.layout.n_layer
+
+    @property
+    def has_last_layer(self) -> bool:
+        return self.stop == self.layout.n_layer
+
+    def layer_slice(self, start: int, stop: int) -> "SessionState":
+        """Layers ``start..stop-1`` (absolute numbers, within this state's range) as a
+        state of their own; the logits go with the last layer only. Arrays are shared."""
+        if not self.start <= start < stop <= self.stop:
+            raise StateError(f"layer range {start}..{stop - 1} outside the state's layers "
+                             f"{self.start}..{self.stop - 1}")
+        return replace(self, tokens=list(self.tokens), logits=self.logits if stop == self.layout.n_layer else None,
+                       layers=[replace(ls) for ls in self.layers[start - self.start:stop - self.start]],
+                       start=start, stop=stop)
 
     def copy(self) -> "SessionState":
         """An independent copy (MLX arrays are immutable, so sharing them is safe)."""
@@ -185,13 +225,17 @@ class SessionState:
         return replace(self, tokens=list(self.tokens), logits=as_mlx(self.logits), layers=layers_to_mlx(self.layers))
 
     def problems(self) -> list[str]:
-        """Shape inconsistencies against the layout and token count (empty when valid)."""
+        """Shape inconsistencies against the layout, layer range and token count (empty when valid)."""
         lay, T, out = self.layout, self.n_tokens, []
-        if len(self.layers) != lay.n_layer:
-            return [f"{len(self.layers)} layers, layout has {lay.n_layer}"]
-        if T and (self.logits is None or tuple(self.logits.shape) != (lay.n_vocab,)):
-            out.append(f"logits shape {None if self.logits is None else tuple(self.logits.shape)}, expected ({lay.n_vocab},)")
-        for L, ls in enumerate(self.layers):
+        if not 0 <= self.start < self.stop <= lay.n_layer:
+            return [f"layer range {self.start}..{self.stop - 1} outside 0..{lay.n_layer - 1}"]
+        if len(self.layers) != self.stop - self.start:
+            return [f"{len(self.layers)} layers, layout has {lay.n_layer}" if self.is_whole else
+                    f"{len(self.layers)} layers for range {self.start}..{self.stop - 1}"]
+        logits_shape = None if self.logits is None else tuple(self.logits.shape)
+        if (T and self.has_last_layer and logits_shape is None) or logits_shape not in (None, (lay.n_vocab,)):
+            out.append(f"logits shape {logits_shape}, expected ({lay.n_vocab},)")
+        for L, ls in zip(range(self.start, self.stop), self.layers):
             r = lay.ratios[L]
             want = {"raw": (lay.n_raw(T), lay.head_dim)}
             if r:
@@ -213,10 +257,40 @@ class SessionState:
     def layer_bytes(self) -> list[dict]:
         """Per-layer, per-kind float32 bytes of the KV payload (rows: layer, kind, bytes)."""
         rows = []
-        for L, ls in enumerate(self.layers):
+        for L, ls in zip(range(self.start, self.stop), self.layers):
             per: dict[str, int] = {}
             for name, arr in ls.tensors():
                 kind = KIND_OF[name]
                 per[kind] = per.get(kind, 0) + int(arr.size) * F32
             rows.extend({"layer": L, "ratio": self.layout.ratios[L], "kind": k, "bytes": b} for k, b in per.items())
         return rows
+
+
+def _check_range(layout: StateLayout, start: int, stop: int) -> None:
+    if not 0 <= start < stop <= layout.n_layer:
+        raise StateError(f"layer range {start}..{stop - 1} outside 0..{layout.n_layer - 1}")
+
+
+def join(parts: Sequence[SessionState]) -> SessionState:
+    """One whole state from layer-range states covering every layer once (in any order);
+    they must agree on layout, context, prefill chunk and tokens. Arrays are shared."""
+    if not parts:
+        raise StateError("no layer-range states to join")
+    parts = sorted(parts, key=lambda p: p.start)
+    first = parts[0]
+    at = 0
+    for p in parts:
+        if p.start != at or p.stop <= p.start:
+            raise StateError(f"layer ranges {[(q.start, q.stop) for q in parts]} must be non-empty, contiguous "
+                             "and start at 0")
+        at = p.stop
+    if at != first.layout.n_layer:
+        raise StateError(f"layer ranges cover layers 0..{at - 1}, the model has {first.layout.n_layer}")
+    for p in parts[1:]:
+        if (p.layout, p.ctx, p.prefill_chunk, p.tokens) != (first.layout, first.ctx, first.prefill_chunk, first.tokens):
+            raise StateError(f"layer-range states disagree: layers {p.start}..{p.stop - 1} have a different layout, "
+                             "context, prefill chunk or token list than layers "
+                             f"{first.start}..{first.stop - 1}")
+    return SessionState(layout=first.layout, ctx=first.ctx, prefill_chunk=first.prefill_chunk,
+                        tokens=list(first.tokens), logits=parts[-1].logits,
+                        layers=[ls for p in parts for ls in p.layers])

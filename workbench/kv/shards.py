@@ -40,7 +40,7 @@ import secrets
 import struct
 import time
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
@@ -52,7 +52,7 @@ from workbench.kv.format import (
     layer_tensor_shapes, raw_cap, raw_window, read_kv_file, write_all, write_kv_file,
 )
 from workbench.kv.store import text_sha
-from workbench.state import F32, LAYER_FIELDS, LayerState, SessionState, StateLayout, as_mlx, layers_to_mlx
+from workbench.state import F32, LayerState, SessionState, StateLayout, join
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total) of one shard file
 
@@ -109,97 +109,6 @@ def parse_ranges(text: str, n_layer: int) -> list[tuple[int, int]]:
     return out
 
 
-# ---- a rank's part of a session state ------------------------------------------------------
-@dataclass
-class ShardState:
-    """The state of layers ``start..stop-1`` of a session: what one pipeline rank holds.
-
-    ``layout`` is the whole model's; ``layers`` has ``stop - start`` entries (shapes as in
-    :class:`~workbench.state.SessionState`); ``logits`` ``[n_vocab]`` float32 is required
-    when ``stop == layout.n_layer`` and the state holds tokens, optional elsewhere.
-    """
-
-    layout: StateLayout
-    ctx: int
-    prefill_chunk: int
-    start: int
-    stop: int
-    tokens: list[int] = field(default_factory=list)
-    logits: Any = None
-    layers: list[LayerState] = field(default_factory=list)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def has_last_layer(self) -> bool:
-        return self.stop == self.layout.n_layer
-
-    @classmethod
-    def empty(cls, layout: StateLayout, ctx: int, prefill_chunk: int, start: int, stop: int) -> "ShardState":
-        """No tokens: empty rows, empty frontiers (as ``SessionState.empty``)."""
-        full = SessionState.empty(layout, ctx, prefill_chunk)
-        return cls(layout, ctx, prefill_chunk, start, stop, layers=full.layers[start:stop])
-
-    @classmethod
-    def from_state(cls, state: SessionState, start: int, stop: int) -> "ShardState":
-        """Layers ``start..stop-1`` of a whole state (logits kept only with the last layer)."""
-        if not 0 <= start < stop <= state.layout.n_layer:
-            raise ShardError(f"layer range {start}..{stop - 1} outside 0..{state.layout.n_layer - 1}")
-        logits = state.logits if stop == state.layout.n_layer else None
-        return cls(state.layout, state.ctx, state.prefill_chunk, start, stop, list(state.tokens), logits,
-                   [replace(ls) for ls in state.layers[start:stop]])
-
-    def copy(self) -> "ShardState":
-        """An independent copy (arrays are shared; MLX arrays are immutable)."""
-        return replace(self, tokens=list(self.tokens), layers=[replace(ls) for ls in self.layers])
-
-    def to_mlx(self) -> "ShardState":
-        """A copy whose arrays are all MLX float32 (shards read from disk hold NumPy views)."""
-        return replace(self, tokens=list(self.tokens), logits=as_mlx(self.logits), layers=layers_to_mlx(self.layers))
-
-    def problems(self) -> list[str]:
-        """Shape inconsistencies against the layout, range and token count (empty when valid)."""
-        lay, T, out = self.layout, self.n_tokens, []
-        if not 0 <= self.start < self.stop <= lay.n_layer:
-            return [f"layer range {self.start}..{self.stop - 1} outside 0..{lay.n_layer - 1}"]
-        if len(self.layers) != self.stop - self.start:
-            return [f"{len(self.layers)} layers for range {self.start}..{self.stop - 1}"]
-        if T and self.has_last_layer and self.logits is None:
-            out.append("the shard holding the last layer has no logits")
-        if self.logits is not None and tuple(self.logits.shape) != (lay.n_vocab,):
-            out.append(f"logits shape {tuple(self.logits.shape)}, expected ({lay.n_vocab},)")
-        for L, ls in zip(range(self.start, self.stop), self.layers):
-            want = dict(layer_tensor_shapes(lay, L, lay.n_raw(T), lay.n_comp(L, T), lay.n_idx(L, T)))
-            for name in LAYER_FIELDS:
-                value = getattr(ls, name)
-                if name not in want:
-                    if value is not None:
-                        out.append(f"layer {L}: unexpected {name} for ratio {lay.ratios[L]}")
-                elif value is None or tuple(value.shape) != want[name]:
-                    got = None if value is None else tuple(value.shape)
-                    out.append(f"layer {L}: {name} shape {got}, expected {want[name]}")
-        return out
-
-
-def join(parts: Sequence[ShardState]) -> SessionState:
-    """One whole :class:`SessionState` from parts covering every layer (in any order)."""
-    if not parts:
-        raise ShardError("no shard states to join")
-    parts = sorted(parts, key=lambda p: p.start)
-    first = parts[0]
-    check_ranges([(p.start, p.stop) for p in parts], first.layout.n_layer, "shard state ranges")
-    for p in parts[1:]:
-        if (p.layout, p.ctx, p.prefill_chunk, p.tokens) != (first.layout, first.ctx, first.prefill_chunk, first.tokens):
-            raise ShardError(f"shard states disagree: layers {p.start}..{p.stop - 1} have a different layout, "
-                             "context, prefill chunk or token list than layers "
-                             f"{first.start}..{first.stop - 1}")
-    return SessionState(layout=first.layout, ctx=first.ctx, prefill_chunk=first.prefill_chunk,
-                        tokens=list(first.tokens), logits=parts[-1].logits,
-                        layers=[ls for p in parts for ls in p.layers])
-
-
 # ---- DSVL payload geometry -----------------------------------------------------------------
 @dataclass(frozen=True)
 class DSVLHeader:
@@ -226,7 +135,7 @@ class DSVLHeader:
                                  self.idx_dim, self.layer_start, self.layer_end, self.raw_live)
 
     @classmethod
-    def for_shard(cls, s: ShardState) -> "DSVLHeader":
+    def for_shard(cls, s: SessionState) -> "DSVLHeader":
         lay, T = s.layout, s.n_tokens
         win = raw_window(lay, s.ctx)
         return cls(DSVL_MAGIC, DSVL_VERSION, s.ctx, s.prefill_chunk, raw_cap(lay, s.ctx, s.prefill_chunk), win,
@@ -452,7 +361,7 @@ def _f32(arr: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(arr, dtype=np.float32))
 
 
-def write_shard(f: BinaryIO, shard: ShardState, file_name: str, progress: Progress | None = None) -> ShardEntry:
+def write_shard(f: BinaryIO, shard: SessionState, file_name: str, progress: Progress | None = None) -> ShardEntry:
     """Stream ``shard``'s DSVL payload (plus logits when it holds the last layer) into ``f``.
 
     Returns the manifest entry for it, named ``file_name``. Raises ShardError when the
@@ -491,7 +400,7 @@ def write_shard(f: BinaryIO, shard: ShardState, file_name: str, progress: Progre
                       logits_crc)
 
 
-def write_shard_file(directory: str | os.PathLike, shard: ShardState, save_id: str, durable: bool = False,
+def write_shard_file(directory: str | os.PathLike, shard: SessionState, save_id: str, durable: bool = False,
                      progress: Progress | None = None) -> ShardEntry:
     """Write ``shard`` into ``<dir>/<name>.tmp.<pid>`` and rename it to its final name.
 
@@ -508,7 +417,7 @@ def write_shard_file(directory: str | os.PathLike, shard: ShardState, save_id: s
     return entry
 
 
-def make_manifest(state_like: ShardState | SessionState, shards: Sequence[ShardEntry], save_id: str, text: bytes, *,
+def make_manifest(state_like: SessionState, shards: Sequence[ShardEntry], save_id: str, text: bytes, *,
                   quant_bits: int = 2, reason: SaveReason = SaveReason.UNKNOWN, ext_flags: int = 0,
                   created_at: int | None = None, last_used: int | None = None, hits: int = 0) -> Manifest:
     """The manifest for shards written from ``state_like`` (tokens, context, layout)."""
@@ -541,7 +450,7 @@ def remove_unreferenced(directory: str | os.PathLike, old: Manifest | None, new:
     return gone
 
 
-def write_checkpoint(directory: str | os.PathLike, parts: Sequence[ShardState], text: str | bytes = b"", *,
+def write_checkpoint(directory: str | os.PathLike, parts: Sequence[SessionState], text: str | bytes = b"", *,
                      quant_bits: int = 2, reason: SaveReason = SaveReason.UNKNOWN, ext_flags: int = 0,
                      durable: bool = False, created_at: int | None = None, last_used: int | None = None,
                      hits: int = 0, progress: Progress | None = None) -> Manifest:
@@ -706,7 +615,7 @@ def read_shard_layers(directory: str | os.PathLike, manifest: Manifest, entry: S
 
 def load_range(directory: str | os.PathLike, start: int, stop: int, ctx: int | None = None, *,
                prefill_chunk: int | None = None, logits: bool = True, verify: bool = True,
-               manifest: Manifest | None = None) -> ShardState:
+               manifest: Manifest | None = None) -> SessionState:
     """Layers ``start..stop-1`` of a checkpoint, read from whichever shards hold them.
 
     ``ctx`` is the runtime context (None: the saved one); ``prefill_chunk`` defaults to
@@ -730,7 +639,8 @@ def load_range(directory: str | os.PathLike, start: int, stop: int, ctx: int | N
         layers.extend(got)
         if lg is not None:
             out_logits = lg
-    return ShardState(lay, cur_ctx, chunk, start, stop, list(m.tokens), out_logits, layers)
+    return SessionState(layout=lay, ctx=cur_ctx, prefill_chunk=chunk, tokens=list(m.tokens), logits=out_logits,
+                        layers=layers, start=start, stop=stop)
 
 
 def load_checkpoint(directory: str | os.PathLike, ctx: int | None = None, *, prefill_chunk: int | None = None,
@@ -794,7 +704,7 @@ def kv_to_checkpoint(kv_path: str | os.PathLike, directory: str | os.PathLike,
     assert state is not None
     rs = split_layers(state.layout.n_layer, ranges) if isinstance(ranges, int) else list(ranges)
     check_ranges(rs, state.layout.n_layer)
-    parts = [ShardState.from_state(state, a, b) for a, b in rs]
+    parts = [state.layer_slice(a, b) for a, b in rs]
     return write_checkpoint(directory, parts, text, quant_bits=header.quant_bits, reason=header.reason,
                             ext_flags=header.ext_flags, durable=durable, created_at=header.created_at,
                             last_used=header.last_used, hits=header.hits)
@@ -827,8 +737,8 @@ def checkpoint_to_kv(directory: str | os.PathLike, out: str | os.PathLike, check
 
 
 __all__ = [
-    "ShardError", "ShardState", "ShardEntry", "Manifest", "DSVLHeader", "LayerSpan", "DSVL_MAGIC", "DSVL_VERSION",
-    "MANIFEST_NAME", "split_layers", "check_ranges", "parse_ranges", "join", "layer_spans", "shard_payload_bytes",
+    "ShardError", "ShardEntry", "Manifest", "DSVLHeader", "LayerSpan", "DSVL_MAGIC", "DSVL_VERSION",
+    "MANIFEST_NAME", "split_layers", "check_ranges", "parse_ranges", "layer_spans", "shard_payload_bytes",
     "shard_file_bytes", "shard_name", "new_save_id", "manifest_path", "read_manifest", "publish_manifest",
     "write_shard", "write_shard_file", "make_manifest", "remove_unreferenced", "write_checkpoint",
     "read_shard_layers", "load_range", "load_checkpoint", "verify_checkpoint", "kv_to_checkpoint",

@@ -6,14 +6,14 @@ VBIN    := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TINY    := data/tiny.gguf
 
-.PHONY: demo test bench lab venv blas clean browser-deps
+.PHONY: demo test bench lab venv blas native clean browser-deps
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,native]'
 	$(MAKE) --no-print-directory blas
 	touch $(STAMP)
 
@@ -29,13 +29,21 @@ blas:
 	fi
 	@$(VPY) -m workbench._blas --install-pth
 
+# The native dequantization kernels (native/dequant.cpp, an MLX primitive; ~30 s on two
+# cores). Optional: without a compiler or cmake the pure-MLX decoders are used (same bits).
+native: $(STAMP)
+	@mkdir -p build
+	@(cmake -S native -B build/native -DPython_EXECUTABLE=$(abspath $(VPY)) -DOUTPUT_DIR=$(CURDIR)/workbench/gguf \
+	  && cmake --build build/native -j2) >build/native.log 2>&1 \
+	  || echo "warning: native kernels not built (see build/native.log); using the pure-MLX dequantizers"
+
 $(TINY): $(STAMP)
 	$(VBIN)/workbench synth --preset tiny --out $(TINY)
 
-demo: $(STAMP) $(TINY)
+demo: $(STAMP) native $(TINY)
 	$(VBIN)/workbench demo --model $(TINY)
 
-test: $(STAMP) $(TINY) browser-deps
+test: $(STAMP) native $(TINY) browser-deps
 	$(VPY) -m workbench.kernelspec --prefix $(VENV)
 	$(VPY) -m pytest -q -p no:cacheprovider tests notebooks --nbval --nbval-kernel-name ds4-workbench \
 	  --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 300
@@ -50,13 +58,13 @@ browser-deps:
 
 # The full suite (synthesizes a 9.5 GB real-dims-4 model under /tmp the first time);
 # `workbench bench --quick` finishes in a few minutes.
-bench: $(STAMP) $(TINY)
+bench: $(STAMP) native $(TINY)
 	$(VPY) -m pip install -q -e '.[bench]'
 	$(VBIN)/workbench bench --full
 
-lab: $(STAMP) $(TINY)
+lab: $(STAMP) native $(TINY)
 	$(VPY) -m workbench.kernelspec --prefix $(VENV)
 	$(VBIN)/jupyter lab --notebook-dir=notebooks
 
 clean:
-	rm -rf build data/*.gguf
+	rm -rf build data/*.gguf workbench/gguf/_native*.so

@@ -7,7 +7,9 @@ other element must have the same bits (so -0.0 vs +0.0 or a one-ulp difference f
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -30,6 +32,32 @@ SCALE_OFFSETS = {Q8_0: (0,), Q2_K: (80, 82), Q4_K: (0, 2), IQ2_XXS: (0,)}
 EDGE_F16 = np.array([0x7BFF, 0xFBFF, 0x0400, 0x03FF, 0x0001, 0x8001, 0x0000, 0x8000,
                      0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFE00, 0x7DFF, 0x3C00, 0xB800],
                     dtype=np.uint16)
+
+
+NATIVE_BUILT = any((Path(quants.__file__).parent).glob("_native*.so"))
+
+
+@pytest.fixture(params=["native", "mlx"])
+def path(request, monkeypatch) -> str:
+    """Run a test on the native kernels (skipped when not built) and on the pure-MLX decoders."""
+    if request.param == "native":
+        if not quants.native_available():
+            pytest.skip("native kernels not built (make native)")
+    else:
+        monkeypatch.setattr(quants, "_NATIVE", None)
+    return request.param
+
+
+def test_native_kernels_load_when_built() -> None:
+    """A built extension must be picked up (a stale or broken build would silently fall back)."""
+    if not NATIVE_BUILT or os.environ.get("WORKBENCH_NATIVE") == "0":
+        pytest.skip("native kernels not built (make native) or switched off")
+    assert quants.native_available()
+
+
+def test_native_off_switch(monkeypatch) -> None:
+    monkeypatch.setenv("WORKBENCH_NATIVE", "0")
+    assert quants._load_native() is None
 
 
 def reference(raw: np.ndarray, ggml_type: int) -> np.ndarray:
@@ -67,7 +95,7 @@ def random_blocks(ggml_type: int, n_blocks: int, rng: np.random.Generator,
 
 @pytest.mark.parametrize("ggml_type", QUANTS, ids=lambda t: GGML_TYPES[t].name)
 @pytest.mark.parametrize("normal_scales", [True, False], ids=["normal-scales", "random-bytes"])
-def test_random_blocks_match_reference(ggml_type: int, normal_scales: bool) -> None:
+def test_random_blocks_match_reference(ggml_type: int, normal_scales: bool, path: str) -> None:
     rng = np.random.default_rng(ggml_type * 2 + normal_scales)
     raw = random_blocks(ggml_type, 6 * 40, rng, normal_scales).reshape(6, -1)  # 6 rows
     assert_bits_equal(dequantize(raw, ggml_type), reference(raw, ggml_type))
@@ -75,7 +103,7 @@ def test_random_blocks_match_reference(ggml_type: int, normal_scales: bool) -> N
 
 
 @pytest.mark.parametrize("ggml_type", QUANTS, ids=lambda t: GGML_TYPES[t].name)
-def test_edge_scales_match_reference(ggml_type: int) -> None:
+def test_edge_scales_match_reference(ggml_type: int, path: str) -> None:
     """Every edge f16 pattern as d (and, crossed with every other, as dmin)."""
     rng = np.random.default_rng(100 + ggml_type)
     offs = SCALE_OFFSETS[ggml_type]
@@ -96,7 +124,7 @@ def test_edge_scales_match_reference(ggml_type: int) -> None:
     assert_bits_equal(dequantize(blocks, ggml_type), want)
 
 
-def test_iq2_xxs_every_grid_index_and_sign_pattern() -> None:
+def test_iq2_xxs_every_grid_index_and_sign_pattern(path: str) -> None:
     """All 256 × 128 (grid, sign) pairs, every 4-bit sub-block scale, one block per 32."""
     grid_idx, sign_idx = np.meshgrid(np.arange(256), np.arange(128), indexing="ij")
     grid_idx, sign_idx = grid_idx.ravel(), sign_idx.ravel()  # 32768 groups of 8 = 1024 blocks
@@ -129,7 +157,7 @@ def test_iq2_xxs_tables_are_the_ggml_ones() -> None:
 
 
 @pytest.mark.parametrize("ggml_type", [F16, BF16], ids=["F16", "BF16"])
-def test_every_16_bit_pattern(ggml_type: int) -> None:
+def test_every_16_bit_pattern(ggml_type: int, path: str) -> None:
     raw = np.arange(65536, dtype=np.uint16).view(np.uint8).reshape(256, 512)
     assert_bits_equal(dequantize(raw, ggml_type), reference(raw, ggml_type))
 
@@ -143,7 +171,7 @@ def test_plain_32_bit(ggml_type: int) -> None:
     assert_bits_equal(got, reference(raw, ggml_type))
 
 
-def test_leading_axes_and_memmap(tmp_path) -> None:
+def test_leading_axes_and_memmap(tmp_path, path: str) -> None:
     rng = np.random.default_rng(8)
     blocks = random_blocks(Q4_K, 2 * 3 * 2, rng, normal_scales=True).reshape(2, 3, 2 * 144)
     path = tmp_path / "blocks.bin"
@@ -152,6 +180,8 @@ def test_leading_axes_and_memmap(tmp_path) -> None:
     got = dequantize(mm[:, 1:], Q4_K)  # a non-contiguous memmap view
     assert got.shape == (2, 2, 512)
     assert_bits_equal(got, reference(blocks[:, 1:], Q4_K))
+    strided = mx.array(blocks)[:, 1:]  # a non-contiguous MLX view
+    assert_bits_equal(dequantize(strided, Q4_K), reference(blocks[:, 1:], Q4_K))
 
 
 # --- errors ------------------------------------------------------------------------------------

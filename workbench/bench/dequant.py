@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
-from workbench.gguf.quants import dequantize
+from workbench.gguf.quants import dequantize, native_available
 from workbench.gguf.types import BF16, F16, GGML_TYPES, IQ2_XXS, Q2_K, Q4_K, Q8_0
 
 NAME = "dequant"
@@ -52,6 +52,8 @@ def run(ctx: BenchContext, n_elems: int | None = None) -> BenchResult:
 
     n = n_elems or ctx.pick(1 << 22, 1 << 24)
     result = BenchResult(NAME)
+    path = "native kernels (native/dequant.cpp)" if native_available() else "pure MLX (native kernels not built)"
+    result.notes.append(f"workbench decoders: {path}")
     out_bytes = 4 * n
     src = np.random.default_rng(1).random(n, dtype=np.float32)
     dst = np.ones_like(src)

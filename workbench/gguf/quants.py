@@ -15,11 +15,20 @@ dequantization ~5x slower for values no weight file contains.
 
 Raw buffers are uint8, shaped ``[..., n_blocks * block_bytes]``; results are float32
 ``[..., n_blocks * block_elems]`` (int32 for I32).
+
+Two implementations of each block decoder, with the same bits: the native MLX primitive of
+``native/dequant.cpp`` (built by ``make native`` into ``workbench/gguf/_native*.so``; one
+pass over the blocks, ~memory-copy speed) where it is built for the running MLX, else the
+pure-MLX expressions below (the reference and fallback; 3-10x slower: each MLX op is a
+separate pass over the data). ``WORKBENCH_NATIVE=0`` forces the pure-MLX path.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+from types import ModuleType
 from typing import Callable, Literal, Sequence
 
 import mlx.core as mx
@@ -148,6 +157,39 @@ _DECODERS: dict[int, Callable[[mx.array], mx.array]] = {
     F32: _dequant_f32, F16: _dequant_f16, BF16: _dequant_bf16, I32: _dequant_i32,
     Q8_0: _dequant_q8_0, Q2_K: _dequant_q2_k, Q4_K: _dequant_q4_k, IQ2_XXS: _dequant_iq2_xxs,
 }
+NATIVE_TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
+
+
+def _load_native() -> ModuleType | None:
+    """The native kernels' module if it is built for this MLX and decodes a block right,
+    else None (not built, built against another MLX, or disabled by WORKBENCH_NATIVE=0)."""
+    if os.environ.get("WORKBENCH_NATIVE", "1") == "0":
+        return None
+    try:
+        mod = importlib.import_module("workbench.gguf._native")
+        if mod.mlx_version != mx.__version__:
+            return None  # C++ ABI of another MLX: never call into it
+        probe = mx.array(np.array([[0x00, 0x3C] + [1] * 32], dtype=np.uint8))  # Q8_0: d = 1, q = 1
+        if np.asarray(mod.dequantize(probe, Q8_0)).tolist() != [[1.0] * 32]:
+            return None
+        return mod
+    except (ImportError, TypeError, RuntimeError, ValueError, AttributeError):
+        return None
+
+
+_NATIVE = _load_native()
+
+
+def native_available() -> bool:
+    """Whether :func:`dequantize` uses the native kernels (see the module docstring)."""
+    return _NATIVE is not None
+
+
+def _decode(blocks: mx.array, ggml_type: int) -> mx.array:
+    """blocks uint8 ``[N, block_bytes]`` -> ``[N, block_elems]`` by the fastest path."""
+    if _NATIVE is not None and ggml_type in NATIVE_TYPES:
+        return _NATIVE.dequantize(blocks, ggml_type, _IQ2XXS_SIGNED if ggml_type == IQ2_XXS else None)
+    return _DECODERS[ggml_type](blocks)
 
 
 def _as_bytes(raw: mx.array | np.ndarray, ggml_type: int) -> mx.array:
@@ -183,7 +225,7 @@ def dequantize(raw: mx.array | np.ndarray, ggml_type: int) -> mx.array:
     t = GGML_TYPES[ggml_type]
     lead = data.shape[:-1]
     n_blocks = data.size // t.block_bytes
-    out = _DECODERS[ggml_type](data.reshape(n_blocks, t.block_bytes))
+    out = _decode(data.reshape(n_blocks, t.block_bytes), ggml_type)
     return out.reshape(*lead, data.shape[-1] // t.block_bytes * t.block_elems)
 
 

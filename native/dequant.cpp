@@ -1,0 +1,329 @@
+// Native CPU dequantization of ggml blocks as one MLX primitive (workbench.gguf._native).
+//
+// Each kernel performs the float32 operations of workbench/gguf/quants.py's pure-MLX
+// decoder for the same type, in the same order, so the results are bit-identical to it and
+// to gguf.quants.dequantize (tests/test_quants.py checks both paths):
+//   F16   exact widening (F16C where present; a signalling NaN comes out quiet, as MLX's cast)
+//   BF16  bits << 16
+//   Q8_0  q * d
+//   Q2_K  (d * sc) * q - dmin * m      (16 groups of 16)
+//   Q4_K  (d * sc) * q - dmin * m      (8 groups of 32, 6-bit scales)
+//   IQ2_XXS (d * (0.5 + s)) * 0.25 * signed_grid   (the signed-grid table is an input)
+// No step is contracted into a fused multiply-add (-ffp-contract=off; explicit mul/sub).
+// Large outputs are split over a few threads by whole blocks.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define WB_AVX2 1
+#endif
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+namespace {
+
+// ggml type ids (workbench/gguf/types.py)
+constexpr int F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30;
+
+struct Format {
+  int block_bytes;
+  int block_elems;
+};
+
+Format format_of(int type) {
+  switch (type) {
+    case F16: return {2, 1};
+    case BF16: return {2, 1};
+    case Q8_0: return {34, 32};
+    case Q2_K: return {84, 256};
+    case Q4_K: return {144, 256};
+    case IQ2_XXS: return {66, 256};
+    default: throw std::invalid_argument("workbench native dequantize: unsupported ggml type " + std::to_string(type));
+  }
+}
+
+// f16 bits -> float32, exact; a NaN keeps its payload with the quiet bit set (as F16C does).
+inline float half_to_float(uint16_t h) {
+#ifdef WB_AVX2
+  return _cvtsh_ss(h);
+#else
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+  if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13) | (man ? 0x00400000u : 0u);
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 1024));
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 1023) << 13;
+    }
+  } else {
+    bits = sign | (exp + 112) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline uint32_t load_u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+
+// --- kernels over blocks [b0, b1) ------------------------------------------------------------
+
+void f16_blocks(const uint8_t* in, float* out, size_t b0, size_t b1) {
+  size_t i = b0;
+#ifdef WB_AVX2
+  for (; i + 8 <= b1; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 2 * i))));
+#endif
+  for (; i < b1; ++i) out[i] = half_to_float(load_u16(in + 2 * i));
+}
+
+void bf16_blocks(const uint8_t* in, float* out, size_t b0, size_t b1) {
+  size_t i = b0;
+#ifdef WB_AVX2
+  for (; i + 8 <= b1; i += 8) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 2 * i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_slli_epi32(w, 16));
+  }
+#endif
+  for (; i < b1; ++i) {
+    uint32_t bits = uint32_t(load_u16(in + 2 * i)) << 16;
+    std::memcpy(out + i, &bits, 4);
+  }
+}
+
+#ifdef WB_AVX2
+// 8 int8 / uint8 codes at p -> 8 floats (exact)
+inline __m256 i8x8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+#endif
+
+void q8_0_blocks(const uint8_t* in, float* out, size_t b0, size_t b1) {
+  for (size_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = in + b * 34;
+    float* o = out + b * 32;
+    const float d = half_to_float(load_u16(blk));
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+#ifdef WB_AVX2
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int j = 0; j < 32; j += 8) _mm256_storeu_ps(o + j, _mm256_mul_ps(i8x8(blk + 2 + j), vd));
+#else
+    for (int j = 0; j < 32; ++j) o[j] = float(q[j]) * d;
+#endif
+    (void)q;
+  }
+}
+
+void q2_k_blocks(const uint8_t* in, float* out, size_t b0, size_t b1) {
+  for (size_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = in + b * 84;
+    const uint8_t* sc = blk;
+    const uint8_t* qs = blk + 16;
+    float* o = out + b * 256;
+    const float d = half_to_float(load_u16(blk + 80));
+    const float dmin = half_to_float(load_u16(blk + 82));
+    // group g (16 elements): byte half g/8, bit pair (g%8)/2, bytes (g%2)*16 .. +16
+    for (int g = 0; g < 16; ++g) {
+      const float dl = d * float(sc[g] & 15);
+      const float ml = dmin * float(sc[g] >> 4);
+      const uint8_t* src = qs + (g / 8) * 32 + (g % 2) * 16;
+      const int shift = 2 * ((g % 8) / 2);
+      float* og = o + g * 16;
+#ifdef WB_AVX2
+      const __m128i codes = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)), shift),
+                                          _mm_set1_epi8(3));
+      const __m256 vdl = _mm256_set1_ps(dl), vml = _mm256_set1_ps(ml);
+      _mm256_storeu_ps(og, _mm256_sub_ps(_mm256_mul_ps(vdl, u8x8(codes)), vml));
+      _mm256_storeu_ps(og + 8, _mm256_sub_ps(_mm256_mul_ps(vdl, u8x8(_mm_srli_si128(codes, 8))), vml));
+#else
+      for (int t = 0; t < 16; ++t) og[t] = dl * float((src[t] >> shift) & 3) - ml;
+#endif
+    }
+  }
+}
+
+void q4_k_blocks(const uint8_t* in, float* out, size_t b0, size_t b1) {
+  for (size_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = in + b * 144;
+    const uint8_t *lo = blk + 4, *mid = blk + 8, *hi = blk + 12, *qs = blk + 16;
+    float* o = out + b * 256;
+    const float d = half_to_float(load_u16(blk));
+    const float dmin = half_to_float(load_u16(blk + 2));
+    for (int s = 0; s < 8; ++s) {
+      const int sc = s < 4 ? (lo[s] & 63) : ((hi[s - 4] & 15) | ((lo[s - 4] >> 6) << 4));
+      const int mn = s < 4 ? (mid[s] & 63) : ((hi[s - 4] >> 4) | ((mid[s - 4] >> 6) << 4));
+      const float ds = d * float(sc);
+      const float dm = dmin * float(mn);
+      const uint8_t* src = qs + (s / 2) * 32;
+      const int shift = 4 * (s % 2);
+      float* os = o + s * 32;
+#ifdef WB_AVX2
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(raw, shift), _mm256_set1_epi8(15));
+      const __m128i c0 = _mm256_castsi256_si128(codes), c1 = _mm256_extracti128_si256(codes, 1);
+      const __m256 vds = _mm256_set1_ps(ds), vdm = _mm256_set1_ps(dm);
+      _mm256_storeu_ps(os, _mm256_sub_ps(_mm256_mul_ps(vds, u8x8(c0)), vdm));
+      _mm256_storeu_ps(os + 8, _mm256_sub_ps(_mm256_mul_ps(vds, u8x8(_mm_srli_si128(c0, 8))), vdm));
+      _mm256_storeu_ps(os + 16, _mm256_sub_ps(_mm256_mul_ps(vds, u8x8(c1)), vdm));
+      _mm256_storeu_ps(os + 24, _mm256_sub_ps(_mm256_mul_ps(vds, u8x8(_mm_srli_si128(c1, 8))), vdm));
+#else
+      for (int t = 0; t < 32; ++t) os[t] = ds * float((src[t] >> shift) & 15) - dm;
+#endif
+    }
+  }
+}
+
+void iq2_xxs_blocks(const uint8_t* in, float* out, size_t b0, size_t b1, const uint64_t* table) {
+  for (size_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = in + b * 66;
+    float* o = out + b * 256;
+    const float d = half_to_float(load_u16(blk));
+    for (int g = 0; g < 8; ++g) {
+      const uint8_t* grp = blk + 2 + g * 8;
+      const uint32_t a1 = load_u32(grp + 4);
+      const float db = d * (0.5f + float(a1 >> 28)) * 0.25f;
+#ifdef WB_AVX2
+      const __m256 vdb = _mm256_set1_ps(db);
+#endif
+      for (int k = 0; k < 4; ++k) {
+        const uint64_t v = table[uint32_t(grp[k]) * 128 + ((a1 >> (7 * k)) & 127)];
+        float* ok = o + g * 32 + k * 8;
+#ifdef WB_AVX2
+        const __m256 vals = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(int64_t(v))));
+        _mm256_storeu_ps(ok, _mm256_mul_ps(vdb, vals));
+#else
+        int8_t s8[8];
+        std::memcpy(s8, &v, 8);
+        for (int j = 0; j < 8; ++j) ok[j] = db * float(s8[j]);
+#endif
+      }
+    }
+  }
+}
+
+// Threads for an output of `out_bytes`: 1 below 1 MiB, else half the cores (at most 4; on a
+// two-core machine one thread already writes at memory-copy speed). WORKBENCH_DEQUANT_THREADS
+// overrides.
+int threads_for(size_t out_bytes) {
+  static const int configured = [] {
+    const char* env = std::getenv("WORKBENCH_DEQUANT_THREADS");
+    const int n = env ? std::atoi(env) : int(std::thread::hardware_concurrency()) / 2;
+    return std::clamp(n, 1, env ? 16 : 4);
+  }();
+  return out_bytes < (size_t(1) << 20) ? 1 : configured;
+}
+
+template <class F>
+void parallel_blocks(size_t n_blocks, size_t out_bytes, F&& body) {
+  const int n_threads = int(std::min<size_t>(threads_for(out_bytes), std::max<size_t>(n_blocks, 1)));
+  if (n_threads <= 1) {
+    body(0, n_blocks);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const size_t step = (n_blocks + n_threads - 1) / n_threads;
+  for (int t = 1; t < n_threads; ++t) {
+    const size_t b0 = std::min(n_blocks, t * step), b1 = std::min(n_blocks, (t + 1) * step);
+    pool.emplace_back([&body, b0, b1] { body(b0, b1); });
+  }
+  body(0, std::min(n_blocks, step));
+  for (auto& th : pool) th.join();
+}
+
+class Dequantize : public mx::UnaryPrimitive {
+ public:
+  Dequantize(mx::Stream stream, int type) : mx::UnaryPrimitive(stream), type_(type) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& blocks = inputs[0];
+    if (!blocks.flags().row_contiguous) throw std::runtime_error("workbench native dequantize: input not contiguous");
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const Format f = format_of(type_);
+    const size_t n_blocks = blocks.size() / f.block_bytes;
+    const uint8_t* src = blocks.data<uint8_t>();
+    float* dst = out.data<float>();
+    const uint64_t* table = inputs.size() > 1 ? inputs[1].data<uint64_t>() : nullptr;
+    const size_t out_bytes = out.nbytes();
+    const int type = type_;
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(blocks);
+    encoder.set_output_array(out);
+    encoder.dispatch([=]() {
+      parallel_blocks(n_blocks, out_bytes, [&](size_t b0, size_t b1) {
+        switch (type) {
+          case F16: f16_blocks(src, dst, b0, b1); break;
+          case BF16: bf16_blocks(src, dst, b0, b1); break;
+          case Q8_0: q8_0_blocks(src, dst, b0, b1); break;
+          case Q2_K: q2_k_blocks(src, dst, b0, b1); break;
+          case Q4_K: q4_k_blocks(src, dst, b0, b1); break;
+          case IQ2_XXS: iq2_xxs_blocks(src, dst, b0, b1, table); break;
+        }
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("workbench native dequantize runs on the CPU stream only");
+  }
+
+  const char* name() const override { return "WorkbenchDequantize"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return type_ == static_cast<const Dequantize&>(other).type_;
+  }
+
+ private:
+  int type_;
+};
+
+// blocks: uint8 [n, block_bytes] -> float32 [n, block_elems]; table: IQ2_XXS's uint64 [32768].
+mx::array dequantize(const mx::array& blocks, int type, std::optional<mx::array> table) {
+  const Format f = format_of(type);
+  if (blocks.dtype() != mx::uint8 || blocks.ndim() != 2 || blocks.shape(1) != f.block_bytes)
+    throw std::invalid_argument("workbench native dequantize: blocks must be uint8 [n, " +
+                                std::to_string(f.block_bytes) + "]");
+  const mx::Stream s = mx::default_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs = {mx::contiguous(blocks, false, s)};
+  if (type == IQ2_XXS) {
+    if (!table || table->dtype() != mx::uint64 || table->size() != 256 * 128)
+      throw std::invalid_argument("workbench native dequantize: IQ2_XXS needs the uint64 [32768] signed-grid table");
+    inputs.push_back(mx::contiguous(*table, false, s));
+  }
+  return mx::array({blocks.shape(0), f.block_elems}, mx::float32, std::make_shared<Dequantize>(s, type),
+                   std::move(inputs));
+}
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+  using namespace nb::literals;
+  m.doc() = "workbench native CPU kernels (see native/dequant.cpp)";
+  m.attr("mlx_version") = WORKBENCH_MLX_VERSION;
+  m.def("dequantize", &dequantize, "blocks"_a, "ggml_type"_a, "table"_a = nb::none(),
+        "ggml blocks uint8 [n, block_bytes] -> float32 [n, block_elems] (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS).");
+}

@@ -1,14 +1,14 @@
 """Pipeline-parallel sessions over mx.distributed and sharded (DSVL) KV checkpoints.
 
-In-process tests cover the shard format, the .kv <-> shards conversion and a one-rank
-DistributedSession. The launch tests start 2 ranks on 127.0.0.1 with the ring backend
-(each rank exactly as ``mlx.launch`` starts it: MLX_RANK + an MLX_HOSTFILE ring of free
-ports), and one test goes through ``mlx.launch`` itself with the CLI. They skip when the
-ring backend cannot start here.
+In-process tests cover the shard format, the .kv <-> shards conversion and the plain
+session a process running alone gets. The launch tests start 2 ranks on 127.0.0.1 with
+the ring backend (each rank exactly as ``mlx.launch`` starts it: MLX_RANK + an MLX_HOSTFILE
+ring of free ports), and one test goes through ``mlx.launch`` itself with
+``workbench run --kv-dir --json``. They skip when the ring backend cannot start here.
 
 Tolerance for "same logits as one process": none, bit for bit. Each rank runs the same
-float32 operations on the same inputs as the single process (the streams cross ranks as
-raw float32; broadcasts add exact zeros). This holds when every rank uses the BLAS
+float32 operations on the same inputs as the single process (the streams, logits and
+gathered KV cross ranks as raw float32 bits). This holds when every rank uses the BLAS
 threading of the reference process: OpenBLAS with 1 thread instead of 2 changes float32
 summation order (measured: up to 4.4e-5 of the largest logit on tiny).
 """
@@ -36,7 +36,8 @@ from workbench.kv import shards as S
 from workbench.gguf.reader import GGUFFile
 from workbench.kv.format import SaveReason, comp_cap, raw_cap, read_kv_file, write_kv_file
 from workbench.model.config import ModelArgs
-from workbench.session import SessionError, load
+from workbench.session import Session, load
+from workbench.stage import LocalStage
 from workbench.state import LAYER_FIELDS
 
 CTX = 1024
@@ -203,35 +204,16 @@ def test_kv_and_shards_convert_losslessly(reference: dict, tmp_path: Path) -> No
     assert (m2.tokens, m2.text, m2.layout) == (m1.tokens, m1.text, m1.layout)
 
 
-# ---- one rank, in process ------------------------------------------------------------------------------------
-def test_single_rank_session_matches_session(tiny_gguf: Path, reference: dict, tmp_path: Path) -> None:
+# ---- one process ---------------------------------------------------------------------------------------------
+def test_a_process_running_alone_gets_a_plain_session(tiny_gguf: Path, reference: dict) -> None:
+    assert distributed.init_group() is None  # not launched: no group
     s = distributed.load(tiny_gguf, ctx=CTX)
     try:
-        assert (s.size, s.ranges) == (1, [(0, 6)])
-        with pytest.raises(SessionError, match="outside the vocabulary"):
-            s.prefill([0, s.args.n_vocab])
-        with pytest.raises(SessionError, match="context full"):
-            s.prefill([1] * (CTX + 1))
-        s.prefill(PROMPT[:2 * CHUNK], chunk=CHUNK)  # resumed on a chunk boundary: the same schedule
-        s.prefill(PROMPT[2 * CHUNK:], chunk=CHUNK)
+        assert type(s) is Session and isinstance(s.stage, LocalStage) and s.stage.ranks == 1
+        s.prefill(PROMPT, chunk=CHUNK)
         assert np.array_equal(np.array(s.logits), reference["logits"])
-        snap = s.snapshot()
-        assert s.decode(N_DECODE) == reference["decode"]
-        s.restore(snap)
-        s.save_checkpoint(tmp_path / "c", "t")
-        # a 3-shard checkpoint of the same state restores into this 1-rank layout too
-        S.write_checkpoint(tmp_path / "three", [reference["state"].layer_slice(a, b)
-                                                for a, b in S.split_layers(6, 3)])
-        s.reset()
-        m = s.restore_checkpoint(tmp_path / "three")
-        assert m.n_tokens == len(PROMPT) and s.decode(N_DECODE) == reference["decode"]
-        with pytest.raises(distributed.DistributedError, match="no manifest"):
-            s.restore_checkpoint(tmp_path / "missing")
-        assert s.n_tokens == len(PROMPT) + N_DECODE  # a failed restore changes nothing
     finally:
         s.close()
-    state, _ = S.load_checkpoint(tmp_path / "c")
-    assert_states_equal(state, reference["state"])
 
 
 # ---- two ranks on 127.0.0.1 ----------------------------------------------------------------------------------
@@ -264,8 +246,9 @@ def launch(tmp_path: Path, argv: list[str], n: int = 2, timeout: float = LAUNCH_
         for r in range(n):
             env = dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(ring))  # same BLAS threads as the reference
             pgid = 0 if r == 0 else procs[0].pid  # rank 0 leads a new process group, the others join it
-            procs.append(subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True, preexec_fn=partial(os.setpgid, 0, pgid)))
+            procs.append(subprocess.Popen(argv + [str(r)], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          preexec_fn=partial(os.setpgid, 0, pgid)))
         out = []
         for r, pr in enumerate(procs):
             try:
@@ -299,44 +282,84 @@ def ring(tmp_path_factory: pytest.TempPathFactory) -> None:
         pytest.skip("the ring backend cannot start here: " + " | ".join(r["stderr"].strip()[-300:] for r in res))
 
 
+# Every rank runs this script (argv: config JSON, rank). Rank 0 drives the session; rank 1 serves.
 WORKER = textwrap.dedent("""
-    import json, os, signal, sys
+    import json, os, signal, sys, time
     import numpy as np
     from workbench import distributed
+    from workbench.kv import shards as S
     from workbench.sampling import greedy
+    from workbench.session import SessionError
 
-    cfg = json.loads(sys.argv[1])
-    s = distributed.load(cfg["model"], ctx=cfg["ctx"], group=distributed.init_group("ring"), logits_on="all")
-    out = {"rank": s.rank, "layers": [s.start, s.stop]}
-    report = os.path.join(cfg["out"], f"rank{s.rank}.json")
+    cfg, rank = json.loads(sys.argv[1]), int(sys.argv[2])
+    out = {"rank": rank}
+    report = os.path.join(cfg["out"], f"rank{rank}.json")
     try:
-        if cfg["scenario"] == "main":
-            s.prefill(cfg["prompt"], chunk=cfg["chunk"])
-            np.save(os.path.join(cfg["out"], f"logits{s.rank}.npy"), np.array(s.logits))
-            snap = s.snapshot()
+        s = distributed.load(cfg["model"], ctx=cfg["ctx"] + (rank if cfg["scenario"] == "mismatch" else 0),
+                             group=distributed.init_group("ring"))
+    except distributed.DistributedError as err:
+        out["load_error"] = str(err)
+        s = None
+    try:
+        if s is None:
+            pass
+        elif not s.stage.drives:
+            out["layers"] = [s.stage.start, s.stage.stop]
+            with open(os.path.join(cfg["out"], f"pid{rank}"), "w") as f:
+                f.write(str(os.getpid()))
+            try:
+                s.stage.serve(s)
+                out["served"] = "ok"
+            except distributed.DistributedError as err:
+                out["served"] = str(err)
+        elif cfg["scenario"] == "main":
+            out["layers"] = [s.stage.start, s.stage.stop]
+            try:
+                s.prefill([0, s.args.n_vocab])  # bad input: raised here, nothing sent
+            except SessionError as err:
+                out["bad_input"] = str(err)
+            s.prefill(cfg["prompt"][:2 * cfg["chunk"]], chunk=cfg["chunk"])  # resumed on a chunk boundary
+            s.prefill(cfg["prompt"][2 * cfg["chunk"]:], chunk=cfg["chunk"])
+            np.save(os.path.join(cfg["out"], "logits.npy"), np.array(s.logits))
+            snap = s.snapshot()  # gathered from both ranks
             out["decode"] = s.decode(cfg["n_decode"])
-            s.restore(snap)
-            out["saved"] = s.save_checkpoint(cfg["save"], "two ranks").bytes
+            S.write_checkpoint(cfg["save"], [snap.layer_slice(a, b) for a, b in [(0, 3), (3, 6)]],
+                               "two ranks")
+            s.restore(snap)  # scattered back
+            out["decode_again"] = s.decode(cfg["n_decode"])
             s.reset()
-            m = s.restore_checkpoint(cfg["restore"])  # written by one process
-            out["restored_tokens"] = m.n_tokens
+            state, m = S.load_checkpoint(cfg["restore"])  # written by one process
+            s.restore(state)
+            out["restored_tokens"] = s.n_tokens
             out["restored_top"] = int(greedy(s.logits))
             out["decode_after_restore"] = s.decode(cfg["n_decode"])
-            out["traffic"] = vars(s.traffic)
-        else:  # kill: the last rank dies while writing its shard
+            out["traffic"] = vars(s.stage.traffic)
+            s.close("rank 0 is done (test)")
+        elif cfg["scenario"] == "kill":  # rank 1 dies: rank 0's next call raises
             s.prefill(cfg["prompt"], chunk=cfg["chunk"])
-            def die(done, total):
-                if s.rank == 1 and done > 56:
-                    os.kill(os.getpid(), signal.SIGKILL)
+            while not os.path.exists(os.path.join(cfg["out"], "pid1")):
+                time.sleep(0.05)
+            os.kill(int(open(os.path.join(cfg["out"], "pid1")).read()), signal.SIGKILL)
+            time.sleep(0.5)
             try:
-                s.save_checkpoint(cfg["save"], "never", progress=die)
+                s.snapshot()
                 out["error"] = None
             except distributed.DistributedError as err:
                 out["error"] = str(err)
+            s.close(str(out["error"]))  # the pipeline is broken: no second error
     finally:
+        if s is not None:
+            s.close()
         with open(report, "w") as f:
             json.dump(out, f)
 """)
+
+
+def run_worker(d: Path, cfg: dict) -> tuple[list[dict], list[dict]]:
+    """Launch 2 ranks of WORKER with ``cfg``; their exit codes/output and their reports."""
+    (d / "worker.py").write_text(WORKER)
+    res = launch(d, [sys.executable, str(d / "worker.py"), json.dumps(cfg | {"out": str(d)})])
+    return res, [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -345,32 +368,41 @@ def two_ranks(ring: None, tiny_gguf: Path, reference: dict, tmp_path_factory: py
     d = tmp_path_factory.mktemp("two")
     one = d / "one-process"
     S.write_checkpoint(one, [reference["state"].layer_slice(0, 6)], "one process")
-    (d / "worker.py").write_text(WORKER)
     cfg = {"scenario": "main", "model": str(tiny_gguf), "ctx": CTX, "chunk": CHUNK, "prompt": PROMPT,
-           "n_decode": N_DECODE, "out": str(d), "save": str(d / "two-ranks"), "restore": str(one)}
-    res = launch(d, [sys.executable, str(d / "worker.py"), json.dumps(cfg)])
+           "n_decode": N_DECODE, "save": str(d / "two-ranks"), "restore": str(one)}
+    res, reports = run_worker(d, cfg)
     for r, x in enumerate(res):
         assert x["rc"] == 0, f"rank {r} failed: {x['stderr'][-2000:]}"
-    return {"dir": d, "ranks": [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]}
+    return {"dir": d, "ranks": reports}
 
 
 def test_two_ranks_same_logits_and_greedy_tokens(two_ranks: dict, reference: dict) -> None:
-    ranks = two_ranks["ranks"]
-    assert [r["layers"] for r in ranks] == [[0, 3], [3, 6]]
-    for r in range(2):  # logits_on="all": every rank holds the last rank's logits
-        assert np.array_equal(np.load(two_ranks["dir"] / f"logits{r}.npy"), reference["logits"])
-        assert ranks[r]["decode"] == reference["decode"]
-    # what crossed the boundary: the prompt, then every decoded token (decode feeds each one), twice
-    crossed = (len(PROMPT) + 2 * N_DECODE) * reference["hc_bytes"]
-    assert ranks[0]["traffic"]["hc_sent_bytes"] == ranks[1]["traffic"]["hc_received_bytes"] == crossed
-    assert ranks[0]["traffic"]["hc_received_bytes"] == ranks[1]["traffic"]["hc_sent_bytes"] == 0
+    driver, server = two_ranks["ranks"]
+    assert [driver["layers"], server["layers"]] == [[0, 3], [3, 6]]
+    assert np.array_equal(np.load(two_ranks["dir"] / "logits.npy"), reference["logits"])
+    assert driver["decode"] == driver["decode_again"] == reference["decode"]
+    # what crossed the boundary: the prompt, then every decoded token fed back (twice, and once after the restore)
+    t = driver["traffic"]
+    assert t["hc_sent_bytes"] == (len(PROMPT) + 3 * N_DECODE) * reference["hc_bytes"] and t["hc_received_bytes"] == 0
 
 
-def test_two_rank_checkpoint_restores_in_one_process(two_ranks: dict, tiny_gguf: Path, reference: dict) -> None:
+def test_bad_input_raises_on_rank_0_and_its_end_reaches_every_rank(two_ranks: dict) -> None:
+    driver, server = two_ranks["ranks"]
+    assert "outside the vocabulary" in driver["bad_input"]  # checked before anything is sent; the pipeline went on
+    assert server["served"] == "rank 0 stopped on an error: rank 0 is done (test)"
+
+
+def test_ranks_that_disagree_fail_together(ring: None, tiny_gguf: Path, tmp_path: Path) -> None:
+    res, reports = run_worker(tmp_path, {"scenario": "mismatch", "model": str(tiny_gguf), "ctx": CTX})
+    for r in range(2):
+        assert res[r]["rc"] == 0, res[r]["stderr"][-2000:]
+        assert "ranks disagree" in reports[r]["load_error"]
+
+
+def test_two_rank_snapshot_restores_in_one_process(two_ranks: dict, tiny_gguf: Path, reference: dict) -> None:
     ck = two_ranks["dir"] / "two-ranks"
     m = S.read_manifest(ck)
     assert m.ranges == [(0, 3), (3, 6)] and m.text == b"two ranks" and S.verify_checkpoint(ck) == []
-    assert sum(e.bytes for e in m.shards) == two_ranks["ranks"][0]["saved"]
     state, _ = S.load_checkpoint(ck)
     assert_states_equal(state, reference["state"])
     s = load(tiny_gguf, ctx=CTX)  # a plain single-process Session
@@ -382,57 +414,78 @@ def test_two_rank_checkpoint_restores_in_one_process(two_ranks: dict, tiny_gguf:
 
 
 def test_one_process_checkpoint_restores_in_two_ranks(two_ranks: dict, reference: dict) -> None:
-    for r in two_ranks["ranks"]:
-        assert r["restored_tokens"] == len(PROMPT)
-        assert r["restored_top"] == reference["decode"][0]
-        assert r["decode_after_restore"] == reference["decode"]
+    driver = two_ranks["ranks"][0]
+    assert driver["restored_tokens"] == len(PROMPT)
+    assert driver["restored_top"] == reference["decode"][0]
+    assert driver["decode_after_restore"] == reference["decode"]
 
 
-def test_rank_killed_mid_save_leaves_no_manifest(ring: None, tiny_gguf: Path, tmp_path: Path) -> None:
+def test_a_lost_rank_raises_on_rank_0(ring: None, tiny_gguf: Path, tmp_path: Path) -> None:
+    cfg = {"scenario": "kill", "model": str(tiny_gguf), "ctx": CTX, "chunk": CHUNK, "prompt": PROMPT[:40]}
     (tmp_path / "worker.py").write_text(WORKER)
-    ck = tmp_path / "ck"
-    cfg = {"scenario": "kill", "model": str(tiny_gguf), "ctx": CTX, "chunk": CHUNK, "prompt": PROMPT[:40],
-           "out": str(tmp_path), "save": str(ck)}
-    res = launch(tmp_path, [sys.executable, str(tmp_path / "worker.py"), json.dumps(cfg)])
+    res = launch(tmp_path, [sys.executable, str(tmp_path / "worker.py"), json.dumps(cfg | {"out": str(tmp_path)})])
     assert res[1]["rc"] == -signal.SIGKILL
     assert res[0]["rc"] == 0, res[0]["stderr"][-2000:]
     err = json.loads((tmp_path / "rank0.json").read_text())["error"]
-    assert err is not None and "checkpoint barrier" in err
-    assert not (ck / S.MANIFEST_NAME).exists()
-    names = os.listdir(ck)
-    assert not [n for n in names if n.endswith(".dsvl")]  # the survivor removed its finished shard
-    assert all(".dsvl.tmp." in n for n in names)  # only the dead rank's partial temp file is left
-    assert "no manifest" in S.verify_checkpoint(ck)[0]
+    assert err is not None and "rank 0: " in err
 
 
-def test_cli_under_mlx_launch(ring: None, tiny_gguf: Path, reference: dict, tmp_path: Path) -> None:
-    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
-    if launcher is None:
-        pytest.skip("mlx.launch is not installed next to this Python")
-    p = free_port_pair()
-    cmd = [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--starting-port", str(p),
-           "--", sys.executable, "-m", "workbench.commands.distributed", "run",
-           "--model", str(tiny_gguf), "--tokens", ",".join(map(str, PROMPT)), "--ctx", str(CTX),
-           "--chunk", str(CHUNK), "--max-tokens", str(N_DECODE), "--temp", "0", "--json",
-           "--dump-logits", str(tmp_path / "logits.npy"), "--save", str(tmp_path / "ck")]
+# ---- workbench run under mlx.launch -------------------------------------------------------------------------------
+def kv_content(path: Path) -> bytes:
+    """A .kv file without its two timestamps (KVC bytes 24..39) and checksum trailer: the
+    header's other fields, the text and the payload."""
+    raw = path.read_bytes()
+    payload = int.from_bytes(raw[40:48], "little")
+    text = int.from_bytes(raw[48:52], "little")
+    return raw[:24] + raw[40:52 + text + payload]
+
+
+def run_cli(cmd: list[str], timeout: float = LAUNCH_TIMEOUT) -> tuple[list[dict], str]:
+    """Run ``cmd`` in its own process group (killed in any case); its JSON lines and stderr."""
     pr = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True)
     try:
-        so, se = pr.communicate(timeout=LAUNCH_TIMEOUT)
+        so, se = pr.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"mlx.launch did not finish within {LAUNCH_TIMEOUT} s")
+        pytest.fail(f"{cmd[0]} did not finish within {timeout} s")
     finally:
         try:
             os.killpg(pr.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         pr.wait(timeout=10)
-    lines = [ln for ln in so.splitlines() if ln.startswith("{")]
-    assert len(lines) == 1, f"stdout {so[-1000:]!r} stderr {se[-2000:]!r}"  # only the last rank prints
-    rec = json.loads(lines[0])
-    assert rec["ranks"] == 2 and rec["layers"] == [[0, 2], [3, 5]]
-    assert rec["tokens"] == reference["decode"] and rec["prompt_tokens"] == len(PROMPT)
-    assert np.array_equal(np.load(tmp_path / "logits.npy"), reference["logits"])
-    assert rec["hc_bytes_per_token"] == reference["hc_bytes"]
-    m = S.read_manifest(tmp_path / "ck")
-    assert list(m.tokens) == PROMPT + reference["decode"] and m.reason == SaveReason.SHUTDOWN
+    assert pr.returncode == 0, f"{cmd}: stdout {so[-1000:]!r} stderr {se[-2000:]!r}"
+    return [json.loads(ln) for ln in so.splitlines() if ln.startswith("{")], se
+
+
+def test_workbench_run_under_mlx_launch_is_one_pipeline(ring: None, tiny_gguf: Path, tmp_path: Path) -> None:
+    """``mlx.launch ... -- workbench run --kv-dir D --json``: one result, from rank 0, with the
+    tokens and the checkpoint files (names, text, payload) of one process."""
+    bindir = Path(sys.executable).parent
+    launcher = shutil.which("mlx.launch", path=str(bindir))
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed next to this Python")
+    script = shutil.which("workbench", path=str(bindir))
+    workbench = [script] if script else [sys.executable, "-m", "workbench.cli"]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Pipeline parallelism splits a model by layers over machines. " * 6, encoding="utf-8")
+
+    def args(kv: Path) -> list[str]:
+        return ["run", "--model", str(tiny_gguf), "--prompt-file", str(prompt), "--kv-dir", str(kv), "--json",
+                "--ctx", str(CTX), "--chunk", str(CHUNK), "--kv-min-tokens", "64", "--kv-align", "64",
+                "--max-tokens", str(N_DECODE), "--temp", "0"]
+
+    one, _ = run_cli(workbench + args(tmp_path / "one"))
+    p = free_port_pair()
+    two, err = run_cli([launcher, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--starting-port", str(p),
+                        "--"] + workbench + args(tmp_path / "two"))
+    assert len(two) == 2, err[-2000:]  # one turn and its shutdown save, printed once (by rank 0)
+    (t1, s1), (t2, s2) = one, two
+    assert t1["ranks"] == 1 and t2["ranks"] == 2 and t2["pipeline"]["layers"] == [[0, 2], [3, 5]]
+    assert t2["tokens"] == t1["tokens"] and t2["prompt_tokens"] == t1["prompt_tokens"] > 64
+    assert [x["reason"] for x in t2["saved"]] == [x["reason"] for x in t1["saved"]] == ["cold"]
+    names = sorted(f.name for f in (tmp_path / "one").glob("*.kv"))
+    assert len(names) == 2 and names == sorted(f.name for f in (tmp_path / "two").glob("*.kv"))
+    assert {Path(s1["shutdown_save"]["path"]).name, Path(t1["saved"][0]["path"]).name} == set(names)
+    for n in names:
+        assert kv_content(tmp_path / "one" / n) == kv_content(tmp_path / "two" / n), n

@@ -1,4 +1,4 @@
-"""A live session: a loaded model plus one :class:`~workbench.state.SessionState`.
+"""A live session: a loaded model, one :class:`~workbench.state.SessionState` and the layer stage.
 
     s = load("data/tiny.gguf", ctx=4096)
     stats = s.prefill(tokens)            # chunked, layer-major within a chunk
@@ -9,6 +9,11 @@ Prefill chunks end on absolute multiples of the chunk size (ds4's schedule), so 
 resumed from any length follows the cold schedule; chunking changes only float rounding,
 never the math (every token sees exactly what token-by-token decoding would show it).
 ``state.logits`` always holds the next-token logits after the last token.
+
+Where the layers run is the session's :class:`~workbench.stage.LayerStage`: all of them
+in this process (:class:`~workbench.stage.LocalStage`, the default), or one rank's range
+of a pipeline (``workbench.distributed.load``). The loops below are the same for both;
+on a pipeline ``state`` holds this rank's layers and ``snapshot()`` gathers the whole state.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import mlx.core as mx
 
@@ -27,6 +32,7 @@ from workbench.model.config import ModelArgs
 from workbench.model.model import Model
 from workbench.model.weights import load_model
 from workbench.sampling import Sampler, greedy, top_tokens
+from workbench.stage import LayerStage, LocalStage, StageFactory
 from workbench.state import SessionState, StateLayout
 
 DEFAULT_CTX = 32768
@@ -52,7 +58,8 @@ class Progress:
     """What a progress callback receives.
 
     ``stage`` is "load" (done/total in layers) or "prefill" (done/total in tokens of this
-    call); ``elapsed_s`` counts from the start of the call.
+    call); ``elapsed_s`` counts from the start of the call. On a pipeline both count this
+    process's layers only.
     """
 
     stage: str
@@ -88,18 +95,27 @@ def chunk_schedule(start: int, n: int, chunk: int) -> list[tuple[int, int]]:
     return out
 
 
-class Session:
-    """A model and its live state. ``state`` is replaced (never mutated) by each call."""
+def check_ctx(ctx: int, context_length: int) -> None:
+    """Raise SessionError unless ``1 <= ctx <= context_length`` (the model's)."""
+    if ctx < 1:
+        raise SessionError(f"ctx must be >= 1, got {ctx}")
+    if ctx > context_length:
+        raise SessionError(f"ctx {ctx} exceeds the model's context length {context_length}")
 
-    def __init__(self, model: Model, ctx: int, path: str | None = None, file: GGUFFile | None = None) -> None:
+
+class Session:
+    """A model, its live state and the stage its layers run on. ``state`` (this stage's
+    layers) is replaced, never mutated, by each call. ``stage`` defaults to every layer here;
+    ``model`` holds the stage's blocks (and the embedding / head where the stage has them)."""
+
+    def __init__(self, model: Model, ctx: int, path: str | None = None, file: GGUFFile | None = None,
+                 stage: LayerStage | None = None) -> None:
         args = model.args
-        if ctx < 1:
-            raise SessionError(f"ctx must be >= 1, got {ctx}")
-        if ctx > args.context_length:
-            raise SessionError(f"ctx {ctx} exceeds the model's context length {args.context_length}")
+        check_ctx(ctx, args.context_length)
         self.model, self.args, self.ctx, self.path, self._file = model, args, ctx, path, file
+        self.stage = LocalStage(args.n_layer) if stage is None else stage
         self.layout = StateLayout.from_args(args)
-        self.state = SessionState.empty(self.layout, ctx, min(ctx, MAX_PREFILL_CHUNK))
+        self.state = self.stage.empty(self.layout, ctx, min(ctx, MAX_PREFILL_CHUNK))
 
     # ---- state ---------------------------------------------------------------------
     @property
@@ -117,31 +133,38 @@ class Session:
 
     def reset(self) -> None:
         """Forget every token."""
-        self.state = SessionState.empty(self.layout, self.ctx, self.state.prefill_chunk)
+        self.stage.reset()
+        self.state = self.stage.empty(self.layout, self.ctx, self.state.prefill_chunk)
 
     def snapshot(self) -> SessionState:
-        """An independent in-memory copy of the state."""
-        return self.state.copy()
+        """An independent in-memory copy of the whole state (on a pipeline: gathered from
+        every rank)."""
+        return self.stage.gather(self.state)
 
     def restore(self, state: SessionState) -> None:
         """Continue from ``state`` (copied); it must fit this model and context. The
         restored state takes this session's ctx and prefill chunk."""
         if state.layout != self.layout:
             raise SessionError("state layout does not match this model")
+        if not state.is_whole:
+            raise SessionError(f"state holds layers {state.start}..{state.stop - 1} only; restore takes a whole state")
         if state.n_tokens > self.ctx:
             raise SessionError(f"state holds {state.n_tokens} tokens, more than this session's ctx {self.ctx}")
         problems = state.problems()
         if problems:
             raise SessionError("inconsistent state: " + "; ".join(problems[:5]))
-        self.state = replace(state.to_mlx(), ctx=self.ctx, prefill_chunk=self.state.prefill_chunk)
+        self.state = self.stage.scatter(replace(state.to_mlx(), ctx=self.ctx, prefill_chunk=self.state.prefill_chunk))
 
     @property
     def file(self) -> GGUFFile | None:
         """The open GGUF file the model maps (None for a model built in memory)."""
         return self._file
 
-    def close(self) -> None:
-        """Release the GGUF mapping (the session is unusable afterwards)."""
+    def close(self, error: str = "") -> None:
+        """End the stage and release the GGUF mapping (the session is unusable afterwards).
+        ``error``: why the program stops, when it stops on one (a pipeline's other ranks
+        then raise it)."""
+        self.stage.close(error)
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -154,12 +177,12 @@ class Session:
         if self.n_tokens + len(tokens) > self.ctx:
             raise SessionError(f"context full: {self.n_tokens} tokens + {len(tokens)} new > ctx {self.ctx}")
 
-    def _advance(self, st: SessionState, tokens: list[int], on_layer: Callable[[int], None] | None = None,
-                 logits: bool = True) -> SessionState:
-        """``st`` extended by one chunk of tokens (logits None unless ``logits``)."""
-        out, layers = self.model(tokens, st.n_tokens, st.layers, on_layer, logits)
-        return SessionState(layout=st.layout, ctx=st.ctx, prefill_chunk=st.prefill_chunk,
-                            tokens=st.tokens + list(tokens), logits=out, layers=layers)
+    def advanced(self, st: Any, tokens: list[int], on_layer: Callable[[int], None] | None = None,
+                 logits: bool = True) -> Any:
+        """``st`` (a state of this stage) extended by one chunk of tokens through the stage,
+        as given: no schedule, no checks (logits None unless ``logits``)."""
+        out, layers = self.stage.advance(self.model, tokens, st.n_tokens, st.layers, on_layer, logits)
+        return replace(st, tokens=st.tokens + list(tokens), logits=out, layers=layers)
 
     def prefill(self, tokens: Iterable[int], chunk: int | None = None,
                 progress: ProgressFn | None = None) -> PrefillStats:
@@ -176,22 +199,22 @@ class Session:
         t0 = time.perf_counter()
         start, n = self.n_tokens, len(tokens)
         sched = chunk_schedule(start, n, chunk)
-        n_layer = self.args.n_layer
+        n_local = self.stage.stop - self.stage.start
         st = self.state
         for a, b in sched:
             on_layer = None
             if progress is not None:
                 def on_layer(L: int, a: int = a, b: int = b) -> None:
-                    done = a - start + (b - a) * (L + 1) // n_layer
+                    done = a - start + (b - a) * (L + 1) // n_local
                     progress(Progress("prefill", done, n, time.perf_counter() - t0))
-            st = self._advance(st, tokens[a - start : b - start], on_layer, logits=b == start + n)
+            st = self.advanced(st, tokens[a - start : b - start], on_layer, logits=b == start + n)
         self.state = st
         return PrefillStats(n, time.perf_counter() - t0, len(sched))
 
     def step(self, token: int) -> mx.array:
         """Feed one token; return the new next-token logits ``[n_vocab]``."""
         self._check_tokens([int(token)])
-        self.state = self._advance(self.state, [int(token)])
+        self.state = self.advanced(self.state, [int(token)])
         return self.state.logits
 
     def decode(self, max_tokens: int, sampler: Callable[[mx.array], int] | None = None,
@@ -249,13 +272,16 @@ def generate(session: Session, tokens: list[int], max_tokens: int, sampler: Call
     return Generation(len(tokens), stats, top, out, time.perf_counter() - t0)
 
 
-def load(path: str | os.PathLike[str], ctx: int = DEFAULT_CTX, progress: ProgressFn | None = None) -> Session:
+def load(path: str | os.PathLike[str], ctx: int = DEFAULT_CTX, progress: ProgressFn | None = None,
+         stage: StageFactory | None = None) -> Session:
     """Open a ds4 GGUF, validate it, build the model and return an empty session.
 
     Raises ModelFileError listing every layout problem found by ``validate_ds4``.
     On the CPU device it raises MLX's process-wide buffer cache limit to
     ``CPU_CACHE_LIMIT`` (see there; a larger limit already set is kept).
-    ``progress`` receives ``Progress("load", layers_done, n_layer, elapsed_s)``.
+    ``stage(args, ctx, prefill_chunk)`` makes the layer stage once the model's arguments
+    are read (default: every layer here); only the stage's layers are built.
+    ``progress`` receives ``Progress("load", layers_done, layers_of_the_stage, elapsed_s)``.
     """
     t0 = time.perf_counter()
     if mx.default_device() == mx.cpu:
@@ -268,12 +294,14 @@ def load(path: str | os.PathLike[str], ctx: int = DEFAULT_CTX, progress: Progres
         if problems:
             raise ModelFileError(f"{f.path}: not a usable ds4 model: " + "; ".join(problems))
         args = ModelArgs.from_metadata(f.metadata)
+        check_ctx(ctx, args.context_length)
+        st = LocalStage(args.n_layer) if stage is None else stage(args, ctx, min(ctx, MAX_PREFILL_CHUNK))
         on_layer = None
         if progress is not None:
             def on_layer(L: int) -> None:
-                progress(Progress("load", L + 1, args.n_layer, time.perf_counter() - t0))
-        model = load_model(f, args, on_layer)
-        return Session(model, ctx, path=f.path, file=f)
+                progress(Progress("load", L + 1 - st.start, st.stop - st.start, time.perf_counter() - t0))
+        model = load_model(f, args, on_layer, layers=(st.start, st.stop))
+        return Session(model, ctx, path=f.path, file=f, stage=st)
     except BaseException:
         f.close()
         raise

@@ -1,4 +1,4 @@
-"""Flags shared by the generating commands (``run``, ``distributed run``)."""
+"""Flags shared by the generating commands (``run``, ``chat``, ``bench``...): sampling."""
 
 from __future__ import annotations
 

@@ -15,6 +15,15 @@ prefilled) and every checkpoint written (cold / continued / evict, and the shutd
 at exit). Without ``--json`` the generated text streams to
 stdout and a summary follows (progress bars go to stderr); with ``--json`` one object per
 turn is printed.
+
+Under ``mlx.launch`` the same command runs one pipeline over the launched ranks
+(:func:`workbench.distributed.load`): every rank loads its range of layers, rank 0 runs
+the turn (engine, disk cache and all) and prints; the other ranks serve its calls and
+print nothing. Each record reports ``ranks`` (1 in one process), and on a pipeline
+``pipeline`` (the layers of each rank and rank 0's traffic)::
+
+    mlx.launch --backend ring -n 2 --hosts 127.0.0.1 -- \\
+        workbench run --model M --prompt-file P --kv-dir D --json
 """
 
 from __future__ import annotations
@@ -27,10 +36,11 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from workbench.chat import render_messages, render_single
+from workbench import distributed
 from workbench.commands.common import add_sampling_args, sampler_from_args
 from workbench.errors import WorkbenchError
 from workbench.sampling import Sampler
-from workbench.session import DEFAULT_CTX, Generation, Progress, Session, generate, load
+from workbench.session import DEFAULT_CTX, Generation, Progress, Session, generate
 from workbench.tokenizer import Tokenizer
 
 HELP = "generate from a prompt (or chat interactively) with a ds4 GGUF model"
@@ -58,6 +68,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-align", type=int, default=2048, help="cold/continued save boundary alignment (default 2048)")
     parser.add_argument("--kv-durable", action="store_true", help="fsync checkpoints and the directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object per turn, no progress bar")
+    parser.add_argument("--layers", default=None,
+                        help="under mlx.launch: the layer range of each rank, inclusive, e.g. 0-21,22-42 "
+                             "(default: an even split)")
 
 
 def prompt_text(args: argparse.Namespace) -> str:
@@ -129,6 +142,14 @@ def summary(gen: Generation, tok: Tokenizer) -> dict[str, Any]:
     }
 
 
+def stage_record(session: Session) -> dict[str, Any]:
+    """``ranks`` (and ``pipeline`` on a pipeline): where the session's layers ran."""
+    rec: dict[str, Any] = {"ranks": session.stage.ranks}
+    if isinstance(session.stage, distributed.PipelineStage):
+        rec["pipeline"] = session.stage.summary()
+    return rec
+
+
 def print_summary(rec: dict[str, Any], out: TextIO) -> None:
     print(f"prompt: {rec['prompt_tokens']} tokens, prefill {rec['prefill_tokens_per_s']:.1f} tok/s "
           f"({rec['prefill_seconds']:.2f} s); decode: {rec['decode_tokens']} tokens, "
@@ -147,7 +168,7 @@ def turn(session: Session, tok: Tokenizer, tokens: list[int], args: argparse.Nam
                        progress=progress, on_token=stream)
     finally:
         close()
-    rec = summary(gen, tok)
+    rec = summary(gen, tok) | stage_record(session)
     if stream is not None:
         stream.finish()
         print_summary(rec, sys.stdout)
@@ -187,6 +208,7 @@ def cached_turn(engine: Any, args: argparse.Namespace, sampler: Sampler, tok: To
                 **request: Any) -> dict[str, Any]:
     """One request through the engine (prefix reuse + saves); print and return the record."""
     progress, close = progress_bar(not args.json)
+    session = engine.session
     engine.progress = progress
     stream = None if args.json else TextStream(tok, sys.stdout)
     try:
@@ -210,7 +232,7 @@ def cached_turn(engine: Any, args: argparse.Namespace, sampler: Sampler, tok: To
         "note": c.note,
         "tokens": c.tokens,
         "text": c.text,
-    }
+    } | stage_record(session)
     if stream is not None:
         stream.finish()
         print(f"prompt: {rec['prompt_tokens']} tokens, {rec['cached_tokens']} from {rec['source']}, "
@@ -261,13 +283,19 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 0:
         raise RunError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     sampler = sampler_from_args(args)
-    text = None if args.chat else prompt_text(args)
-    progress, close = progress_bar(not args.json)
+    group = distributed.init_group()
+    drives = group is None or group.rank() == 0  # on a pipeline only rank 0 reads input and prints
+    text = None if args.chat or not drives else prompt_text(args)
+    progress, close = progress_bar(drives and not args.json)
     try:
-        session = load(args.model, ctx=args.ctx, progress=progress)
+        session = distributed.load(args.model, ctx=args.ctx, group=group, ranges=args.layers, progress=progress)
     finally:
         close()
+    error = ""
     try:
+        if isinstance(session.stage, distributed.PipelineStage) and not session.stage.drives:
+            session.stage.serve(session)
+            return 0
         tok = Tokenizer.from_gguf(session.file)
         if args.kv_dir is not None:
             run_cached(session, tok, args, sampler, text)
@@ -276,6 +304,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             ids = tok.encode_rendered(render_single(text, system=args.system, thinking=args.think))
             turn(session, tok, ids, args, sampler)
+    except BaseException as err:
+        error = f"{type(err).__name__}: {err}"
+        raise
     finally:
-        session.close()
+        session.close(error)
     return 0

@@ -64,11 +64,13 @@ class Block:
 
 
 class Model:
-    """The whole network. ``embedding`` is ``[n_vocab, n_embd]`` (a NumPy float16 view of
-    the GGUF, read row by row, or an MLX array); ``head`` is ``[n_vocab, n_embd]``."""
+    """The network, or a pipeline rank's part of it. ``embedding`` is ``[n_vocab, n_embd]``
+    (a NumPy float16 view of the GGUF, read row by row, or an MLX array); ``head`` is
+    ``[n_vocab, n_embd]``. A part holds a range of blocks; its embedding is None unless it
+    starts at layer 0, its head (and ``out_hc``, ``out_norm``) None unless it ends at the last."""
 
-    def __init__(self, args: ModelArgs, embedding: np.ndarray | mx.array, blocks: list[Block],
-                 out_hc: HCWeights, out_norm: mx.array, head: Weight) -> None:
+    def __init__(self, args: ModelArgs, embedding: np.ndarray | mx.array | None, blocks: list[Block],
+                 out_hc: HCWeights | None, out_norm: mx.array | None, head: Weight | None) -> None:
         self.args, self.embedding, self.blocks = args, embedding, blocks
         self.out_hc, self.out_norm, self.head = out_hc, out_norm, head
 

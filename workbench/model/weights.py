@@ -142,17 +142,24 @@ def build_block(args: ModelArgs, t: Tensors, L: int) -> Block:
                  _hc(t, b + "hc_ffn"), t.float(b + "ffn_norm.weight"), moe)
 
 
-def load_model(f: GGUFFile, args: ModelArgs, on_layer: Callable[[int], None] | None = None) -> Model:
+def load_model(f: GGUFFile, args: ModelArgs, on_layer: Callable[[int], None] | None = None,
+               layers: tuple[int, int] | None = None) -> Model:
     """Build the model from an open (already validated) ds4 GGUF file.
 
+    ``layers`` (half-open, default all) limits it to blocks ``start..stop-1`` (a pipeline
+    rank's range): the token embedding is built only when ``start == 0`` and the output head
+    only when ``stop == n_layer`` (None otherwise); other layers' tensors are never touched.
     ``on_layer(L)`` is called after each layer is built. The model keeps views into the
     file's mapping (experts, embedding), so the mapping must stay open while it is used.
     """
+    start, stop = (0, args.n_layer) if layers is None else layers
     t = Tensors(f)
     blocks = []
-    for L in range(args.n_layer):
+    for L in range(start, stop):
         blocks.append(build_block(args, t, L))
         if on_layer is not None:
             on_layer(L)
-    return Model(args, t.embedding("token_embd.weight"), blocks, _hc(t, "output_hc"),
-                 t.float("output_norm.weight"), t.matrix("output.weight"))
+    embedding = t.embedding("token_embd.weight") if start == 0 else None
+    if stop != args.n_layer:
+        return Model(args, embedding, blocks, None, None, None)
+    return Model(args, embedding, blocks, _hc(t, "output_hc"), t.float("output_norm.weight"), t.matrix("output.weight"))

@@ -318,6 +318,17 @@ WORKER = textwrap.dedent("""
                 s.prefill([0, s.args.n_vocab])  # bad input: raised here, nothing sent
             except SessionError as err:
                 out["bad_input"] = str(err)
+
+            class Stop(Exception):
+                pass
+
+            def stop_in_third_chunk(p):
+                if p.done > 2 * cfg["chunk"]:
+                    raise Stop  # on rank 0, after rank 1 got the first two chunks
+            try:
+                s.prefill(cfg["prompt"], chunk=cfg["chunk"], progress=stop_in_third_chunk)
+            except Stop:
+                out["interrupted_tokens"] = s.n_tokens  # unchanged; rank 1 goes back when the next call starts at 0
             s.prefill(cfg["prompt"][:2 * cfg["chunk"]], chunk=cfg["chunk"])  # resumed on a chunk boundary
             s.prefill(cfg["prompt"][2 * cfg["chunk"]:], chunk=cfg["chunk"])
             np.save(os.path.join(cfg["out"], "logits.npy"), np.array(s.logits))
@@ -381,14 +392,17 @@ def test_two_ranks_same_logits_and_greedy_tokens(two_ranks: dict, reference: dic
     assert [driver["layers"], server["layers"]] == [[0, 3], [3, 6]]
     assert np.array_equal(np.load(two_ranks["dir"] / "logits.npy"), reference["logits"])
     assert driver["decode"] == driver["decode_again"] == reference["decode"]
-    # what crossed the boundary: the prompt, then every decoded token fed back (twice, and once after the restore)
+    # what crossed the boundary: the 2 chunks of the interrupted prefill, the prompt, then every decoded token fed
+    # back (twice, and once after the restore)
     t = driver["traffic"]
-    assert t["hc_sent_bytes"] == (len(PROMPT) + 3 * N_DECODE) * reference["hc_bytes"] and t["hc_received_bytes"] == 0
+    crossed = 2 * CHUNK + len(PROMPT) + 3 * N_DECODE
+    assert t["hc_sent_bytes"] == crossed * reference["hc_bytes"] and t["hc_received_bytes"] == 0
 
 
 def test_bad_input_raises_on_rank_0_and_its_end_reaches_every_rank(two_ranks: dict) -> None:
     driver, server = two_ranks["ranks"]
     assert "outside the vocabulary" in driver["bad_input"]  # checked before anything is sent; the pipeline went on
+    assert driver["interrupted_tokens"] == 0  # an interrupted prefill changed nothing, on either rank (same logits)
     assert server["served"] == "rank 0 stopped on an error: rank 0 is done (test)"
 
 

@@ -19,18 +19,24 @@ notebook) calls the session exactly as in one process. The other ranks *serve*:
 What crosses the links. Every call of rank 0 sends a command (6 int64) down the pipeline;
 rank r takes it from rank r-1 and passes it to rank r+1 before working on it. Per chunk of
 T tokens the command carries the T token ids (int32); rank 0 embeds them into the
-hyper-connection streams ``[T, n_hc, n_embd]`` float32, runs its layers and sends the
-streams to rank 1, which runs its layers and passes them on; the last rank applies the
+hyper-connection streams ``[T, n_hc, n_embd]`` float32, runs its layers, sends the command
+and the streams to rank 1, which runs its layers and passes them on; the last rank applies the
 output head and, when the chunk ends a call, sends the ``n_vocab`` float32 logits back to
 rank 0 (its ring neighbour). So a rank boundary carries ``T * n_hc * n_embd * 4`` bytes per
 chunk (64 KiB per token for DeepSeek V4 Flash: 4 streams x 4096 x 4 B), plus 517 KB of
 logits per call. Rank 0 does not wait between prefill chunks, so rank 0 runs chunk k+1
 while rank 1 runs chunk k; decoding passes through the ranks one after the other.
 
+Interrupted calls. A call of rank 0 that raises (a progress callback, Ctrl-C between
+chunks) leaves its state as it was, while the serving ranks may hold a few more chunks of
+it; the next call tells them where it continues and they go back to the state after rank
+0's last completed call. Commands carry a sequence number, so a transfer cut in the middle
+is caught at the next command (DistributedError, "out of step") instead of being read as data.
+
 Checkpoints: each rank holds only its layers' KV (a :class:`~workbench.state.SessionState`
-with the rank's layer range).
-``snapshot()`` gathers the whole state to rank 0 (the KV of the later ranks travels back
-hop by hop, last -> ... -> 0, each rank putting its layers in front, as raw float32 bits);
+with the rank's layer range). ``snapshot()`` gathers the whole state to rank 0 (the KV of
+the later ranks travels back hop by hop, last -> ... -> 0, each rank putting its layers in
+front, as raw float32 bits);
 ``restore()`` scatters one down the same way. The ``.kv`` files of an ``Engine`` are
 therefore written on rank 0 by the one-process writer from the gathered state: the same
 bytes as one process, on rank 0's disk, with no directory shared between hosts. (Each rank
@@ -64,13 +70,14 @@ from workbench.session import load as load_session
 from workbench.stage import OnLayer
 from workbench.state import LayerState, SessionState, StateLayout
 
-# commands rank 0 sends down the pipeline: [op, a, b, 0, 0, 0] int64
+# commands rank 0 sends down the pipeline: [op, a, b, c, sequence number, COMMAND_MAGIC] int64
 ADVANCE = 1  # a = T tokens, b = first position; c = 1: the chunk ends a call (logits to rank 0)
 RESET = 2
 GATHER = 3  # a = T: every rank's layers back to rank 0
 SCATTER = 4  # a = T, b = 1 when logits follow: a whole state's layers down to their ranks
 STOP = 5  # a = length of the UTF-8 error that ended rank 0's program (0: a normal end)
 COMMAND_LEN = 6
+COMMAND_MAGIC = 0x50345344  # "DS4P": with the sequence number, a serving rank notices a pipeline out of step
 OP_NAMES = {ADVANCE: "advance", RESET: "reset", GATHER: "gather", SCATTER: "scatter", STOP: "stop"}
 
 
@@ -158,6 +165,7 @@ class PipelineStage:
         self.traffic = Traffic()
         self._serving = False
         self._closed = False
+        self._sequence = 0  # commands sent (rank 0) or received (the others)
         self._check_agreement(ctx, prefill_chunk)
 
     # ---- messages -----------------------------------------------------------------------------
@@ -182,7 +190,8 @@ class PipelineStage:
         """Rank 0: send a command (and its payload) down the pipeline."""
         if self._closed:
             raise DistributedError("the pipeline is closed")
-        self._send(mx.array([op, a, b, c, 0, 0], dtype=mx.int64), 1, OP_NAMES[op])
+        self._sequence += 1
+        self._send(mx.array([op, a, b, c, self._sequence, COMMAND_MAGIC], dtype=mx.int64), 1, OP_NAMES[op])
         if payload is not None and payload.size:
             self._send(payload, 1, f"{OP_NAMES[op]} data")
             self.traffic.command_bytes += payload.nbytes
@@ -196,8 +205,12 @@ class PipelineStage:
     def _next_command(self) -> tuple[list[int], mx.array | None]:
         """A serving rank: the next command and its payload, forwarded down the pipeline."""
         head = self._recv((COMMAND_LEN,), mx.int64, self.rank - 1, "command")
+        op, a, b, c, seq, magic = (int(v) for v in head.tolist())
+        if magic != COMMAND_MAGIC or seq != self._sequence + 1:
+            raise DistributedError(f"rank {self.rank}: the pipeline is out of step (command {seq}, magic {magic:#x}; "
+                                   f"expected command {self._sequence + 1}): a transfer was interrupted")
+        self._sequence = seq
         self._forward(head, "command")
-        op, a, b, c = (int(v) for v in head.tolist()[:4])
         payload = None
         size, dtype = {ADVANCE: (a, mx.int32), SCATTER: (a, mx.int32), STOP: (a, mx.uint8)}.get(op, (0, mx.int32))
         if size:
@@ -227,12 +240,12 @@ class PipelineStage:
     def advance(self, model: Model, tokens: list[int], p0: int, layers: list[LayerState], on_layer: OnLayer | None,
                 logits: bool) -> tuple[mx.array | None, list[LayerState]]:
         """Receive (or embed) the streams of one chunk, run this rank's layers, send them on
-        (or apply the head). Rank 0 first sends the command; it gets the logits back."""
+        (or apply the head). Rank 0 sends the command just before its streams (so an
+        exception in ``on_layer`` leaves the other ranks untouched); it gets the logits back."""
         if not self.drives and not self._serving:
             raise DistributedError(f"rank {self.rank} runs rank 0's calls only: call session.stage.serve(session)")
         T = len(tokens)
         if self.drives:
-            self._command(ADVANCE, T, p0, int(logits), mx.array(np.asarray(tokens, dtype=np.int32)))
             x = model.embed(tokens)
         else:
             x = self._recv((T, self.args.n_hc, self.args.n_embd), mx.float32, self.rank - 1,
@@ -240,6 +253,8 @@ class PipelineStage:
             self.traffic.hc_received_bytes += x.nbytes
             self.traffic.hc_messages += 1
         x, layers = model.run_layers(x, tokens, p0, layers, on_layer)
+        if self.drives:
+            self._command(ADVANCE, T, p0, int(logits), mx.array(np.asarray(tokens, dtype=np.int32)))
         out = None
         if not self.is_last:
             self._send(x, self.rank + 1, f"streams of positions {p0}..{p0 + T - 1}")

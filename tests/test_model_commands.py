@@ -30,8 +30,10 @@ def test_run_text_summary_and_prompt_file(tiny_gguf: Path, tmp_path: Path, capsy
     pf.write_text("Write a haiku", encoding="utf-8")
     assert main(["run", "--model", str(tiny_gguf), "--prompt-file", str(pf), "--system", "Be brief.",
                  "--think", "--max-tokens", "2", "--seed", "1", "--chunk", "4", "--ctx", "128"]) == 0
-    out = capsys.readouterr().out
-    assert "prefill" in out and "tok/s" in out and "top-5 after the prompt" in out
+    captured = capsys.readouterr()
+    err = captured.err  # the summary goes to stderr, the generated text alone to stdout
+    assert "prefill" in err and "tok/s" in err and "top-5 after the prompt" in err
+    assert "top-5" not in captured.out
 
 
 def test_run_chat_reuses_the_session(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch,
@@ -44,8 +46,11 @@ def test_run_chat_reuses_the_session(tiny_gguf: Path, monkeypatch: pytest.Monkey
     recs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(recs) == 2
     assert recs[0]["prompt_tokens"] == 5  # BOS User hi Assistant </think>
-    # the second turn only prefills what follows the first turn's tokens
-    assert recs[1]["prompt_tokens"] < 12
+    # the second turn reuses the live state and only prefills what follows it
+    second = recs[1]
+    assert second["source"] == "live" and second["cached_tokens"] >= 5
+    assert second["prompt_tokens"] == second["cached_tokens"] + second["cache_write_tokens"]
+    assert second["cache_write_tokens"] < 12
 
 
 def test_run_bad_prompt_file(tiny_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

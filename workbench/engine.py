@@ -30,7 +30,7 @@ from workbench.chat import render_messages, render_single
 from workbench.kv.format import SaveReason
 from workbench.kv.policy import ContinuedSchedule, KVPolicy
 from workbench.kv.store import KVLoadError, KVSaveError, KVStore
-from workbench.sampling import Sampler, greedy
+from workbench.sampling import Sampler, greedy, top_tokens
 from workbench.session import Progress, Session
 from workbench.telemetry import Recorder
 from workbench.tokenizer import Tokenizer
@@ -72,10 +72,11 @@ class SaveRecord:
 
     reason: str  # cold | continued | evict | shutdown
     path: str
-    status: str  # saved | exists | skipped
+    status: str  # saved | exists | skipped | failed
     bytes: int
     seconds: float
     tokens: int
+    detail: str = ""  # why it was skipped or failed (the store's words)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,11 @@ class Completion:
     timings: Timings
     saves: list[SaveRecord] = field(default_factory=list)
     note: str = ""  # why the prefix was (not) reused, why no cold save
+    top_next: list[tuple[int, float]] = field(default_factory=list)  # 5 likeliest (id, prob) after the prompt
+
+    @property
+    def failed_saves(self) -> list[SaveRecord]:
+        return [s for s in self.saves if s.status == "failed"]
 
 
 def restrict(allowed: np.ndarray, sampler: Callable | None = None) -> Callable[[Any], int]:
@@ -106,13 +112,15 @@ def restrict(allowed: np.ndarray, sampler: Callable | None = None) -> Callable[[
 class Engine:
     """A session, an optional disk store and a save policy, serving chat requests.
 
-    ``progress`` receives the session's :class:`~workbench.session.Progress` during every
-    prefill. ``recorder`` collects telemetry (see :mod:`workbench.telemetry`).
+    ``progress`` receives :class:`~workbench.session.Progress` during every prefill,
+    counted over the whole prompt (it starts at the reused tokens, and the segments
+    between save points continue one count). ``chunk`` is the prefill chunk in tokens
+    (None: the session's). ``recorder`` collects telemetry (see :mod:`workbench.telemetry`).
     """
 
     def __init__(self, session: Session, store: KVStore | None = None, policy: KVPolicy | None = None,
                  tokenizer: Tokenizer | None = None, recorder: Recorder | None = None, durable: bool = False,
-                 progress: Callable[[Progress], None] | None = None) -> None:
+                 progress: Callable[[Progress], None] | None = None, chunk: int | None = None) -> None:
         self.session = session
         self.store = store
         self.policy = policy or KVPolicy()
@@ -122,6 +130,7 @@ class Engine:
         self.recorder = recorder or Recorder()
         self.durable = durable
         self.progress = progress
+        self.chunk = chunk
         self.schedule = ContinuedSchedule(self.policy)
         self.requests = 0
         self._live_text = b""  # decode of session.tokens, kept in step with the session
@@ -172,14 +181,13 @@ class Engine:
         prefill_s = 0.0
         for end, reason in sorted(stops.items()) + [(len(tokens), None)]:
             if end > self.session.n_tokens:
-                prefill_s += self._prefill(tokens[self.session.n_tokens:end])
+                prefill_s += self._prefill(tokens[self.session.n_tokens:end], len(tokens))
             if reason is not None and end == self.session.n_tokens:
-                result = self._save(reason, req, conversation)
-                if result is not None:
-                    saves.append(result)
+                saves.append(self._save(reason, req, conversation))
         save_s += time.perf_counter() - t1 - prefill_s
         rate = self.prefill_rate
         full_est = len(tokens) / rate if rate else float("nan")
+        top = top_tokens(self.session.logits, 5) if self.session.logits is not None else []
         # decode
         t2 = time.perf_counter()
         out = self.session.decode(min(max_tokens, self.session.ctx - self.session.n_tokens), sampler,
@@ -193,7 +201,7 @@ class Engine:
                      prompt_tokens=usage.prompt_tokens, cached_tokens=cached, suffix_tokens=usage.cache_write_tokens,
                      generated_tokens=len(out), lookup_s=lookup_s, restore_s=restore_s, prefill_s=prefill_s,
                      decode_s=decode_s, ttft_s=timings.ttft_s, full_prefill_s=full_est, save_s=save_s)
-        return Completion(self.tokenizer.decode_text(text_ids), out, usage, timings, saves, note)
+        return Completion(self.tokenizer.decode_text(text_ids), out, usage, timings, saves, note, top)
 
     def close(self) -> SaveRecord | None:
         """Shutdown save of the live state (when the policy wants one and it is not saved)."""
@@ -222,17 +230,16 @@ class Engine:
         save_s = 0.0
         if live_n and self.store is not None and self.policy.evict_due(live_n) and live_n != self._saved_len:
             t = time.perf_counter()
-            result = self._save("evict", req, "", protect=[hit] if hit is not None else [])
+            saves.append(self._save("evict", req, "", protect=[hit] if hit is not None else []))
             save_s = time.perf_counter() - t
-            if result is not None:
-                saves.append(result)
         if hit is not None:
             t = time.perf_counter()
             try:
                 state, text = self.store.load(hit, self.session.layout, self.session.ctx, prompt=rendered,
                                               prefill_chunk=self.session.state.prefill_chunk)
-            except KVLoadError as err:
+            except KVLoadError as err:  # unusable: say why and prefill cold
                 self._record("load_failed", request=req, reason=str(err), path=str(hit.path))
+                why = f"{why}; disk checkpoint {hit.path.name} unusable ({err}), prefilled cold"
             else:
                 suffix = self._suffix_tokens(rendered, len(text))
                 if suffix is not None:
@@ -277,9 +284,16 @@ class Engine:
                     stops[frontier] = "continued"
         return stops
 
-    def _prefill(self, tokens: list[int]) -> float:
+    def _prefill(self, tokens: list[int], prompt_len: int) -> float:
+        """Prefill ``tokens`` (one segment of a prompt of ``prompt_len`` tokens); seconds."""
         t = time.perf_counter()
-        self.session.prefill(tokens, progress=self.progress)
+        progress = None
+        if self.progress is not None:
+            report, before = self.progress, self.session.n_tokens
+
+            def progress(p: Progress) -> None:
+                report(Progress(p.stage, before + p.done, prompt_len, p.elapsed_s))
+        self.session.prefill(tokens, chunk=self.chunk, progress=progress)
         dt = time.perf_counter() - t
         if len(tokens) >= MIN_RATE_TOKENS:
             self._rate_tokens += len(tokens)
@@ -290,19 +304,19 @@ class Engine:
     def _sync_live_text(self) -> None:
         self._live_text = self.tokenizer.decode(self.session.tokens)
 
-    def _save(self, reason: str, req: int, conversation: str, protect: Sequence = ()) -> SaveRecord | None:
+    def _save(self, reason: str, req: int, conversation: str, protect: Sequence = ()) -> SaveRecord:
         """Save the live state as it is now; record the save and its evictions."""
         assert self.store is not None
         state = self.session.snapshot()
         try:
             result = self.store.save(state, self._live_text, SaveReason[reason.upper()], durable=self.durable,
                                      protect=protect)
-        except KVSaveError as err:
+        except KVSaveError as err:  # reported, not raised: the request itself is served
             if reason == "cold":
                 self.schedule.rollback(getattr(self, "_cold_claim", None))
             self._record("save", request=req, conversation=conversation, reason=f"{reason} failed: {err}",
                          tokens=state.n_tokens)
-            return None
+            return SaveRecord(reason, "", "failed", 0, 0.0, state.n_tokens, str(err))
         for ev in result.evicted:
             self._record("evict", request=req, reason=ev.save_reason, tokens=ev.tokens, bytes=ev.bytes,
                          path=str(ev.path), **self._disk())
@@ -314,7 +328,8 @@ class Engine:
                      reason=reason if result.saved else f"{reason} {result.status}: {result.detail}",
                      tokens=state.n_tokens, bytes=result.bytes, save_s=result.seconds, path=str(result.path),
                      **self._disk())
-        return SaveRecord(reason, str(result.path), result.status, result.bytes, result.seconds, state.n_tokens)
+        return SaveRecord(reason, str(result.path), result.status, result.bytes, result.seconds, state.n_tokens,
+                          "" if result.saved else result.detail)
 
     def _disk(self) -> dict:
         assert self.store is not None

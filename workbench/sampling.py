@@ -7,6 +7,7 @@ top-p, on float64 probabilities; draws come from a seeded NumPy generator.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -57,6 +58,10 @@ class Sampler:
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature):
+            raise SamplingError(f"temperature must be a finite number, got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise SamplingError(f"seed must be in 0..2^64-1, got {self.seed}")
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
@@ -76,8 +81,8 @@ class Sampler:
             p = np.zeros_like(x)
             p[int(np.argmax(x))] = 1.0
             return p
-        z = x / self.temperature
-        p = np.exp(z - z.max())
+        z = (x - x.max()) / self.temperature  # <= 0: a tiny temperature gives 0s, not inf - inf
+        p = np.exp(z)
         p /= p.sum()
         keep = np.ones(p.size, dtype=bool)
         if self.top_k and self.top_k < p.size:

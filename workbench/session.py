@@ -14,16 +14,25 @@ Where the layers run is the session's :class:`~workbench.stage.LayerStage`: all 
 in this process (:class:`~workbench.stage.LocalStage`, the default), or one rank's range
 of a pipeline (``workbench.distributed.load``). The loops below are the same for both;
 on a pipeline ``state`` holds this rank's layers and ``snapshot()`` gathers the whole state.
+
+Long calls can be stopped from another thread (a notebook's Stop button):
+``session.stop.set()`` makes a running prefill raise :class:`Cancelled` at the next layer
+or chunk boundary (the state stays as it was) and a running decode return the tokens it
+has; each call clears the flag when it starts. Between chunks and tokens the model file
+is checked for truncation (see :meth:`GGUFFile.check_unchanged`), and logits that are not
+finite stop a decode with an error instead of sampling token 0.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import mlx.core as mx
+import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.gguf.layout import validate_ds4
@@ -47,6 +56,10 @@ CPU_CACHE_LIMIT = 1 << 30
 
 class SessionError(WorkbenchError):
     """A session operation that cannot be done (context full, bad state, bad tokens)."""
+
+
+class Cancelled(SessionError):
+    """A prefill stopped by ``session.stop`` (the state is unchanged)."""
 
 
 class ModelFileError(WorkbenchError):
@@ -116,6 +129,7 @@ class Session:
         self.stage = LocalStage(args.n_layer) if stage is None else stage
         self.layout = StateLayout.from_args(args)
         self.state = self.stage.empty(self.layout, ctx, min(ctx, MAX_PREFILL_CHUNK))
+        self.stop = threading.Event()  # set from another thread to stop a running prefill/decode
 
     # ---- state ---------------------------------------------------------------------
     @property
@@ -174,8 +188,23 @@ class Session:
         bad = [t for t in tokens if not 0 <= t < self.args.n_vocab]
         if bad:
             raise SessionError(f"token ids outside the vocabulary of {self.args.n_vocab}: {bad[:5]}")
-        if self.n_tokens + len(tokens) > self.ctx:
-            raise SessionError(f"context full: {self.n_tokens} tokens + {len(tokens)} new > ctx {self.ctx}")
+        self._check_room(len(tokens), "new")
+
+    def _check_room(self, n: int, what: str) -> None:
+        if self.n_tokens + n > self.ctx:
+            raise SessionError(f"context full: {self.n_tokens} tokens + {n} {what} > ctx {self.ctx}; raise ctx "
+                               f"(load(..., ctx=N), `workbench run --ctx N`) up to the model's context length "
+                               f"{self.args.context_length:,}")
+
+    def _check_file(self) -> None:
+        """Fail cleanly if the mapped model file was truncated or rewritten (SIGBUS ahead)."""
+        if self._file is not None:
+            self._file.check_unchanged()
+
+    def _check_stop(self) -> None:
+        # on a pipeline the other ranks advance in lockstep: only a local stage stops mid-prefill
+        if self.stop.is_set() and isinstance(self.stage, LocalStage):
+            raise Cancelled("stopped: the prefill was cancelled (the state is unchanged)")
 
     def advanced(self, st: Any, tokens: list[int], on_layer: Callable[[int], None] | None = None,
                  logits: bool = True) -> Any:
@@ -189,22 +218,27 @@ class Session:
         """Append tokens, in chunks ending on absolute multiples of ``chunk`` (default
         ``state.prefill_chunk``). ``progress`` gets a :class:`Progress` after every layer
         of every chunk. Raises SessionError (before any work) when the context would
-        overflow. The state changes only when the whole call succeeds (an interrupted
-        prefill leaves it as it was); only the last chunk computes logits."""
+        overflow, :class:`Cancelled` when ``stop`` is set (on a local stage). The state
+        changes only when the whole call succeeds (an interrupted prefill leaves it as it
+        was); only the last chunk computes logits."""
         tokens = [int(t) for t in tokens]
         chunk = self.state.prefill_chunk if chunk is None else int(chunk)
         if chunk < 1:
             raise SessionError(f"chunk must be >= 1, got {chunk}")
         self._check_tokens(tokens)
+        self.stop.clear()
         t0 = time.perf_counter()
         start, n = self.n_tokens, len(tokens)
         sched = chunk_schedule(start, n, chunk)
         n_local = self.stage.stop - self.stage.start
         st = self.state
         for a, b in sched:
-            on_layer = None
-            if progress is not None:
-                def on_layer(L: int, a: int = a, b: int = b) -> None:
+            self._check_stop()
+            self._check_file()
+
+            def on_layer(L: int, a: int = a, b: int = b) -> None:
+                self._check_stop()
+                if progress is not None:
                     done = a - start + (b - a) * (L + 1) // n_local
                     progress(Progress("prefill", done, n, time.perf_counter() - t0))
             st = self.advanced(st, tokens[a - start : b - start], on_layer, logits=b == start + n)
@@ -214,6 +248,7 @@ class Session:
     def step(self, token: int) -> mx.array:
         """Feed one token; return the new next-token logits ``[n_vocab]``."""
         self._check_tokens([int(token)])
+        self._check_file()
         self.state = self.advanced(self.state, [int(token)])
         return self.state.logits
 
@@ -224,17 +259,26 @@ class Session:
 
         Each token is sampled (greedy by default) and fed back. A token in ``stop`` ends
         generation: it is returned but not fed, so the state ends before it.
-        ``on_token(id)`` is called as each token is chosen (for streaming).
+        ``on_token(id)`` is called as each token is chosen (for streaming). Setting
+        ``self.stop`` ends it early with the tokens so far. Raises SessionError when the
+        logits are not finite (a broken model or state: no token is made up).
         """
         if self.state.logits is None:
             raise SessionError("decode needs a prefilled session (no logits yet)")
-        if self.n_tokens + max_tokens > self.ctx:
-            raise SessionError(f"context full: {self.n_tokens} tokens + {max_tokens} to generate > ctx {self.ctx}")
+        self._check_room(max_tokens, "to generate")
+        self.stop.clear()
         pick = sampler if sampler is not None else greedy
         stops = set(stop or ())
         out: list[int] = []
         for _ in range(max_tokens):
-            tok = int(pick(self.state.logits))
+            if self.stop.is_set():
+                break
+            logits = self.state.logits
+            if not bool(mx.all(mx.isfinite(logits)).item()):
+                bad = int(np.count_nonzero(~np.isfinite(np.asarray(logits, dtype=np.float32))))
+                raise SessionError(f"the next-token logits after {self.n_tokens} tokens hold {bad} values that are "
+                                   f"not finite (nan/inf): the model or its state is broken")
+            tok = int(pick(logits))
             out.append(tok)
             if on_token is not None:
                 on_token(tok)
@@ -307,5 +351,5 @@ def load(path: str | os.PathLike[str], ctx: int = DEFAULT_CTX, progress: Progres
         raise
 
 
-__all__ = ["Progress", "PrefillStats", "Generation", "Session", "SessionError", "ModelFileError", "Sampler",
+__all__ = ["Progress", "PrefillStats", "Generation", "Session", "SessionError", "Cancelled", "ModelFileError", "Sampler",
            "load", "generate", "chunk_schedule"]

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from workbench.commands.common import number
+
 HELP = "run the agent workload with a disk KV cache; print per-request reuse and write build/demo.html"
 
 
@@ -13,10 +15,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="data/tiny.gguf", help="ds4 GGUF (default: data/tiny.gguf)")
     p.add_argument("--out", default="build/demo.html", help="HTML report path")
     p.add_argument("--kv-dir", default=None, help="use (and keep) this cache directory instead of a fresh one")
-    p.add_argument("--turns", type=int, default=6, help="agent turns")
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request")
-    p.add_argument("--ctx", type=int, default=32768)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--turns", type=number(int, 1, 64), default=6, help="agent turns, 1..64 (default 6)")
+    p.add_argument("--max-tokens", type=number(int, 0, 4096), default=8,
+                   help="tokens generated per request, 0..4096 (default 8)")
+    p.add_argument("--ctx", type=number(int, 1), default=32768,
+                   help="context limit in tokens, at most the model's (default 32768)")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
+                   help="seed of the workload's generated texts and of sampling (default 0)")
     p.add_argument("--json", action="store_true", help="print the request table as JSON")
 
 

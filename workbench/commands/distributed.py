@@ -15,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+from workbench.commands.common import ArgumentParser, number
 from workbench.commands.run import RunError
 from workbench.errors import WorkbenchError
 from workbench.gguf.reader import GGUFFile
@@ -33,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     way.add_argument("--to-kv", metavar="DIR", help="sharded checkpoint to join into one .kv file")
     c.add_argument("--out", required=True,
                    help="checkpoint directory (--to-shards), or .kv path or directory (--to-kv)")
-    c.add_argument("--ranks", type=int, default=2, help="number of even layer ranges (--to-shards, default 2)")
+    c.add_argument("--ranks", type=number(int, 1, 1024), default=2, help="number of even layer ranges (--to-shards, default 2)")
     c.add_argument("--layers", default=None, help="explicit inclusive ranges, e.g. 0-2,3-5 (--to-shards)")
     c.add_argument("--model", default=None, help="GGUF giving the exact layout (--to-shards; default: inferred)")
     c.add_argument("--no-checksum", action="store_true", help="write the .kv without the KCS trailer (--to-kv)")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from workbench import _blas
 
     _blas.preload()
-    parser = argparse.ArgumentParser(prog="workbench distributed", description=HELP)
+    parser = ArgumentParser(prog="workbench distributed", description=HELP)
     configure(parser)
     args = parser.parse_args(argv)
     try:

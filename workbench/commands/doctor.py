@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from workbench.commands.common import number
 from workbench.doctor import DEFAULT_REPEATS, DEFAULT_SIZES, diagnose, format_report
 from workbench.errors import WorkbenchError
 
@@ -15,10 +16,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-measure", action="store_true", help="skip the matmul timing")
     parser.add_argument(
-        "--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="N",
+        "--sizes", type=number(int, 1, 16384), nargs="+", default=list(DEFAULT_SIZES), metavar="N",
         help=f"square matmul sizes to time (default {' '.join(map(str, DEFAULT_SIZES))})",
     )
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs per size; the best counts")
+    parser.add_argument("--repeats", type=number(int, 1, 1000), default=DEFAULT_REPEATS, help="timed runs per size; the best counts")
 
 
 def run(args: argparse.Namespace) -> int:

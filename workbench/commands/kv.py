@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from workbench.commands.common import number
 from workbench.errors import WorkbenchError
 from workbench.kv.format import (
     ExtFlag, KVFormatError, KVHeader, Trailer, infer_layout, payload_breakdown, read_header, read_payload_summary,
@@ -33,21 +34,23 @@ PREVIEW = 160  # characters of text shown
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="kv_command", required=True)
     p = sub.add_parser("ls", help="list the checkpoints and other files of a cache directory")
-    p.add_argument("dir", type=Path)
+    p.add_argument("dir", type=Path, help="cache directory (holds <sha1>.kv files)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("show", help="header, text preview and per-layer payload bytes of one .kv file")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="one .kv file")
     p.add_argument("--model", type=Path, help="GGUF whose metadata gives the state layout")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("verify", help="read every byte of every checkpoint and run every check")
     p.add_argument("path", type=Path, help="cache directory or one .kv file")
     p.add_argument("--model", type=Path, help="GGUF whose metadata gives the state layout")
-    p.add_argument("--ctx", type=int, help="runtime context the files must fit (default: each file's own)")
+    p.add_argument("--ctx", type=number(int, 1), help="runtime context in tokens the files must fit "
+                                                     "(default: each file's own)")
     p.add_argument("--quarantine", action="store_true", help="move failing files to DIR/quarantine/")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("gc", help="remove dead temp files and evict checkpoints down to a budget")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--budget-mb", type=float, required=True, help="budget in MiB for all files in DIR")
+    p.add_argument("dir", type=Path, help="cache directory (holds <sha1>.kv files)")
+    p.add_argument("--budget-mb", type=number(float, 0, lo_open=True), required=True,
+                   help="budget in MiB (> 0) for all files in DIR")
     p.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -68,7 +71,14 @@ def _model_layout(path: Path | None) -> tuple[StateLayout | None, str]:
 
 
 def _iso(ts: int) -> str | None:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds") if ts else None
+    """ISO-8601 UTC of a header timestamp (None for 0; a value no calendar holds, e.g.
+    beyond year 9999 in a crafted file, is shown as such instead of failing the listing)."""
+    if not ts:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"out of range ({ts})"
 
 
 def _age(ts: int, now: float) -> str:
@@ -225,8 +235,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 # ---- gc -----------------------------------------------------------------------------------------
 def _gc(args: argparse.Namespace) -> int:
-    if args.budget_mb <= 0:
-        raise WorkbenchError(f"--budget-mb must be > 0, got {args.budget_mb}")
     store = KVStore(args.dir, budget_mb=args.budget_mb, create=False, maintain=False)
     swept = [] if args.dry_run else store.sweep_tmp()
     evicted = store.evict_to_budget(dry_run=args.dry_run)

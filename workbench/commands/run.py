@@ -3,18 +3,18 @@
     workbench run --model data/tiny.gguf --prompt "Hello" --max-tokens 16 --temp 0
     workbench run --model M --chat            # interactive: one user turn per stdin line
 
-The library does the work (:func:`workbench.session.generate`, or with ``--kv-dir`` the
-:class:`~workbench.engine.Engine` and its disk prefix cache); this module only turns
-arguments into calls and prints.
+The library does the work (the :class:`~workbench.engine.Engine`, with ``--kv-dir`` over
+its disk prefix cache); this module only turns arguments into calls and prints.
 
     workbench run --model M --prompt-file long.txt --kv-dir ~/.ds4-kv --kv-budget-mb 8192
 
-With ``--kv-dir`` each turn reports where its prefix came from (live state, a disk
-checkpoint, none), ``prompt_tokens``, ``cached_tokens``, ``cache_write_tokens`` (tokens
-prefilled) and every checkpoint written (cold / continued / evict, and the shutdown save
-at exit). Without ``--json`` the generated text streams to
-stdout and a summary follows (progress bars go to stderr); with ``--json`` one object per
-turn is printed.
+Every turn reports the same fields with and without ``--kv-dir``: where its prefix came
+from (``source``: live state, a disk checkpoint, none), ``prompt_tokens`` (the whole
+prompt), ``cached_tokens`` (reused), ``cache_write_tokens`` (prefilled), rates, the top-5
+next tokens, and every checkpoint save (cold / continued / evict, and the shutdown save
+at exit; a failed save with its reason, and exit code 1). Without ``--json`` the
+generated text streams to stdout and progress bars and the summary go to stderr; with
+``--json`` one object per turn is printed on stdout.
 
 Under ``mlx.launch`` the same command runs one pipeline over the launched ranks
 (:func:`workbench.distributed.load`): every rank loads its range of layers, rank 0 runs
@@ -33,15 +33,19 @@ import codecs
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
-from workbench.chat import render_messages, render_single
 from workbench import distributed
-from workbench.commands.common import add_sampling_args, sampler_from_args
+from workbench.commands.common import add_sampling_args, number, sampler_from_args, stdin_lines, utf8_text
 from workbench.errors import WorkbenchError
+from workbench.safeopen import PROMPT_FILE_CAP, read_capped
 from workbench.sampling import Sampler
-from workbench.session import DEFAULT_CTX, Generation, Progress, Session, generate
+from workbench.session import DEFAULT_CTX, MAX_PREFILL_CHUNK, Progress, Session
 from workbench.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the engine pulls in pandas: imported when a turn is served, not for --help
+    from workbench.engine import Completion, Engine, SaveRecord
+    from workbench.kv.policy import KVPolicy
 
 HELP = "generate from a prompt (or chat interactively) with a ds4 GGUF model"
 
@@ -53,19 +57,25 @@ class RunError(WorkbenchError):
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="ds4 GGUF file")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="user prompt text")
-    src.add_argument("--prompt-file", help="file holding the user prompt (UTF-8)")
-    src.add_argument("--chat", action="store_true", help="interactive chat: one user turn per stdin line")
-    parser.add_argument("--system", default="", help="system prompt (default: none)")
+    src.add_argument("--prompt", type=utf8_text, help="user prompt text")
+    src.add_argument("--prompt-file", help=f"regular file holding the user prompt (UTF-8, at most "
+                                           f"{PROMPT_FILE_CAP // 2**20} MiB)")
+    src.add_argument("--chat", action="store_true", help="interactive chat: one user turn per stdin line (UTF-8)")
+    parser.add_argument("--system", type=utf8_text, default="", help="system prompt (default: none)")
     parser.add_argument("--think", action="store_true", help="thinking mode (prompt ends with <think>)")
-    parser.add_argument("--chunk", type=int, default=None, help="prefill chunk size (default: min(ctx, 2048))")
-    parser.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context limit in tokens (default {DEFAULT_CTX})")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per turn (default 128)")
+    parser.add_argument("--chunk", type=number(int, 1), default=None,
+                        help=f"prefill chunk size in tokens (default: min(ctx, {MAX_PREFILL_CHUNK}))")
+    parser.add_argument("--ctx", type=number(int, 1), default=DEFAULT_CTX,
+                        help=f"context limit in tokens, at most the model's context length (default {DEFAULT_CTX})")
+    parser.add_argument("--max-tokens", type=number(int, 0), default=128, help="tokens to generate per turn (default 128)")
     add_sampling_args(parser)
     parser.add_argument("--kv-dir", default=None, help="disk KV cache directory (ds4 .kv files): reuse and save prefixes")
-    parser.add_argument("--kv-budget-mb", type=float, default=4096.0, help="disk budget of --kv-dir in MiB (default 4096)")
-    parser.add_argument("--kv-min-tokens", type=int, default=512, help="smallest checkpoint saved or used (default 512)")
-    parser.add_argument("--kv-align", type=int, default=2048, help="cold/continued save boundary alignment (default 2048)")
+    parser.add_argument("--kv-budget-mb", type=number(float, 0, lo_open=True), default=4096.0,
+                        help="disk budget of --kv-dir in MiB, > 0 (default 4096)")
+    parser.add_argument("--kv-min-tokens", type=number(int, 1), default=512,
+                        help="smallest checkpoint saved or used, in tokens (default 512)")
+    parser.add_argument("--kv-align", type=number(int, 0), default=2048,
+                        help="cold/continued save boundary alignment in tokens, 0: none (default 2048)")
     parser.add_argument("--kv-durable", action="store_true", help="fsync checkpoints and the directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object per turn, no progress bar")
     parser.add_argument("--layers", default=None,
@@ -74,12 +84,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def prompt_text(args: argparse.Namespace) -> str:
-    """The user prompt from ``--prompt`` or ``--prompt-file``."""
+    """The user prompt from ``--prompt`` or ``--prompt-file`` (a regular file of at most
+    ``PROMPT_FILE_CAP`` bytes: a FIFO, device or directory is refused, never read)."""
     if args.prompt is not None:
         return args.prompt
     path = Path(args.prompt_file)
     try:
-        return path.read_text(encoding="utf-8")
+        return read_capped(path, PROMPT_FILE_CAP).decode("utf-8")
     except OSError as err:
         raise RunError(f"{path}: cannot read prompt file: {err.strerror or err}") from None
     except UnicodeDecodeError:
@@ -100,7 +111,8 @@ def progress_bar(enabled: bool) -> tuple[Callable[[Progress], None] | None, Call
             if bar is not None:
                 bar.close()
             unit = "layer" if p.stage == "load" else "tok"
-            bar = bars[p.stage] = tqdm(total=p.total, desc=p.stage, unit=unit, file=sys.stderr, leave=False)
+            bar = bars[p.stage] = tqdm(total=p.total, initial=p.done, desc=p.stage, unit=unit, file=sys.stderr,
+                                       leave=False)
         bar.update(p.done - bar.n)
 
     def close() -> None:
@@ -127,21 +139,6 @@ class TextStream:
         self.out.flush()
 
 
-def summary(gen: Generation, tok: Tokenizer) -> dict[str, Any]:
-    """The JSON-ready record of one turn."""
-    return {
-        "prompt_tokens": gen.prompt_tokens,
-        "prefill_seconds": round(gen.prefill.seconds, 4),
-        "prefill_tokens_per_s": round(gen.prefill.tokens_per_s, 2),
-        "decode_tokens": len(gen.tokens),
-        "decode_seconds": round(gen.decode_seconds, 4),
-        "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2),
-        "top_next": [{"id": i, "text": tok.decode_text([i]), "prob": round(p, 6)} for i, p in gen.top_next],
-        "tokens": gen.tokens,
-        "text": tok.decode_text(gen.tokens),
-    }
-
-
 def stage_record(session: Session) -> dict[str, Any]:
     """``ranks`` (and ``pipeline`` on a pipeline): where the session's layers ran."""
     rec: dict[str, Any] = {"ranks": session.stage.ranks}
@@ -150,31 +147,30 @@ def stage_record(session: Session) -> dict[str, Any]:
     return rec
 
 
+def top_next(top: list[tuple[int, float]], tok: Tokenizer) -> list[dict[str, Any]]:
+    return [{"id": i, "text": tok.decode_text([i]), "prob": round(p, 6)} for i, p in top]
+
+
 def print_summary(rec: dict[str, Any], out: TextIO) -> None:
-    print(f"prompt: {rec['prompt_tokens']} tokens, prefill {rec['prefill_tokens_per_s']:.1f} tok/s "
-          f"({rec['prefill_seconds']:.2f} s); decode: {rec['decode_tokens']} tokens, "
-          f"{rec['decode_tokens_per_s']:.2f} tok/s", file=out)
+    """The human-readable lines of a turn record: tokens, where they came from, rates, top-5."""
+    rate = rec["prefill_tokens_per_s"]
+    print(f"prompt: {rec['prompt_tokens']} tokens, {rec['cached_tokens']} from {rec['source']}, "
+          f"{rec['cache_write_tokens']} prefilled at {rate or 0:.1f} tok/s ({rec['prefill_seconds']:.2f} s); "
+          f"time to first token {rec['ttft_seconds']:.2f} s; "
+          f"decode: {rec['decode_tokens']} tokens, {rec['decode_tokens_per_s'] or 0:.2f} tok/s", file=out)
     top = ", ".join(f"{t['text']!r} {t['prob']:.4g}" for t in rec["top_next"])
     print(f"top-5 after the prompt: {top}", file=out)
+    if rec.get("note"):
+        print(f"cache: {rec['note']}", file=out)
 
 
-def turn(session: Session, tok: Tokenizer, tokens: list[int], args: argparse.Namespace,
-         sampler: Sampler) -> dict[str, Any]:
-    """Prefill ``tokens`` after the session's, generate, print; return the record."""
-    progress, close = progress_bar(not args.json)
-    stream = None if args.json else TextStream(tok, sys.stdout)
-    try:
-        gen = generate(session, tokens, args.max_tokens, sampler, stop=[tok.eos], chunk=args.chunk,
-                       progress=progress, on_token=stream)
-    finally:
-        close()
-    rec = summary(gen, tok) | stage_record(session)
-    if stream is not None:
-        stream.finish()
-        print_summary(rec, sys.stdout)
-    else:
-        print(json.dumps(rec, ensure_ascii=False))
-    return rec
+def describe_save(s_: dict[str, Any]) -> str:
+    """One line for a save record (a failed one says why)."""
+    if s_["status"] == "failed":
+        return f"save {s_['reason']} FAILED: {s_['tokens']} tokens not saved: {s_['detail']}"
+    detail = f", {s_['detail']}" if s_["detail"] else ""
+    return (f"saved {s_['reason']}: {s_['tokens']} tokens -> {s_['path']} ({s_['status']}{detail}, "
+            f"{s_['bytes'] / 2**20:.1f} MiB, {s_['seconds'] * 1000:.0f} ms)")
 
 
 def assistant_message(reply: list[int], tok: Tokenizer) -> dict[str, str]:
@@ -186,29 +182,34 @@ def assistant_message(reply: list[int], tok: Tokenizer) -> dict[str, str]:
     return {"role": "assistant", "content": tok.decode_text(reply)}
 
 
-def chat_loop(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler) -> None:
-    """One user turn per stdin line; the session is extended when the rendered
-    conversation continues its tokens, and re-prefilled otherwise."""
-    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    for line in sys.stdin:
-        text = line.rstrip("\n")
-        if not text.strip():
-            continue
-        messages.append({"role": "user", "content": text})
-        ids = tok.encode_rendered(render_messages(messages, thinking=args.think))
-        have = session.tokens
-        if ids[: len(have)] != have:
-            session.reset()
-            have = []
-        rec = turn(session, tok, ids[len(have):], args, sampler)
-        messages.append(assistant_message([t for t in rec["tokens"] if t != tok.eos], tok))
+def record(c: Completion, tok: Tokenizer) -> dict[str, Any]:
+    """The JSON-ready record of one turn: the same fields with and without ``--kv-dir``."""
+    t, u = c.timings, c.usage
+    return {
+        "source": u.source,
+        "prompt_tokens": u.prompt_tokens,
+        "cached_tokens": u.cached_tokens,
+        "cache_write_tokens": u.cache_write_tokens,
+        "ttft_seconds": round(t.ttft_s, 4),
+        "restore_seconds": round(t.restore_s, 4),
+        "prefill_seconds": round(t.prefill_s, 4),
+        "prefill_tokens_per_s": round(u.cache_write_tokens / t.prefill_s, 2) if t.prefill_s > 0 else None,
+        "decode_tokens": len(c.tokens),
+        "decode_seconds": round(t.decode_s, 4),
+        "decode_tokens_per_s": round(len(c.tokens) / t.decode_s, 2) if t.decode_s > 0 else None,
+        "top_next": top_next(c.top_next, tok),
+        "saved": [save_record(s) for s in c.saves],
+        "note": c.note,
+        "tokens": c.tokens,
+        "text": c.text,
+    }
 
 
-def cached_turn(engine: Any, args: argparse.Namespace, sampler: Sampler, tok: Tokenizer,
-                **request: Any) -> dict[str, Any]:
-    """One request through the engine (prefix reuse + saves); print and return the record."""
+def serve_turn(engine: Engine, args: argparse.Namespace, sampler: Sampler, tok: Tokenizer,
+               **request: Any) -> dict[str, Any]:
+    """One request through the engine: generated text streams to stdout (or one JSON
+    object there), progress and the summary go to stderr; return the record."""
     progress, close = progress_bar(not args.json)
-    session = engine.session
     engine.progress = progress
     stream = None if args.json else TextStream(tok, sys.stdout)
     try:
@@ -216,72 +217,73 @@ def cached_turn(engine: Any, args: argparse.Namespace, sampler: Sampler, tok: To
                             **request)
     finally:
         close()
-    t = c.timings
-    rec = {
-        "source": c.usage.source,
-        "prompt_tokens": c.usage.prompt_tokens,
-        "cached_tokens": c.usage.cached_tokens,
-        "cache_write_tokens": c.usage.cache_write_tokens,
-        "ttft_seconds": round(t.ttft_s, 4),
-        "restore_seconds": round(t.restore_s, 4),
-        "prefill_seconds": round(t.prefill_s, 4),
-        "prefill_tokens_per_s": round(c.usage.cache_write_tokens / t.prefill_s, 2) if t.prefill_s > 0 else None,
-        "decode_tokens": len(c.tokens),
-        "decode_tokens_per_s": round(len(c.tokens) / t.decode_s, 2) if t.decode_s > 0 else None,
-        "saved": [save_record(s) for s in c.saves],
-        "note": c.note,
-        "tokens": c.tokens,
-        "text": c.text,
-    } | stage_record(session)
+    rec = record(c, tok) | stage_record(engine.session)
     if stream is not None:
         stream.finish()
-        print(f"prompt: {rec['prompt_tokens']} tokens, {rec['cached_tokens']} from {rec['source']}, "
-              f"{rec['cache_write_tokens']} prefilled; time to first token {t.ttft_s:.2f} s", file=sys.stdout)
-        for s_ in rec["saved"]:
-            print(f"saved {s_['reason']}: {s_['tokens']} tokens -> {s_['path']} ({s_['status']}, "
-                  f"{s_['bytes'] / 2**20:.1f} MiB, {s_['seconds'] * 1000:.0f} ms)", file=sys.stdout)
+        print_summary(rec, sys.stderr)
     else:
         print(json.dumps(rec, ensure_ascii=False))
+    for s_ in rec["saved"]:
+        if s_["status"] == "failed" or stream is not None:
+            print(describe_save(s_), file=sys.stderr)
     return rec
 
 
-def save_record(s: Any) -> dict[str, Any]:
+def save_record(s: SaveRecord) -> dict[str, Any]:
     return {"reason": s.reason, "path": s.path, "status": s.status, "tokens": s.tokens, "bytes": s.bytes,
-            "seconds": round(s.seconds, 4)}
+            "seconds": round(s.seconds, 4), "detail": s.detail}
 
 
-def run_cached(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler, text: str | None) -> None:
-    """``--kv-dir``: serve the prompt (or each chat turn) through the engine's disk cache."""
-    from workbench.engine import Engine
-    from workbench.gguf.layout import routed_quant_bits
+def open_store(session: Session, args: argparse.Namespace) -> tuple[Any, KVPolicy]:
+    """The ``--kv-dir`` store and its policy (None store without ``--kv-dir``)."""
     from workbench.kv.policy import KVPolicy
-    from workbench.kv.store import KVStore
 
     policy = KVPolicy(min_tokens=args.kv_min_tokens, boundary_align=args.kv_align, budget_mb=args.kv_budget_mb)
-    store = KVStore.from_policy(args.kv_dir, policy, quant_bits=routed_quant_bits(session.file))
-    engine = Engine(session, store, policy, tokenizer=tok, durable=args.kv_durable)
+    if args.kv_dir is None:
+        return None, policy
+    from workbench.gguf.layout import routed_quant_bits
+    from workbench.kv.store import KVStore
+
+    return KVStore.from_policy(args.kv_dir, policy, quant_bits=routed_quant_bits(session.file)), policy
+
+
+def serve(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler, text: str | None) -> bool:
+    """Serve the prompt, or each ``--chat`` stdin line as a user turn, through one engine
+    (with ``--kv-dir``: its disk prefix cache and saves). A chat turn reuses the live
+    state when the rendered conversation extends it. True when every save succeeded."""
+    from workbench.engine import Engine
+
+    store, policy = open_store(session, args)
+    engine = Engine(session, store, policy, tokenizer=tok, durable=args.kv_durable, chunk=args.chunk)
+    records: list[dict[str, Any]] = []
     try:
         if args.chat:
             messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-            for line in sys.stdin:
-                if not line.strip():
-                    continue
-                messages.append({"role": "user", "content": line.rstrip("\n")})
-                rec = cached_turn(engine, args, sampler, tok, messages=list(messages))
-                messages.append(assistant_message([t for t in rec["tokens"] if t != tok.eos], tok))
+            try:
+                for _, line in stdin_lines():
+                    if not line.strip():
+                        continue
+                    messages.append({"role": "user", "content": line})
+                    rec = serve_turn(engine, args, sampler, tok, messages=list(messages))
+                    records.append(rec)
+                    messages.append(assistant_message([t for t in rec["tokens"] if t != tok.eos], tok))
+            except ValueError as err:
+                raise RunError(str(err)) from None
         else:
-            cached_turn(engine, args, sampler, tok, prompt=text, system=args.system)
+            records.append(serve_turn(engine, args, sampler, tok, prompt=text, system=args.system))
     finally:
         last = engine.close()
+    saves = [s for r in records for s in r["saved"]]
     if last is not None:
-        rec = {"shutdown_save": save_record(last)}
-        print(json.dumps(rec) if args.json else
-              f"saved shutdown: {last.tokens} tokens -> {last.path} ({last.status})")
+        saves.append(save_record(last))
+        if args.json:
+            print(json.dumps({"shutdown_save": saves[-1]}))
+        if last.status == "failed" or not args.json:
+            print(describe_save(saves[-1]), file=sys.stderr)
+    return all(s["status"] != "failed" for s in saves)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_tokens < 0:
-        raise RunError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     sampler = sampler_from_args(args)
     group = distributed.init_group()
     drives = group is None or group.rank() == 0  # on a pipeline only rank 0 reads input and prints
@@ -297,16 +299,9 @@ def run(args: argparse.Namespace) -> int:
             session.stage.serve(session)
             return 0
         tok = Tokenizer.from_gguf(session.file)
-        if args.kv_dir is not None:
-            run_cached(session, tok, args, sampler, text)
-        elif args.chat:
-            chat_loop(session, tok, args, sampler)
-        else:
-            ids = tok.encode_rendered(render_single(text, system=args.system, thinking=args.think))
-            turn(session, tok, ids, args, sampler)
+        return 0 if serve(session, tok, args, sampler, text) else 1
     except BaseException as err:
         error = f"{type(err).__name__}: {err}"
         raise
     finally:
         session.close(error)
-    return 0

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from workbench.commands.common import number
 from workbench.synth import PRESET_NAMES, plan_tensors, resolve_preset, synthesize
 
 HELP = "write a synthetic ds4-layout GGUF (random weights, real tokenizer)"
@@ -15,7 +16,7 @@ HELP = "write a synthetic ds4-layout GGUF (random weights, real tokenizer)"
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESET_NAMES)}")
     parser.add_argument("--out", required=True, type=Path, help="output .gguf path")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="random seed, 0..2^32-1 (default 0)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON, no progress bar")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from workbench.chat import encode_single
+from workbench.commands.common import number
 from workbench.errors import WorkbenchError
 from workbench.sampling import log_softmax
 from workbench.session import Session, load
@@ -160,7 +161,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", action="append", default=[], metavar="ID", help="run only this case (repeatable)")
     parser.add_argument("--skip-long", action="store_true", help="skip cases whose prompt file exceeds 4 KiB")
     parser.add_argument("--all", action="store_true", help="also run the case ds4_test disables")
-    parser.add_argument("--ctx", type=int, default=None, help="cap every case's context (default: the case's)")
+    parser.add_argument("--ctx", type=number(int, 1), default=None, help="cap every case's context (default: the case's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.gguf.types import GGML_TYPES
+from workbench.safeopen import open_regular
 
 MAGIC = b"GGUF"
 VERSION = 3
@@ -344,13 +345,18 @@ class GGUFFile:
         self.metadata_types: dict[str, int | tuple[int, int]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._mm: mmap.mmap | None = None
+        self._fh = None
         try:
-            with open(self.path, "rb") as fh:
-                self.file_size = os.fstat(fh.fileno()).st_size
-                if self.file_size == 0:
-                    raise GGUFError(f"{self.path}: not a GGUF file (empty)")
-                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._fh = open_regular(self.path)  # a FIFO would block, a device never ends
+            st = os.fstat(self._fh.fileno())
+            self.file_size, self._mtime_ns = st.st_size, st.st_mtime_ns
+            if self.file_size == 0:
+                self._fh.close()
+                raise GGUFError(f"{self.path}: not a GGUF file (empty)")
+            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as err:
+            if self._fh is not None:
+                self._fh.close()
             raise GGUFError(f"{self.path}: cannot open: {err.strerror or err}") from None
         try:
             self._parse()
@@ -458,8 +464,23 @@ class GGUFFile:
         a = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
         return a.reshape(*t.shape[:-1], t.row_bytes)
 
+    def check_unchanged(self) -> None:
+        """Raise :class:`GGUFError` when the open file was truncated or rewritten since it
+        was opened (size or mtime differ). Reading a mapped page past a truncation kills
+        the process with SIGBUS, so long computations call this between chunks; a file
+        truncated *during* a chunk can still do that (see README, "Limits")."""
+        if self._fh is None:
+            raise GGUFError(f"{self.path}: file is closed")
+        st = os.fstat(self._fh.fileno())
+        if st.st_size != self.file_size or st.st_mtime_ns != self._mtime_ns:
+            raise GGUFError(f"{self.path}: the model file changed on disk while in use (size {self.file_size:,} -> "
+                            f"{st.st_size:,} bytes); reload it")
+
     def close(self) -> None:
         """Drop the mapping. Views from :meth:`raw` stay valid: they hold their own reference."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
         mm, self._mm = self._mm, None
         if mm is not None:
             try:

@@ -15,6 +15,7 @@ Token counts are checkpoint lengths in tokens; times are Unix seconds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -82,11 +83,11 @@ class KVPolicy:
                 raise KVPolicyError(f"{name} must be >= 0, got {getattr(self, name)}")
         if 0 < self.cold_max_tokens < self.min_tokens:
             raise KVPolicyError(f"cold_max_tokens {self.cold_max_tokens} must be 0 or >= min_tokens {self.min_tokens}")
-        if self.budget_mb is not None and self.budget_mb <= 0:
-            raise KVPolicyError(f"budget_mb must be > 0 or None, got {self.budget_mb}")
-        if self.half_life_s <= 0:
+        if self.budget_mb is not None and not (0 < self.budget_mb and math.isfinite(self.budget_mb)):
+            raise KVPolicyError(f"budget_mb must be a finite number > 0, or None, got {self.budget_mb}")
+        if not (0 < self.half_life_s and math.isfinite(self.half_life_s)):
             raise KVPolicyError(f"half_life_s must be > 0, got {self.half_life_s}")
-        if any(w <= 0 for w in self.reason_weights.values()):
+        if not all(0 < w and math.isfinite(w) for w in self.reason_weights.values()):
             raise KVPolicyError(f"reason weights must be > 0: {dict(self.reason_weights)}")
 
     # ---- where ----------------------------------------------------------------------

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -206,8 +206,8 @@ class Session:
         if self.stop.is_set() and isinstance(self.stage, LocalStage):
             raise Cancelled("stopped: the prefill was cancelled (the state is unchanged)")
 
-    def advanced(self, st: Any, tokens: list[int], on_layer: Callable[[int], None] | None = None,
-                 logits: bool = True) -> Any:
+    def advanced(self, st: SessionState, tokens: list[int], on_layer: Callable[[int], None] | None = None,
+                 logits: bool = True) -> SessionState:
         """``st`` (a state of this stage) extended by one chunk of tokens through the stage,
         as given: no schedule, no checks (logits None unless ``logits``)."""
         out, layers = self.stage.advance(self.model, tokens, st.n_tokens, st.layers, on_layer, logits)

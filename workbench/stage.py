@@ -15,11 +15,15 @@ written once, against this protocol.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import mlx.core as mx
 
 from workbench.state import LayerState, SessionState, StateLayout
+
+if TYPE_CHECKING:
+    from workbench.model.config import ModelArgs
+    from workbench.model.model import Model
 
 OnLayer = Callable[[int], None]  # called with the stage-local index of each block run
 
@@ -27,7 +31,8 @@ OnLayer = Callable[[int], None]  # called with the stage-local index of each blo
 class LayerStage(Protocol):
     """What a session needs from the place its layers run.
 
-    ``start``/``stop`` (half-open) are the layers this process holds; ``ranks`` is how many
+    ``start``/``stop`` (half-open) are the layers this process holds (its state is a
+    :class:`~workbench.state.SessionState` of that layer range); ``ranks`` is how many
     processes share the model (1 for a local stage); ``drives`` is True on the process whose
     program calls the session (a pipeline's rank 0; always for a local stage).
     """
@@ -37,19 +42,19 @@ class LayerStage(Protocol):
     ranks: int
     drives: bool
 
-    def empty(self, layout: StateLayout, ctx: int, prefill_chunk: int) -> Any:
+    def empty(self, layout: StateLayout, ctx: int, prefill_chunk: int) -> SessionState:
         """An empty state of this stage's layers."""
 
-    def advance(self, model: Any, tokens: list[int], p0: int, layers: list[LayerState], on_layer: OnLayer | None,
+    def advance(self, model: Model, tokens: list[int], p0: int, layers: list[LayerState], on_layer: OnLayer | None,
                 logits: bool) -> tuple[mx.array | None, list[LayerState]]:
         """Run ``tokens`` at positions ``p0..`` through this stage's layers (states ``layers``,
         not modified). Returns the next-token logits ``[n_vocab]`` float32 after the last token
         (None unless ``logits``, and None on processes that don't drive) and the new states."""
 
-    def gather(self, state: Any) -> SessionState:
+    def gather(self, state: SessionState) -> SessionState:
         """The whole state (every layer) from this stage's ``state`` (a copy, safe to keep)."""
 
-    def scatter(self, state: SessionState) -> Any:
+    def scatter(self, state: SessionState) -> SessionState:
         """This stage's part of a whole, validated ``state`` (the other stages take theirs)."""
 
     def reset(self) -> None:
@@ -71,7 +76,7 @@ class LocalStage:
     def empty(self, layout: StateLayout, ctx: int, prefill_chunk: int) -> SessionState:
         return SessionState.empty(layout, ctx, prefill_chunk)
 
-    def advance(self, model: Any, tokens: list[int], p0: int, layers: list[LayerState], on_layer: OnLayer | None,
+    def advance(self, model: Model, tokens: list[int], p0: int, layers: list[LayerState], on_layer: OnLayer | None,
                 logits: bool) -> tuple[mx.array | None, list[LayerState]]:
         return model(tokens, p0, layers, on_layer, logits)
 
@@ -88,6 +93,6 @@ class LocalStage:
         pass
 
 
-StageFactory = Callable[[Any, int, int], LayerStage]  # (model args, ctx, prefill chunk) -> stage
+StageFactory = Callable[["ModelArgs", int, int], LayerStage]  # (model args, ctx, prefill chunk) -> stage
 
 __all__ = ["LayerStage", "LocalStage", "OnLayer", "StageFactory"]

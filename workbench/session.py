@@ -202,8 +202,9 @@ class Session:
             self._file.check_unchanged()
 
     def _check_stop(self) -> None:
-        # on a pipeline the other ranks advance in lockstep: only a local stage stops mid-prefill
-        if self.stop.is_set() and isinstance(self.stage, LocalStage):
+        # also on a pipeline's rank 0: its stage sends a chunk on only after the chunk's last layer,
+        # and the serving ranks go back to the state of rank 0's last completed call
+        if self.stop.is_set():
             raise Cancelled("stopped: the prefill was cancelled (the state is unchanged)")
 
     def advanced(self, st: SessionState, tokens: list[int], on_layer: Callable[[int], None] | None = None,
@@ -218,7 +219,7 @@ class Session:
         """Append tokens, in chunks ending on absolute multiples of ``chunk`` (default
         ``state.prefill_chunk``). ``progress`` gets a :class:`Progress` after every layer
         of every chunk. Raises SessionError (before any work) when the context would
-        overflow, :class:`Cancelled` when ``stop`` is set (on a local stage). The state
+        overflow, :class:`Cancelled` when ``stop`` is set. The state
         changes only when the whole call succeeds (an interrupted prefill leaves it as it
         was); only the last chunk computes logits."""
         tokens = [int(t) for t in tokens]

@@ -282,3 +282,27 @@ def test_quick_suite_runs_every_benchmark(tmp_path: Path) -> None:
     assert suite.failed == {}
     assert {r.name for r in suite.results} == set(BENCHMARKS)
     assert all(r.figures for r in suite.results)
+
+
+def test_experts_native_vs_dequantized_figures(ctx: BenchContext) -> None:
+    from workbench.bench import experts
+
+    res = experts.run(ctx, n_ff=256, n_embd=512)
+    rows = res.tables["experts"]
+    assert {r["type"] for r in rows} == {"MXFP4", "Q8_0", "Q4_K"} and {r["rows_per_expert"] for r in rows} == {1, 4}
+    assert all(0 <= r["max_rel_diff"] < 1e-5 for r in rows)  # the same weights: accumulation order only
+    assert len(res.figures) == len(rows) and all(f.unit == "s" and not f.higher_is_better for f in res.figures)
+    assert sum("native faster up to" in n for n in res.notes) == 3 and any("--full" in n for n in res.notes)
+    assert experts.charts(res.tables)
+
+
+def test_token_bytes_counts_used_experts_and_one_embedding_row(tiny_gguf: Path) -> None:
+    from workbench.bench.experts import token_bytes
+    from workbench.gguf.reader import GGUFFile
+
+    with GGUFFile(tiny_gguf) as f:
+        total = sum(t.nbytes for t in f.tensors.values())
+        embd = f.tensors["token_embd.weight"]
+        exps = sum(t.nbytes for n, t in f.tensors.items() if "_exps." in n)
+    # tiny: 8 experts, 2 used
+    assert token_bytes(tiny_gguf) == total - embd.nbytes + embd.nbytes // embd.shape[0] - exps + exps * 2 // 8

@@ -16,10 +16,10 @@ import numpy as np
 
 from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
 from workbench.gguf.quants import dequantize, native_available
-from workbench.gguf.types import BF16, F16, GGML_TYPES, IQ2_XXS, Q2_K, Q4_K, Q8_0
+from workbench.gguf.types import BF16, F16, GGML_TYPES, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0
 
 NAME = "dequant"
-TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
+TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4)
 ROW = 4096  # elements per row
 # byte ranges of each block's f16 scales (d, and dmin where there is one)
 _SCALE_BYTES = {Q8_0: (0, 2), Q2_K: (80, 84), Q4_K: (0, 4), IQ2_XXS: (0, 2)}
@@ -27,7 +27,8 @@ _SCALE_BYTES = {Q8_0: (0, 2), Q2_K: (80, 84), Q4_K: (0, 4), IQ2_XXS: (0, 2)}
 
 def random_blocks(ggml_type: int, n_elems: int, seed: int = 0) -> np.ndarray:
     """uint8 ``[n_elems / ROW, row_bytes]`` of valid random data: random codes with finite
-    f16 scales in [2^-10, 2^-6) for the block types; N(0, 1) values for F16/BF16."""
+    f16 scales in [2^-10, 2^-6) for the block types (MXFP4: E8M0 scales 2^-11..2^-4);
+    N(0, 1) values for F16/BF16."""
     rng = np.random.default_rng(seed)
     t = GGML_TYPES[ggml_type]
     rows = n_elems // ROW
@@ -36,6 +37,9 @@ def random_blocks(ggml_type: int, n_elems: int, seed: int = 0) -> np.ndarray:
     if ggml_type == BF16:
         return (rng.standard_normal((rows, ROW), dtype=np.float32).view("<u4") >> 16).astype("<u2").view(np.uint8)
     blocks = rng.integers(0, 256, (rows * ROW // t.block_elems, t.block_bytes), dtype=np.uint8)
+    if ggml_type == MXFP4:
+        blocks[:, 0] = rng.integers(116, 124, blocks.shape[0])
+        return blocks.reshape(rows, -1)
     lo, hi = _SCALE_BYTES[ggml_type]
     scales = rng.uniform(2.0**-10, 2.0**-6, (blocks.shape[0], (hi - lo) // 2)).astype("<f2")
     blocks[:, lo:hi] = scales.view(np.uint8)

@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "kv_io": "workbench.bench.kvio",
     "lookup": "workbench.bench.lookup",
     "dequant": "workbench.bench.dequant",
+    "experts": "workbench.bench.experts",
     "gguf_load": "workbench.bench.loading",
     "tokenizer": "workbench.bench.tokenization",
     "prefill": "workbench.bench.prefill",

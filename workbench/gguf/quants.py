@@ -1,13 +1,13 @@
 """ggml block formats in MLX: dequantization, lazy quantized tensors, matmul helpers.
 
 Formats (ds4-architecture.md §1.4): F32, F16, BF16, I32 plain arrays; Q8_0, Q2_K, Q4_K,
-IQ2_XXS blocks of 32 or 256 elements along the contiguous (last, GGUF ``dim[0]``) axis.
+IQ2_XXS, MXFP4 blocks of 32 or 256 elements along the contiguous (last, GGUF ``dim[0]``) axis.
 
 Every dequantizer is bit-identical to ``gguf.quants.dequantize`` (the reference): it does the
 same float32 operations in the same order: f16 scales widened to float32 first, then
 ``(d*sc)*q - dmin*m`` for the K-quants (the products are exact in float32, only the
 subtraction rounds, so a fused multiply-add would give the same bits), ``d*q`` for Q8_0 and
-``(d*(0.5+s))*0.25*grid*sign`` for IQ2_XXS. Every result has the reference's bit pattern,
+``(d*(0.5+s))*0.25*grid*sign`` for IQ2_XXS, ``e8m0_half(e)*(2·e2m1)`` for MXFP4. Every result has the reference's bit pattern,
 including infinities and NaNs from inf/NaN scale bytes. One exception, by choice: an F16
 *tensor* element that is a signalling NaN widens to a quiet NaN (MLX's hardware cast; NumPy
 keeps the quiet bit clear). It is NaN either way; keeping the payload would make F16
@@ -36,8 +36,8 @@ import numpy as np
 from gguf.quants import IQ2_XXS as _REF_IQ2_XXS
 
 from workbench.errors import WorkbenchError
-from workbench.gguf.types import (BF16, F16, F32, GGML_TYPES, I32, IQ2_XXS, Q2_K, Q4_K, Q8_0,
-                                  SUPPORTED)
+from workbench.gguf.types import (BF16, F16, F32, GGML_TYPES, I32, IQ2_XXS, MXFP4, Q2_K, Q4_K,
+                                  Q8_0, SUPPORTED)
 
 class QuantError(WorkbenchError):
     """A quantized buffer of the wrong size or dtype, or a type this workbench cannot decode."""
@@ -153,9 +153,40 @@ def _dequant_iq2_xxs(blocks: mx.array) -> mx.array:
     return (db.reshape(n, 8, 1, 1) * vals).reshape(n, 256)
 
 
+# MXFP4 (OCP MX): per 32 elements one E8M0 exponent byte e, then 16 bytes of E2M1 codes,
+# byte j holding element j (low nibble) and element j + 16 (high nibble). As ggml does, the
+# scale is half the power of two, 2^(e-128) built from its float32 bits (a subnormal for
+# e < 2, 2^127 for e = 255: ggml has no NaN scale), times twice the E2M1 value (codes 0-7:
+# 0, 1, 2, 3, 4, 6, 8, 12; codes 8-15 the negatives, code 8 = +0). Products are exact.
+# MLX gathers cost ~20 ns each on the CPU, so codes are looked up two bytes at a time: a
+# table indexed by the little-endian uint16 of bytes (j, j+1) gives the int8 values of
+# elements j, j+1, j+16, j+17 ([65536] uint32, 256 KiB).
+MXFP4_DOUBLED = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
+_w = np.arange(65536)
+_MXFP4_WORDS = mx.array(np.stack([MXFP4_DOUBLED[_w & 15], MXFP4_DOUBLED[(_w >> 8) & 15],
+                                  MXFP4_DOUBLED[(_w >> 4) & 15], MXFP4_DOUBLED[_w >> 12]], axis=1)
+                        .view(np.uint32).reshape(65536))
+
+
+def e8m0_half(e: mx.array) -> mx.array:
+    """ggml's ``e8m0_to_fp32_half``: uint8 exponents -> float32 ``2^(e-128)``, same shape."""
+    e32 = e.astype(mx.uint32)
+    bits = mx.where(e32 < 2, mx.array(0x00200000, mx.uint32) << e32, (e32 - 1) << 23)
+    return bits.view(mx.float32)
+
+
+def _dequant_mxfp4(blocks: mx.array) -> mx.array:
+    n = blocks.shape[0]
+    words = mx.contiguous(blocks[:, 1:]).view(mx.uint16)  # [n, 8]: bytes (2k, 2k+1)
+    # [n, 8 words, (low, high), 2] -> [n, (low, high), 8 words, 2] = elements 0..31
+    vals = _MXFP4_WORDS[words].view(mx.int8).reshape(n, 8, 2, 2).transpose(0, 2, 1, 3).reshape(n, 32)
+    return e8m0_half(blocks[:, :1]) * vals  # the product widens the int8 values exactly
+
+
 _DECODERS: dict[int, Callable[[mx.array], mx.array]] = {
     F32: _dequant_f32, F16: _dequant_f16, BF16: _dequant_bf16, I32: _dequant_i32,
     Q8_0: _dequant_q8_0, Q2_K: _dequant_q2_k, Q4_K: _dequant_q4_k, IQ2_XXS: _dequant_iq2_xxs,
+    MXFP4: _dequant_mxfp4,
 }
 NATIVE_TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
 
@@ -297,8 +328,8 @@ class QTensor:
             raise QuantError(f"rows {start}:{stop} out of range for {self._shape[0]} rows")
         return dequantize(self._raw[start:stop], self._type)
 
-    def experts(self, ids: mx.array | np.ndarray | Sequence[int]) -> mx.array:
-        """Only the selected experts of a 3-D tensor: float32 ``[len(ids), out, in]``.
+    def expert_raw(self, ids: mx.array | np.ndarray | Sequence[int]) -> mx.array:
+        """The raw blocks of the selected experts of a 3-D tensor: uint8 ``[len(ids), out, row_bytes]``.
 
         ``ids``: 1-D integer expert indices in ``[0, n_expert)``; repeats are allowed. They
         are read on the host (one synchronisation) to validate them and, for a NumPy
@@ -315,10 +346,13 @@ class QTensor:
         if idx.size and (idx.min() < 0 or idx.max() >= n_expert):
             raise QuantError(f"expert ids {idx.tolist()} out of range for {n_expert} experts")
         if isinstance(self._raw, np.ndarray):
-            slabs: mx.array | np.ndarray = self._raw[idx]
-        else:
-            slabs = mx.take(self._raw, mx.array(idx.astype(np.int32)), axis=0)
-        return dequantize(slabs, self._type)
+            return mx.array(self._raw[idx])
+        return mx.take(self._raw, mx.array(idx.astype(np.int32)), axis=0)
+
+    def experts(self, ids: mx.array | np.ndarray | Sequence[int]) -> mx.array:
+        """Only the selected experts of a 3-D tensor: float32 ``[len(ids), out, in]``
+        (ids as for :meth:`expert_raw`)."""
+        return dequantize(self.expert_raw(ids), self._type)
 
 
 def stacked_experts(banks: Sequence[QTensor], ids: mx.array | np.ndarray | Sequence[int]) -> mx.array:

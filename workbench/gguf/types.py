@@ -12,8 +12,8 @@ class GGMLType(NamedTuple):
     block_bytes: int  # bytes per block
 
 
-# Standard ggml ids. ds4's files use F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS and I32; the
-# others are known for size accounting and clear errors.
+# Standard ggml ids. ds4's files use F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4 and I32;
+# the others are known for size accounting and clear errors.
 _TYPES = [
     (0, "F32", 1, 4), (1, "F16", 1, 2), (2, "Q4_0", 32, 18), (3, "Q4_1", 32, 20),
     (6, "Q5_0", 32, 22), (7, "Q5_1", 32, 24), (8, "Q8_0", 32, 34), (9, "Q8_1", 32, 36),
@@ -23,15 +23,15 @@ _TYPES = [
     (19, "IQ1_S", 256, 50), (20, "IQ4_NL", 32, 18), (21, "IQ3_S", 256, 110),
     (22, "IQ2_S", 256, 82), (23, "IQ4_XS", 256, 136), (24, "I8", 1, 1), (25, "I16", 1, 2),
     (26, "I32", 1, 4), (27, "I64", 1, 8), (28, "F64", 1, 8), (29, "IQ1_M", 256, 56),
-    (30, "BF16", 1, 2),
+    (30, "BF16", 1, 2), (39, "MXFP4", 32, 17),
 ]
 GGML_TYPES: dict[int, GGMLType] = {t[0]: GGMLType(*t) for t in _TYPES}
 BY_NAME: dict[str, GGMLType] = {t.name: t for t in GGML_TYPES.values()}
 
-F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS, I32, BF16 = (BY_NAME[n].id for n in
-                                                    ("F32", "F16", "Q8_0", "Q2_K", "Q4_K", "IQ2_XXS", "I32", "BF16"))
+F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS, I32, BF16, MXFP4 = (
+    BY_NAME[n].id for n in ("F32", "F16", "Q8_0", "Q2_K", "Q4_K", "IQ2_XXS", "I32", "BF16", "MXFP4"))
 # the types this workbench can dequantize and run
-SUPPORTED = frozenset({F32, F16, BF16, I32, Q8_0, Q2_K, Q4_K, IQ2_XXS})
+SUPPORTED = frozenset({F32, F16, BF16, I32, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4})
 
 
 def row_bytes(ggml_type: int, n_elems: int) -> int:

@@ -6,9 +6,21 @@ the experts from ``tid2eid[token]``; the others take the top-k of ``prob + exp_p
 clamped below at 6.103515625e-5) times ``expert_weights_scale``. Each expert is a SwiGLU
 with an asymmetric clamp (gate ≤ c, up in [-c, c]); the shared expert uses it too.
 
-Routed experts stay quantized; a chunk dequantizes each expert its tokens use exactly once,
-a batch of experts at a time (``expert_batch_bytes`` of float32 weights), and runs float32
-BLAS matmuls over each expert's tokens. When gate and up are ``QTensor`` s of one type,
+Routed experts stay quantized. Two ways to apply an expert to the rows routed to it:
+
+* **native** (MXFP4, Q8_0 and Q4_K experts, :mod:`workbench.gguf.native`): the expert's raw
+  blocks are repacked into MLX's own quantized layout (``mxfp4``, affine 8-bit, affine
+  4-bit; group 32; the same weights, see that module) and applied with ``mx.gather_qmm``,
+  every native expert of a batch in one call;
+* **dequantized**: the expert is dequantized to float32 once and its rows go through a
+  float32 BLAS matmul.
+
+On Metal every expert of those three types is native. On the CPU MLX's quantized matmul
+is slow per row but saves the dequantization, so an expert is native when it has at most
+``native_max_rows`` rows, by default :data:`NATIVE_MAX_ROWS` for its types (measured by
+``workbench bench --only experts`` on real-width experts); decode (one row per expert)
+is native, prefill mostly dequantized. The dequantized path handles a batch of experts at
+a time (``expert_batch_bytes`` of float32 weights). When gate and up are ``QTensor`` s of one type,
 they are dequantized together as one ``[2·n_ff, n_embd]`` matrix per expert and applied in
 one matmul. Dequantized batches are short-lived, equal-sized buffers: with MLX's buffer
 cache large enough to hold a few of them (``workbench.session.load`` sets it on the CPU),
@@ -23,12 +35,19 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from workbench.gguf.native import NATIVE_MODES, to_mlx
 from workbench.gguf.quants import QTensor, stacked_experts
+from workbench.gguf.types import MXFP4, Q4_K, Q8_0
 from workbench.model.ops import Weight, compute_dtype, linear, topk_indices
 
 WEIGHT_SUM_FLOOR = 6.103515625e-5
 # float32 bytes of dequantized expert weights materialised at once
 EXPERT_BATCH_BYTES = 384 << 20
+# raw bytes of natively applied experts repacked at once
+NATIVE_BATCH_BYTES = 256 << 20
+# CPU: the most rows an expert of this ggml type may have and still be applied natively
+# (crossover of native vs dequantized for 2048 x 4096 experts, ``workbench bench --only experts``)
+NATIVE_MAX_ROWS: dict[int, int] = {MXFP4: 8, Q8_0: 1, Q4_K: 0}
 
 
 class ExpertBank(Protocol):
@@ -68,9 +87,11 @@ def swiglu(gate: mx.array, up: mx.array, clamp: float) -> mx.array:
 
 class MoE:
     def __init__(self, n_expert_used: int, hash_routed: bool, weights_scale: float, clamp: float,
-                 weights: MoEWeights, normalize: bool = True, expert_batch_bytes: int = EXPERT_BATCH_BYTES) -> None:
+                 weights: MoEWeights, normalize: bool = True, expert_batch_bytes: int = EXPERT_BATCH_BYTES,
+                 native_max_rows: int | None = None) -> None:
         self.k, self.hash_routed, self.scale, self.clamp = n_expert_used, hash_routed, weights_scale, clamp
         self.w, self.normalize, self.expert_batch_bytes = weights, normalize, expert_batch_bytes
+        self.native_rows = native_max_rows
 
     def route(self, g: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """Expert ids ``[T, k]`` int32 and their weights ``[T, k]`` float32."""
@@ -88,6 +109,19 @@ class MoE:
     def shared(self, g: mx.array) -> mx.array:
         return linear(swiglu(linear(g, self.w.gate_sh), linear(g, self.w.up_sh), self.clamp), self.w.down_sh)
 
+    def native_max_rows(self) -> int:
+        """The most rows an expert may have to be applied natively (0: never): unbounded on a
+        GPU, :data:`NATIVE_MAX_ROWS` on the CPU (the smallest over gate, up and down's types);
+        ``native_max_rows`` given to the constructor overrides both."""
+        banks = (self.w.gate_exps, self.w.up_exps, self.w.down_exps)
+        if not all(isinstance(b, QTensor) and b.ggml_type in NATIVE_MODES for b in banks):
+            return 0
+        if self.native_rows is not None:
+            return self.native_rows
+        if mx.default_device() != mx.cpu:
+            return 1 << 62
+        return min(NATIVE_MAX_ROWS[b.ggml_type] for b in banks)
+
     def routed(self, g: mx.array, sel: mx.array, wt: mx.array) -> mx.array:
         """Σ_k wt·expert_k(g) ``[T, n_embd]``, touching only the experts in ``sel``."""
         t, k = sel.shape
@@ -97,6 +131,54 @@ class MoE:
         tok = order // k  # token of each (sorted) assignment
         xs = g[mx.array(tok.astype(np.int32))]  # [T·k, n_embd] grouped by expert
         ws = wt.reshape(-1)[mx.array(order.astype(np.int32))][:, None]
+        native = counts <= self.native_max_rows()
+        ys: list[mx.array] = []
+        rows: list[np.ndarray] = []  # the sorted assignments each entry of ys holds
+        if native.any():
+            r = np.concatenate([np.arange(a, a + n) for a, n in zip(starts[native], counts[native])])
+            ys += self._native(experts[native], counts[native], xs[mx.array(r.astype(np.int32))],
+                               ws[mx.array(r.astype(np.int32))])
+            rows.append(r)
+        if not native.all():
+            ys += self._dequantized(experts[~native], starts[~native], counts[~native], xs, ws)
+            rows += [np.arange(a, a + n) for a, n in zip(starts[~native], counts[~native])]
+        y = mx.concatenate(ys)
+        dest = mx.array(tok[np.concatenate(rows)].astype(np.int32))
+        return mx.zeros((t, g.shape[1]), mx.float32).at[dest].add(y)
+
+    def _native(self, ids: np.ndarray, counts: np.ndarray, xs: mx.array, ws: mx.array) -> list[mx.array]:
+        """Experts ``ids`` applied with ``mx.gather_qmm`` to their rows ``xs`` ``[Σcounts, n_embd]``
+        (grouped by expert, in ``ids`` order), weighted by ``ws`` ``[Σcounts, 1]``;
+        returns float32 outputs ``[Σcounts, n_embd]`` in pieces, a batch of experts each."""
+        gate, up, down = self.w.gate_exps, self.w.up_exps, self.w.down_exps
+        n_ff = gate.shape[1]
+        dt = compute_dtype()
+        per_expert = gate.nbytes // gate.shape[0] + up.nbytes // up.shape[0] + down.nbytes // down.shape[0]
+        batch = max(1, NATIVE_BATCH_BYTES // per_expert)
+        ends = np.cumsum(counts)
+        out = []
+        for i in range(0, len(ids), batch):
+            b_ids, b_counts = ids[i : i + batch], counts[i : i + batch]
+            a, z = int(ends[i] - counts[i]), int(ends[i + len(b_ids) - 1])
+            local = mx.array(np.repeat(np.arange(len(b_ids), dtype=np.int32), b_counts))
+            x = xs[a:z].astype(dt)
+            if gate.ggml_type == up.ggml_type:  # gate rows then up rows: one product
+                gu = to_mlx(mx.concatenate([gate.expert_raw(b_ids), up.expert_raw(b_ids)], axis=1), gate.ggml_type)
+                h = gu.gather_matmul(x, local).astype(mx.float32)
+                hg, hu = h[:, :n_ff], h[:, n_ff:]
+            else:
+                hg = to_mlx(gate.expert_raw(b_ids), gate.ggml_type).gather_matmul(x, local).astype(mx.float32)
+                hu = to_mlx(up.expert_raw(b_ids), up.ggml_type).gather_matmul(x, local).astype(mx.float32)
+            hmid = (swiglu(hg, hu, self.clamp) * ws[a:z]).astype(dt)
+            y = to_mlx(down.expert_raw(b_ids), down.ggml_type).gather_matmul(hmid, local).astype(mx.float32)
+            mx.eval(y)
+            out.append(y)
+        return out
+
+    def _dequantized(self, experts: np.ndarray, starts: np.ndarray, counts: np.ndarray, xs: mx.array,
+                     ws: mx.array) -> list[mx.array]:
+        """Experts dequantized a batch at a time; expert j's rows are ``xs[starts[j]:+counts[j]]``.
+        Returns float32 ``[counts[j], n_embd]`` per expert."""
         dt = compute_dtype()
         _, n_ff, n_embd = self.w.gate_exps.shape
         per_expert = 3 * n_ff * n_embd * 4
@@ -112,8 +194,7 @@ class MoE:
                 hmid = swiglu(h[:, :n_ff], h[:, n_ff:], self.clamp)
                 ys.append(((hmid * ws[a : a + n]).astype(dt) @ wd[j].T).astype(mx.float32))
             mx.eval(ys)
-        y = mx.concatenate(ys)
-        return mx.zeros((t, g.shape[1]), mx.float32).at[mx.array(tok.astype(np.int32))].add(y)
+        return ys
 
     def _gate_up(self, ids: np.ndarray) -> mx.array:
         """Gate rows then up rows of the given experts: float32 ``[len(ids), 2·n_ff, n_embd]``."""

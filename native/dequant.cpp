@@ -9,6 +9,7 @@
 //   Q2_K  (d * sc) * q - dmin * m      (16 groups of 16)
 //   Q4_K  (d * sc) * q - dmin * m      (8 groups of 32, 6-bit scales)
 //   IQ2_XXS (d * (0.5 + s)) * 0.25 * signed_grid   (the signed-grid table is an input)
+//   MXFP4 e8m0_half(e) * (2 * e2m1)   (ggml's half scale times the doubled E2M1 value)
 // No step is contracted into a fused multiply-add (-ffp-contract=off; explicit mul/sub).
 // Large outputs are split over a few threads by whole blocks.
 
@@ -43,7 +44,7 @@ namespace nb = nanobind;
 namespace {
 
 // ggml type ids (workbench/gguf/types.py)
-constexpr int F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30;
+constexpr int F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30, MXFP4 = 39;
 
 struct Format {
   int block_bytes;
@@ -58,6 +59,7 @@ Format format_of(int type) {
     case Q2_K: return {84, 256};
     case Q4_K: return {144, 256};
     case IQ2_XXS: return {66, 256};
+    case MXFP4: return {17, 32};
     default: throw std::invalid_argument("workbench native dequantize: unsupported ggml type " + std::to_string(type));
   }
 }
@@ -226,6 +228,25 @@ void iq2_xxs_blocks(const uint8_t* in, float* out, size_t b0, size_t b1, const u
   }
 }
 
+// MXFP4: byte 0 the E8M0 exponent e, then 16 bytes; byte j holds element j (low nibble) and
+// element j + 16 (high nibble). The scale is ggml's e8m0_to_fp32_half: 2^(e-128) from its bits
+// (0x00200000 << e for e < 2, (e - 1) << 23 otherwise); code 8 is +0.
+void mxfp4_blocks(const uint8_t* in, float* out, size_t b0, size_t b1) {
+  static const float kDoubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  for (size_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = in + b * 17;
+    float* o = out + b * 32;
+    const uint32_t e = blk[0];
+    const uint32_t bits = e < 2 ? 0x00200000u << e : (e - 1) << 23;
+    float d;
+    std::memcpy(&d, &bits, 4);
+    for (int j = 0; j < 16; ++j) {
+      o[j] = d * kDoubled[blk[1 + j] & 15];
+      o[j + 16] = d * kDoubled[blk[1 + j] >> 4];
+    }
+  }
+}
+
 // Threads for an output of `out_bytes`: 1 below 1 MiB, else half the cores (at most 4; on a
 // two-core machine one thread already writes at memory-copy speed). WORKBENCH_DEQUANT_THREADS
 // overrides.
@@ -282,6 +303,7 @@ class Dequantize : public mx::UnaryPrimitive {
           case Q2_K: q2_k_blocks(src, dst, b0, b1); break;
           case Q4_K: q4_k_blocks(src, dst, b0, b1); break;
           case IQ2_XXS: iq2_xxs_blocks(src, dst, b0, b1, table); break;
+          case MXFP4: mxfp4_blocks(src, dst, b0, b1); break;
         }
       });
     });
@@ -325,5 +347,5 @@ NB_MODULE(_native, m) {
   m.doc() = "workbench native CPU kernels (see native/dequant.cpp)";
   m.attr("mlx_version") = WORKBENCH_MLX_VERSION;
   m.def("dequantize", &dequantize, "blocks"_a, "ggml_type"_a, "table"_a = nb::none(),
-        "ggml blocks uint8 [n, block_bytes] -> float32 [n, block_elems] (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS).");
+        "ggml blocks uint8 [n, block_bytes] -> float32 [n, block_elems] (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4).");
 }

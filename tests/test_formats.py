@@ -1,5 +1,5 @@
 """MXFP4 (ggml type 39) decoding, and MXFP4 / Q8_0 / Q4_K blocks repacked into MLX's own
-quantized layouts (workbench.gguf.native), alone and inside the MoE."""
+quantized layouts (workbench.gguf.mlxquant), alone and inside the MoE."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
 from workbench.bench.dequant import random_blocks
-from workbench.gguf.native import NATIVE_MODES, MLXQuant, to_mlx
+from workbench.gguf import quants
+from workbench.gguf.mlxquant import NATIVE_MODES, MLXQuant, to_mlx
 from workbench.gguf.quants import QTensor, QuantError, dequantize
 from workbench.gguf.types import GGML_TYPES, MXFP4, Q2_K, Q4_K, Q8_0
 from workbench.model import moe as moe_mod
@@ -37,12 +38,23 @@ def assert_bits_equal(got: mx.array | np.ndarray, want: np.ndarray, ignore_zero_
 
 # --- MXFP4 decoding -----------------------------------------------------------------------------
 
+@pytest.fixture(params=["native", "mlx"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Decode with the native kernels (skipped when not built) and with the pure-MLX decoders."""
+    if request.param == "native":
+        if not quants.native_available():
+            pytest.skip("native kernels not built (make native)")
+    else:
+        monkeypatch.setattr(quants, "_NATIVE", None)
+    return request.param
+
+
 def test_mxfp4_geometry() -> None:
     t = GGML_TYPES[39]
     assert (t.name, t.block_elems, t.block_bytes) == ("MXFP4", 32, 17) and MXFP4 == 39
 
 
-def test_mxfp4_every_scale_byte_and_code_match_gguf() -> None:
+def test_mxfp4_every_scale_byte_and_code_match_gguf(path: str) -> None:
     """All 256 E8M0 bytes (subnormal scales, 2^127, ggml's overflow to inf) x all 16 codes in
     both nibbles, bit for bit (code 8 is +0.0 as in ggml)."""
     codes = np.arange(16, dtype=np.uint8)
@@ -54,7 +66,7 @@ def test_mxfp4_every_scale_byte_and_code_match_gguf() -> None:
     assert_bits_equal(dequantize(mx.array(blocks.reshape(4, -1)), MXFP4), want.reshape(4, -1))
 
 
-def test_mxfp4_random_and_quantized_blocks_match_gguf() -> None:
+def test_mxfp4_random_and_quantized_blocks_match_gguf(path: str) -> None:
     rng = np.random.default_rng(3)
     raw = rng.integers(0, 256, (6, 40 * 17), dtype=np.uint8)
     assert_bits_equal(dequantize(raw, MXFP4), reference(raw, MXFP4))

@@ -188,7 +188,7 @@ _DECODERS: dict[int, Callable[[mx.array], mx.array]] = {
     Q8_0: _dequant_q8_0, Q2_K: _dequant_q2_k, Q4_K: _dequant_q4_k, IQ2_XXS: _dequant_iq2_xxs,
     MXFP4: _dequant_mxfp4,
 }
-NATIVE_TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
+NATIVE_TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4)
 
 
 def _load_native() -> ModuleType | None:

@@ -2,11 +2,14 @@
 
 Three ggml formats are exactly one of MLX's (``mx.quantize`` modes, group size 32):
 
-* **MXFP4** is MLX's ``mxfp4`` (OCP MX: E2M1 codes, one E8M0 scale byte per 32): the scale
-  byte is kept as is, the nibbles are reordered (ggml: byte j = elements j and j + 16;
-  MLX: byte m = elements 2m and 2m + 1, low nibble first). The weight MLX reconstructs is
-  ggml's bit for bit, except that code 8 gives -0.0 instead of +0.0 and a scale byte of
-  255 (NaN in the MX spec, 2^127 in ggml) gives infinities and NaNs; no real file has one.
+* **MXFP4** is MLX's ``mxfp4`` (OCP MX: E2M1 codes, one E8M0 scale byte per 32). The code
+  and scale bytes are used as they are: ggml's byte j holds elements j and j + 16 of its
+  group, MLX reads a byte as elements 2j and 2j + 1, so MLX's weight is ggml's with the
+  inputs of each group of 32 permuted (:data:`MXFP4_ORDER`); the products permute the input
+  ``x`` the same way instead of reordering nibbles (one gather over ``x``'s last axis, far
+  cheaper than a pass over the weight). The values are ggml's bit for bit, except that code
+  8 gives -0.0 instead of +0.0 and a scale byte of 255 (NaN in the MX spec, 2^127 in
+  ggml) gives infinities and NaNs; no real file has one.
 * **Q8_0** is affine 8-bit: ``q_u = q + 128`` (the int8 byte with its top bit flipped),
   scale ``d``, bias ``-128·d``; ``d·q_u - 128·d == d·q`` exactly in float32 for a finite d.
 * **Q4_K** is affine 4-bit: each 32-element sub-block has scale ``d·sc`` and bias
@@ -42,7 +45,8 @@ class MLXQuant:
 
     ``w``: uint32 ``[..., out, in·bits/32]``; ``scales``: ``[..., out, in/32]`` (uint8 E8M0
     exponents for mxfp4, float32 for affine); ``biases``: float32 like ``scales`` (affine)
-    or None (mxfp4).
+    or None (mxfp4). ``order``: None, or int32 ``[in]``: MLX's input k is the weight's input
+    ``order[k]`` (products gather ``x[..., order]``).
     """
 
     w: mx.array
@@ -50,6 +54,10 @@ class MLXQuant:
     biases: mx.array | None
     mode: str
     bits: int
+    order: mx.array | None = None
+
+    def _x(self, x: mx.array) -> mx.array:
+        return x if self.order is None else mx.take(x, self.order, axis=-1)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -64,13 +72,13 @@ class MLXQuant:
     def dequantize(self) -> mx.array:
         """The weight as MLX reconstructs it: float32 ``shape``."""
         scales, biases = self._scales_biases(mx.float32)
-        return mx.dequantize(self.w, scales, biases, group_size=GROUP, bits=self.bits, mode=self.mode,
-                             dtype=mx.float32)
+        w = mx.dequantize(self.w, scales, biases, group_size=GROUP, bits=self.bits, mode=self.mode, dtype=mx.float32)
+        return w if self.order is None else mx.take(w, mx.argsort(self.order), axis=-1)
 
     def matmul(self, x: mx.array) -> mx.array:
         """``x @ W.T`` for a 2-D weight: x ``[..., in]`` -> ``[..., out]`` in x's dtype."""
         scales, biases = self._scales_biases(x.dtype)
-        return mx.quantized_matmul(x, self.w, scales, biases, transpose=True, group_size=GROUP,
+        return mx.quantized_matmul(self._x(x), self.w, scales, biases, transpose=True, group_size=GROUP,
                                    bits=self.bits, mode=self.mode)
 
     def gather_matmul(self, x: mx.array, index: mx.array) -> mx.array:
@@ -80,7 +88,7 @@ class MLXQuant:
         in x's dtype.
         """
         scales, biases = self._scales_biases(x.dtype)
-        y = mx.gather_qmm(x[:, None, :], self.w, scales, biases, rhs_indices=index, transpose=True,
+        y = mx.gather_qmm(self._x(x)[:, None, :], self.w, scales, biases, rhs_indices=index, transpose=True,
                           group_size=GROUP, bits=self.bits, mode=self.mode, sorted_indices=True)
         return y[:, 0, :]
 
@@ -90,10 +98,12 @@ def _pack_nibbles(codes: mx.array) -> mx.array:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
+# MXFP4 as MLX reads ggml's bytes: MLX input 2j + h of a group is ggml's input j + 16·h
+MXFP4_ORDER = np.arange(32).reshape(2, 16).T.reshape(32)
+
+
 def _mxfp4(blocks: mx.array) -> tuple[mx.array, mx.array, None]:
-    qs = blocks[..., 1:]  # [..., 16]: elements j (low) and j + 16 (high)
-    packed = mx.concatenate([_pack_nibbles(qs & 15), _pack_nibbles(qs >> 4)], axis=-1)
-    return packed, blocks[..., 0], None
+    return blocks[..., 1:], blocks[..., 0], None
 
 
 def _f16(b: mx.array) -> mx.array:
@@ -138,7 +148,10 @@ def to_mlx(raw: mx.array | np.ndarray, ggml_type: int) -> MLXQuant:
     lead, n_blocks = raw.shape[:-1], raw.shape[-1] // t.block_bytes
     codes, scales, biases = _REPACK[ggml_type](raw.reshape(*lead, n_blocks, t.block_bytes))
     mode, bits = NATIVE_MODES[ggml_type]
-    w = codes.reshape(*lead, -1).view(mx.uint32)  # little-endian: byte order is MLX's packing order
+    w = mx.contiguous(codes).reshape(*lead, -1).view(mx.uint32)  # little-endian: bytes in MLX's order
     groups = n_blocks * t.block_elems // GROUP
+    order = None
+    if ggml_type == MXFP4:
+        order = mx.array((np.arange(groups)[:, None] * GROUP + MXFP4_ORDER).reshape(-1).astype(np.int32))
     return MLXQuant(w, scales.reshape(*lead, groups), None if biases is None else biases.reshape(*lead, groups),
-                    mode, bits)
+                    mode, bits, order)

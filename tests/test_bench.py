@@ -240,17 +240,19 @@ def test_cli_json_and_files(tmp_path: Path, tiny_gguf: Path, capsys: pytest.Capt
     doc = json.loads(capsys.readouterr().out)
     assert doc["mode"] == "quick" and doc["failed"] == {}
     assert {"cpu", "cores", "ram_gib", "mlx", "blas"} <= set(doc["machine"])
-    assert len(doc["figures"]) == 12
+    from workbench.bench.dequant import TYPES
+
+    assert len(doc["figures"]) == 2 * len(TYPES)
     for f in doc["figures"]:
         assert f["ratio"] == pytest.approx(f["value"] / f["baseline"])
     for name in ("dequant.csv", "figures.csv", "summary.md", "dequant.html", "summary.html"):
         assert (out / name).is_file(), name
     md = (out / "summary.md").read_text()
     assert doc["machine"]["cpu"] in md and "--only dequant" in md
-    assert md.count("| dequant | dequant.") == 12
+    assert md.count("| dequant | dequant.") == 2 * len(TYPES)
     # what the notebook reads back: the tables, their charts and the figures
     tables = read_tables("dequant", out)
-    assert list(tables) == ["dequant"] and len(tables["dequant"]) == 6
+    assert list(tables) == ["dequant"] and len(tables["dequant"]) == len(TYPES)
     assert len(charts("dequant", tables)) == 1
     back = read_figures(out / "figures.csv")
     assert [f.row()["ratio"] for f in back] == pytest.approx([f["ratio"] for f in doc["figures"]])

@@ -1,5 +1,5 @@
-"""Test helpers: a tiny ds4-layout GGUF written with ``gguf.GGUFWriter``, and a byte-level
-GGUF builder for corrupt files.
+"""Test helpers: a tiny ds4-layout GGUF and a tokenizer-only GGUF written with
+``gguf.GGUFWriter``, and a byte-level GGUF builder for corrupt files.
 
 The tiny model's tensor list is written out here from ds4-architecture §1.3 on purpose,
 independently of ``workbench.gguf.layout``, so the layout tests check one against the other.
@@ -168,6 +168,18 @@ def write_tiny(path: Path, *, drop_keys: tuple[str, ...] = (), set_keys: dict[st
             continue
         data = _tensor_data(qtype, shape, seed=i)
         w.add_tensor(name, data, raw_dtype=qtype if qtype not in (Q.F32, Q.F16, Q.I32) else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tokenizer_gguf(path: Path, tokens: list[str], merges: list[str]) -> Path:
+    """A GGUF holding only the tokenizer arrays (no tensors), written with ``gguf.GGUFWriter``."""
+    w = gguf.GGUFWriter(str(path), arch="deepseek4")
+    w.add_token_list(list(tokens))
+    w.add_token_merges(list(merges))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

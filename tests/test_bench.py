@@ -16,12 +16,13 @@ import pytest
 
 from workbench.bench import BENCHMARKS, BenchContext, BenchError, Figure, charts, read_tables, run_suite
 from workbench.bench.flops import dense_per_token, prefill_flops, visible_rows
-from workbench.bench.kvio import CTX, random_state
+from workbench.bench.kvio import CTX
 from workbench.bench.lookup import SMALL_LAYOUT
 from workbench.bench.report import fmt_value, read_figures
 from workbench.cli import main
 from workbench.kv.format import payload_bytes
-from workbench.state import StateLayout
+from workbench.spec.statelayout import StateLayout
+from workbench.state import random_state
 from workbench.synth import resolve_preset
 
 

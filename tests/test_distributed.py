@@ -35,10 +35,10 @@ from workbench import distributed
 from workbench.kv import shards as S
 from workbench.gguf.reader import GGUFFile
 from workbench.kv.format import SaveReason, comp_cap, raw_cap, read_kv_file, write_kv_file
-from workbench.model.config import ModelArgs
 from workbench.session import Session, load
+from workbench.spec.args import ModelArgs
+from workbench.spec.statelayout import LAYER_FIELDS
 from workbench.stage import LocalStage
-from workbench.state import LAYER_FIELDS
 
 CTX = 1024
 CHUNK = 64
@@ -141,8 +141,7 @@ def test_corrupt_or_truncated_shards_are_named(reference: dict, tmp_path: Path) 
     p = d / e.file
     data = bytearray(p.read_bytes())
     lay = st.layout
-    spans = S.layer_spans(lay, S.DSVLHeader.for_shard(st.layer_slice(3, 6)),
-                          [lay.n_comp(L, 160) for L in range(3, 6)], [lay.n_idx(L, 160) for L in range(3, 6)])
+    spans = S.layer_spans(lay, S.DSVLHeader.for_shard(st.layer_slice(3, 6)))
     at = spans[1].offset + 100  # inside layer 4
     data[at] ^= 0x40
     p.write_bytes(bytes(data))

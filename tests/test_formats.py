@@ -14,7 +14,7 @@ from workbench.bench.dequant import random_blocks
 from workbench.gguf import quants
 from workbench.gguf.mlxquant import NATIVE_MODES, MLXQuant, to_mlx
 from workbench.gguf.quants import QTensor, QuantError, dequantize
-from workbench.gguf.types import GGML_TYPES, MXFP4, Q2_K, Q4_K, Q8_0
+from workbench.spec.ggml import GGML_TYPES, MXFP4, Q2_K, Q4_K, Q8_0
 from workbench.model import moe as moe_mod
 from workbench.model.moe import MoE, MoEWeights
 
@@ -169,7 +169,7 @@ def test_native_threshold_per_type_and_device(monkeypatch) -> None:
     assert small_moe((MXFP4,) * 3, None).native_max_rows() == 7
     assert small_moe((Q4_K, Q4_K, Q8_0), None).native_max_rows() == 3
     assert small_moe((MXFP4,) * 3, 2).native_max_rows() == 2
-    from workbench.gguf.types import IQ2_XXS
+    from workbench.spec.ggml import IQ2_XXS
     assert small_moe((IQ2_XXS, IQ2_XXS, Q2_K), 9).native_max_rows() == 0  # no MLX layout
     monkeypatch.setattr(moe_mod.mx, "default_device", lambda: mx.gpu)
     assert small_moe((Q4_K,) * 3, None).native_max_rows() > 1 << 40

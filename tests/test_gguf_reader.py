@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from gguf_helpers import build, enc_kv, enc_str, enc_tensor, small_file, write_tiny
+from gguf_helpers import build, enc_kv, enc_str, enc_tensor, small_file, write_tiny, write_tokenizer_gguf
 from workbench.errors import WorkbenchError
 from workbench.gguf.reader import GGUFError, GGUFFile
 
@@ -253,14 +253,7 @@ def test_real_tokenizer_arrays_parse_fast(tmp_path):
     from workbench.vocab import official_vocab
 
     tokens, merges = official_vocab()
-    p = tmp_path / "vocab.gguf"
-    w = gguf.GGUFWriter(str(p), arch="deepseek4")
-    w.add_token_list(list(tokens))
-    w.add_token_merges(list(merges))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    p = write_tokenizer_gguf(tmp_path / "vocab.gguf", tokens, merges)
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()

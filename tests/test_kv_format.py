@@ -17,35 +17,11 @@ import pytest
 
 from workbench.kv import format as F
 from workbench.kv.format import ExtFlag, KVFormatError, SaveReason
-from workbench.state import LayerState, SessionState, StateLayout
+from workbench.spec.statelayout import StateLayout
+from workbench.state import SessionState, random_state
 
 SMALL = StateLayout(n_layer=6, head_dim=128, idx_dim=128, n_vocab=1024, n_swa=128, ratios=(0, 0, 4, 128, 4, 128))
 NOW = 1_780_000_000
-
-
-def random_state(layout: StateLayout, T: int, ctx: int, seed: int = 0, chunk: int | None = None) -> SessionState:
-    """A state of ``T`` tokens with random contents, shaped per the state.py docstring."""
-    rng = np.random.default_rng(seed)
-
-    def f(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape, dtype=np.float32)
-
-    layers = []
-    for L in range(layout.n_layer):
-        r = layout.ratios[L]
-        ls = LayerState(raw=f(min(T, layout.n_swa), layout.head_dim))
-        if r:
-            c = 2 if r == 4 else 1
-            ls.comp, ls.comp_kv, ls.comp_score = f(T // r, layout.head_dim), f(c * r, c * layout.head_dim), \
-                f(c * r, c * layout.head_dim)
-        if r == 4:
-            ls.idx, ls.idx_kv, ls.idx_score = f(T // 4, layout.idx_dim), f(8, 2 * layout.idx_dim), \
-                f(8, 2 * layout.idx_dim)
-        layers.append(ls)
-    state = SessionState(layout, ctx, chunk if chunk is not None else min(ctx, 2048),
-                         rng.integers(0, layout.n_vocab, T).tolist(), f(layout.n_vocab), layers)
-    assert state.problems() == []
-    return state
 
 
 def kv_bytes(state: SessionState, text: bytes = b"<|User|>hello", *, checksum: bool = True,

@@ -13,7 +13,6 @@ import hashlib
 import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("xxhash")  # the default chunk checksum (algorithm 2) needs it
@@ -22,7 +21,8 @@ from workbench.kv import format as F  # noqa: E402
 from workbench.kv import shards as S  # noqa: E402
 from workbench.kv.format import ExtFlag, SaveReason  # noqa: E402
 from workbench.kv.store import KVStore  # noqa: E402
-from workbench.state import LayerState, SessionState, StateLayout  # noqa: E402
+from workbench.spec.statelayout import StateLayout  # noqa: E402
+from workbench.state import SessionState, random_state  # noqa: E402
 
 SMALL = StateLayout(n_layer=6, head_dim=64, idx_dim=32, n_vocab=512, n_swa=128, ratios=(0, 0, 4, 128, 4, 128))
 NOW = 1_780_000_000
@@ -31,25 +31,7 @@ TEXT = "<｜User｜>pinned héllo".encode()
 
 def det_state(T: int, ctx: int = 4096, seed: int = 7) -> SessionState:
     """A state of ``T`` tokens whose contents depend only on ``seed``."""
-    rng = np.random.default_rng(seed)
-    lay = SMALL
-
-    def f(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape, dtype=np.float32)
-
-    layers = []
-    for L, r in enumerate(lay.ratios):
-        ls = LayerState(raw=f(min(T, lay.n_swa), lay.head_dim))
-        if r:
-            c = 2 if r == 4 else 1
-            ls.comp, ls.comp_kv, ls.comp_score = f(T // r, lay.head_dim), f(c * r, c * lay.head_dim), \
-                f(c * r, c * lay.head_dim)
-        if r == 4:
-            ls.idx, ls.idx_kv, ls.idx_score = f(T // 4, lay.idx_dim), f(8, 2 * lay.idx_dim), f(8, 2 * lay.idx_dim)
-        layers.append(ls)
-    state = SessionState(lay, ctx, min(ctx, 2048), rng.integers(0, lay.n_vocab, T).tolist(), f(lay.n_vocab), layers)
-    assert state.problems() == []
-    return state
+    return random_state(SMALL, T, ctx, seed)
 
 
 def digest(data: bytes) -> str:

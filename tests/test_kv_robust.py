@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from test_kv_format import SMALL, random_state
+from test_kv_format import SMALL
 
 from workbench.cli import main as cli_main
 from workbench.kv import format as F
 from workbench.kv import store as S
 from workbench.kv.format import SaveReason
 from workbench.kv.store import KVLoadError, KVSaveError, KVStore, verify_file
+from workbench.state import random_state
 
 CTX = 4096
 TESTS = Path(__file__).resolve().parent
@@ -197,10 +198,11 @@ def test_real_full_tmpfs(tmp_path) -> None:
 SLOW_SAVER = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
-from test_kv_format import SMALL, random_state
+from test_kv_format import SMALL
 from workbench.kv import format as F
 from workbench.kv.format import SaveReason
 from workbench.kv.store import KVStore
+from workbench.state import random_state
 real = F.write_all
 def slow(f, data):
     n = real(f, data)
@@ -239,7 +241,8 @@ def test_killed_mid_save_never_publishes_and_tmp_is_swept(tmp_path) -> None:
 WORKER = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
-from test_kv_format import SMALL, random_state
+from test_kv_format import SMALL
+from workbench.state import random_state
 from workbench.kv.format import SaveReason
 from workbench.kv.store import KVLoadError, KVStore
 open(os.path.join({sync!r}, "ready-{who}"), "w").close()

@@ -12,12 +12,13 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_kv_format import SMALL, assert_same_state, random_state
+from test_kv_format import SMALL, assert_same_state
 
 from workbench.cli import main as cli_main
 from workbench.kv import store as S
 from workbench.kv.format import ExtFlag, SaveReason, kv_file_bytes, read_header
 from workbench.kv.store import KVLoadError, KVStore, verify_file
+from workbench.state import random_state
 
 CTX = 4096
 
@@ -274,8 +275,8 @@ def test_cli_ls_and_show(tmp_path, capsys) -> None:
 
 def test_cli_show_with_model_layout(tmp_path, tiny_gguf, capsys) -> None:
     from workbench.gguf.reader import GGUFFile
-    from workbench.model.config import ModelArgs
-    from workbench.state import StateLayout
+    from workbench.spec.args import ModelArgs
+    from workbench.spec.statelayout import StateLayout
 
     with GGUFFile(tiny_gguf) as g:
         lay = StateLayout.from_args(ModelArgs.from_metadata(g.metadata))
@@ -325,7 +326,7 @@ def test_a_file_that_failed_to_load_is_skipped_until_it_changes(tmp_path) -> Non
 
 
 def test_cli_reads_a_ds4_server_directory_without_a_model(tmp_path, capsys) -> None:
-    from workbench.state import StateLayout
+    from workbench.spec.statelayout import StateLayout
 
     lay = StateLayout.ds4()
     st = make_store(tmp_path, checksum=False)  # byte-for-byte what ds4-server writes

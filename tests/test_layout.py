@@ -13,18 +13,19 @@ from gguf import GGUFValueType as V
 
 import gguf_helpers as H
 from workbench.cli import main
-from workbench.gguf import types as T
-from workbench.gguf.layout import (METADATA_KEYS, ROUTED_TYPES, ds4_compat_problems, expected_tensors,
-                                   validate_ds4)
+from workbench.gguf.layout import ds4_compat_problems, validate_ds4
 from workbench.gguf.reader import GGUFFile
-from workbench.model.config import ConfigError, ModelArgs, ds4_ratio_schedule
+from workbench.spec import ggml as T
+from workbench.spec.keys import METADATA_KEYS
+from workbench.spec.tensors import ROUTED_TYPES, expected_tensors
+from workbench.spec.args import ConfigError, ModelArgs, ds4_ratio_schedule
 
 P = "deepseek4."
 
 
 def _real_metadata() -> dict:
     """ds4's compiled-in values (§1.2), as a metadata dict."""
-    meta = {k.key: k.ds4 for k in METADATA_KEYS}
+    meta = {k.key: k.ds4 for k in METADATA_KEYS if k.required}
     meta[P + "attention.compress_ratios"] = list(ds4_ratio_schedule(43))
     meta[P + "swiglu_clamp_exp"] = [10.0] * 43
     return meta
@@ -119,7 +120,7 @@ def test_metadata_keys_cover_model_args():
     """Every key ModelArgs.from_metadata requires is in METADATA_KEYS, and vice versa."""
     meta = _real_metadata()
     for k in METADATA_KEYS:
-        if k.field is None:
+        if k.field is None or not k.required:
             continue
         partial = {key: v for key, v in meta.items() if key != k.key}
         with pytest.raises(ConfigError, match=k.key):

@@ -8,7 +8,7 @@ import pytest
 
 from workbench.bench.dequant import random_blocks
 from workbench.gguf.quants import QTensor, QuantError, stacked_experts
-from workbench.gguf.types import GGML_TYPES, IQ2_XXS, Q2_K, Q4_K
+from workbench.spec.ggml import GGML_TYPES, IQ2_XXS, Q2_K, Q4_K
 
 
 @pytest.mark.parametrize("ggml_type", [IQ2_XXS, Q2_K, Q4_K])

@@ -3,7 +3,8 @@
 import mlx.core as mx
 import pytest
 
-from workbench.state import EMPTY_SCORE, SessionState, StateError, StateLayout, join
+from workbench.spec.statelayout import StateLayout
+from workbench.state import EMPTY_SCORE, SessionState, StateError, join
 
 
 def test_ds4_layout_fixed_and_per_token_bytes():
@@ -40,7 +41,7 @@ def test_problems_name_the_layer_and_field():
 
 
 def test_ds4_args_match_the_ds4_layout_and_are_consistent():
-    from workbench.model.config import ModelArgs
+    from workbench.spec.args import ModelArgs
 
     args = ModelArgs.ds4()
     assert args.problems() == []

@@ -27,7 +27,7 @@ from workbench.errors import WorkbenchError
 from workbench.gguf.layout import ds4_compat_problems, validate_ds4
 from workbench.gguf.reader import GGUFFile
 from workbench.gguf.writer import GGUFWriteError, MetaValue, TensorInfo, ValueType, write_gguf
-from workbench.model.config import ModelArgs
+from workbench.spec.args import ModelArgs
 from workbench.synth import metadata, plan_tensors, resolve_preset, synthesize
 from workbench.vocab import official_vocab
 
@@ -494,7 +494,7 @@ def test_real_dims_plan_and_metadata(n_layer: int) -> None:
     p = resolve_preset(f"real-dims-{n_layer}")
     n_hash = min(3, n_layer)
     plan = plan_tensors(p)
-    got = {t.name: (list(t.info.dims), Q(t.ggml_type)) for t in plan}
+    got = {t.name: (list(t.dims), Q(t.ggml_type)) for t in plan}
     assert len(got) == len(plan)
     assert got == ds4_table(dict(REAL), n_layer, n_hash, Q2)
     meta = metadata(p, seed=0)
@@ -511,7 +511,7 @@ def test_real_dims_plan_and_metadata(n_layer: int) -> None:
         assert ds4_compat_problems(p.args) == []
         assert len(plan) == 1288 + 40  # required tensors + exp_probs_b on the 40 non-hash layers
     if n_layer == 1:
-        size = sum(t.info.nbytes for t in plan)
+        size = sum(t.nbytes for t in plan)
         assert 3.5e9 < size < 3.7e9  # embedding 1.06 GB + output 0.56 GB + one layer ~1.95 GB
 
 

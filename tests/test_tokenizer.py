@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import tokenizers
+from gguf_helpers import write_tokenizer_gguf
 
 from workbench.tokenizer import SPECIAL_TEXTS, Tokenizer, TokenizerError
 from workbench.vocab import official_vocab, tokenizer_json, tokenizer_json_path
@@ -98,18 +99,9 @@ def test_from_gguf_reads_the_two_arrays() -> None:
 
 def test_from_a_gguf_file_on_disk(tmp_path: Path, tok: Tokenizer) -> None:
     """A tokenizer-only GGUF written by gguf-py and read back by the workbench reader."""
-    import gguf
-
     reader = pytest.importorskip("workbench.gguf.reader")
     tokens, merges = official_vocab()
-    path = tmp_path / "tokenizer-only.gguf"
-    w = gguf.GGUFWriter(str(path), arch="deepseek4")
-    w.add_token_list(list(tokens))
-    w.add_token_merges(list(merges))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_tokenizer_gguf(tmp_path / "tokenizer-only.gguf", tokens, merges)
     with reader.GGUFFile(path) as f:
         t = Tokenizer.from_gguf(f)
     assert t.source == str(path)

@@ -3,7 +3,7 @@
 import pandas as pd
 
 from workbench import viz
-from workbench.state import StateLayout
+from workbench.spec.statelayout import StateLayout
 from workbench.telemetry import Recorder
 
 

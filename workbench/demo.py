@@ -25,7 +25,7 @@ from workbench.kv.format import read_header, read_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
 from workbench.session import load
-from workbench.state import StateLayout
+from workbench.spec.statelayout import StateLayout
 from workbench.workloads import agent_session
 
 # A policy scaled to a synthetic model's short prompts (ds4's defaults are for 10k+ tokens).

@@ -61,14 +61,14 @@ import mlx.core as mx
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.kv.format import layer_tensor_shapes
 from workbench.kv.shards import check_ranges, parse_ranges, split_layers
-from workbench.model.config import ModelArgs
 from workbench.model.model import Model
 from workbench.session import DEFAULT_CTX, ProgressFn, Session
 from workbench.session import load as load_session
+from workbench.spec.args import ModelArgs
+from workbench.spec.statelayout import StateLayout
 from workbench.stage import OnLayer
-from workbench.state import LayerState, SessionState, StateLayout
+from workbench.state import LayerState, SessionState
 
 # commands rank 0 sends down the pipeline: [op, a, b, c, sequence number, COMMAND_MAGIC] int64
 ADVANCE = 1  # a = T tokens, b = first position; c = 1: the chunk ends a call (logits to rank 0)
@@ -117,9 +117,7 @@ def init_group(backend: str = "any") -> mx.distributed.Group | None:
 
 def _flat_size(layout: StateLayout, start: int, stop: int, n_tokens: int) -> int:
     """float32 elements of layers ``start..stop-1``'s KV at ``n_tokens`` tokens."""
-    return sum(rows * cols for L in range(start, stop)
-               for _, (rows, cols) in layer_tensor_shapes(layout, L, layout.n_raw(n_tokens),
-                                                          layout.n_comp(L, n_tokens), layout.n_idx(L, n_tokens)))
+    return sum(rows * cols for L in range(start, stop) for _, (rows, cols) in layout.layer_shapes(L, n_tokens))
 
 
 def _flatten(layers: Sequence[LayerState]) -> mx.array:
@@ -133,8 +131,7 @@ def _unflatten(flat: mx.array, layout: StateLayout, start: int, stop: int, n_tok
     out, at = [], 0
     for L in range(start, stop):
         fields = {}
-        for name, (rows, cols) in layer_tensor_shapes(layout, L, layout.n_raw(n_tokens), layout.n_comp(L, n_tokens),
-                                                      layout.n_idx(L, n_tokens)):
+        for name, (rows, cols) in layout.layer_shapes(L, n_tokens):
             fields[name] = mx.reshape(flat[at:at + rows * cols], (rows, cols))
             at += rows * cols
         out.append(LayerState(**fields))

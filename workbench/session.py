@@ -37,12 +37,13 @@ import numpy as np
 from workbench.errors import WorkbenchError
 from workbench.gguf.layout import validate_ds4
 from workbench.gguf.reader import GGUFFile
-from workbench.model.config import ModelArgs
+from workbench.spec.args import ModelArgs
 from workbench.model.model import Model
 from workbench.model.weights import load_model
 from workbench.sampling import Sampler, greedy, top_tokens
+from workbench.spec.statelayout import StateLayout
 from workbench.stage import LayerStage, LocalStage, StageFactory
-from workbench.state import SessionState, StateLayout
+from workbench.state import SessionState
 
 DEFAULT_CTX = 32768
 MAX_PREFILL_CHUNK = 2048  # ds4's prefill cap

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import mlx.core as mx
 
-from workbench.state import LayerState, SessionState, StateLayout
+from workbench.spec.statelayout import StateLayout
+from workbench.state import LayerState, SessionState
 
 if TYPE_CHECKING:
-    from workbench.model.config import ModelArgs
+    from workbench.spec.args import ModelArgs
     from workbench.model.model import Model
 
 OnLayer = Callable[[int], None]  # called with the stage-local index of each block run

@@ -1,19 +1,11 @@
-"""The plain per-session state: what a checkpoint holds, and its layout from the config.
+"""The plain per-session state: what a checkpoint holds.
 
 No model code lives here, so ``workbench.kv`` can save, load, size and break down a
 state without loading weights. Arrays are MLX arrays (float32 for KV rows and frontiers);
 anything with the buffer protocol (NumPy) is accepted where a state is built from disk.
-
-Per layer L with compression ratio r (0, 4 or 128), in ds4's terms:
-
-* ``raw``       [min(T, n_swa), head_dim]   the raw sliding window, logical position order
-                                            (positions T - n_raw .. T - 1)
-* ``comp``      [floor(T / r), head_dim]    compressed KV rows (r > 0)
-* ``comp_kv``   [coff*r, coff*head_dim]     compressor frontier values, coff = 2 if r == 4 else 1
-* ``comp_score``[coff*r, coff*head_dim]     compressor frontier scores (empty slot: -1e30)
-* ``idx``       [floor(T / 4), idx_dim]     indexer rows (r == 4 only)
-* ``idx_kv``    [8, 2*idx_dim]              indexer compressor frontier values (r == 4)
-* ``idx_score`` [8, 2*idx_dim]              indexer compressor frontier scores (r == 4)
+Which tensors each layer holds and their shapes at T tokens come from
+:class:`~workbench.spec.statelayout.StateLayout` (see that module for ds4's terms and the
+frontier slot rules below).
 
 Frontier slot rules (ds4): ratio 128 puts token p in slot ``p % 128``; ratio 4 keeps the
 previous complete window in slots 0..3 and the current partial one in slots 4..7 (token p
@@ -26,76 +18,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.model.config import ModelArgs, ds4_ratio_schedule
+from workbench.spec.statelayout import F32, KIND_OF, LAYER_FIELDS, SCORE_FIELDS, StateLayout
 
 EMPTY_SCORE = -1e30  # score of an empty frontier slot (ds4's -inf stand-in)
-F32 = 4  # bytes per stored element: every KV tensor is float32 on disk
-
-
-@dataclass(frozen=True)
-class StateLayout:
-    """Shapes of a session state, derived from the model's config (or ds4's defaults)."""
-
-    n_layer: int
-    head_dim: int
-    idx_dim: int
-    n_vocab: int
-    n_swa: int
-    ratios: tuple[int, ...]
-
-    @classmethod
-    def from_args(cls, args: ModelArgs) -> "StateLayout":
-        return cls(args.n_layer, args.head_dim, args.idx_dim, args.n_vocab, args.n_swa,
-                   tuple(args.compress_ratios[: args.n_layer]))
-
-    @classmethod
-    def ds4(cls, n_layer: int = 43, head_dim: int = 512, idx_dim: int = 128,
-            n_vocab: int = 129280, n_swa: int = 128) -> "StateLayout":
-        """ds4-server's layout (its layer schedule is fixed, not stored in .kv files)."""
-        return cls(n_layer, head_dim, idx_dim, n_vocab, n_swa, ds4_ratio_schedule(n_layer))
-
-    @staticmethod
-    def coff(ratio: int) -> int:
-        return 2 if ratio == 4 else 1
-
-    def comp_frontier_shape(self, layer: int) -> tuple[int, int]:
-        r = self.ratios[layer]
-        c = self.coff(r)
-        return (c * r, c * self.head_dim)
-
-    def idx_frontier_shape(self) -> tuple[int, int]:
-        return (8, 2 * self.idx_dim)
-
-    def n_raw(self, n_tokens: int) -> int:
-        return min(n_tokens, self.n_swa)
-
-    def n_comp(self, layer: int, n_tokens: int) -> int:
-        r = self.ratios[layer]
-        return n_tokens // r if r else 0
-
-    def n_idx(self, layer: int, n_tokens: int) -> int:
-        return n_tokens // 4 if self.ratios[layer] == 4 else 0
-
-    def layer_bytes_at(self, n_tokens: int) -> list[dict]:
-        """Per-layer, per-kind float32 KV bytes a state of ``n_tokens`` holds (no state needed).
-
-        Same rows as :meth:`SessionState.layer_bytes`: layer, ratio, kind, bytes.
-        """
-        rows = []
-        for L, r in enumerate(self.ratios):
-            per = {"raw window": self.n_raw(n_tokens) * self.head_dim * F32}
-            if r:
-                fr = self.comp_frontier_shape(L)
-                per["compressed"] = self.n_comp(L, n_tokens) * self.head_dim * F32
-                per["frontiers"] = 2 * fr[0] * fr[1] * F32
-            if r == 4:
-                fr = self.idx_frontier_shape()
-                per["indexer"] = self.n_idx(L, n_tokens) * self.idx_dim * F32
-                per["frontiers"] += 2 * fr[0] * fr[1] * F32
-            rows.extend({"layer": L, "ratio": r, "kind": k, "bytes": b} for k, b in per.items())
-        return rows
 
 
 @dataclass
@@ -116,20 +44,6 @@ class LayerState:
             value = getattr(self, name)
             if value is not None:
                 yield name, value
-
-
-LAYER_FIELDS = ("raw", "comp", "comp_kv", "comp_score", "idx", "idx_kv", "idx_score")
-
-# payload kinds grouped for the per-layer byte breakdown
-KIND_OF = {
-    "raw": "raw window",
-    "comp": "compressed",
-    "comp_kv": "frontiers",
-    "comp_score": "frontiers",
-    "idx": "indexer",
-    "idx_kv": "frontiers",
-    "idx_score": "frontiers",
-}
 
 
 def as_mlx(a: Any) -> Any:
@@ -178,18 +92,10 @@ class SessionState:
         _check_range(layout, start, stop)
         layers = []
         for L in range(start, stop):
-            r = layout.ratios[L]
-            ls = LayerState(raw=mx.zeros((0, layout.head_dim), mx.float32))
-            if r:
-                shape = layout.comp_frontier_shape(L)
-                ls.comp = mx.zeros((0, layout.head_dim), mx.float32)
-                ls.comp_kv = mx.zeros(shape, mx.float32)
-                ls.comp_score = mx.full(shape, EMPTY_SCORE, mx.float32)
-            if r == 4:
-                shape = layout.idx_frontier_shape()
-                ls.idx = mx.zeros((0, layout.idx_dim), mx.float32)
-                ls.idx_kv = mx.zeros(shape, mx.float32)
-                ls.idx_score = mx.full(shape, EMPTY_SCORE, mx.float32)
+            ls = LayerState(raw=None)
+            for name, shape in layout.layer_shapes(L, 0):
+                setattr(ls, name, mx.full(shape, EMPTY_SCORE, mx.float32) if name in SCORE_FIELDS
+                        else mx.zeros(shape, mx.float32))
             layers.append(ls)
         return cls(layout=layout, ctx=ctx, prefill_chunk=chunk, layers=layers, start=start, stop=stop)
 
@@ -236,19 +142,12 @@ class SessionState:
         if (T and self.has_last_layer and logits_shape is None) or logits_shape not in (None, (lay.n_vocab,)):
             out.append(f"logits shape {logits_shape}, expected ({lay.n_vocab},)")
         for L, ls in zip(range(self.start, self.stop), self.layers):
-            r = lay.ratios[L]
-            want = {"raw": (lay.n_raw(T), lay.head_dim)}
-            if r:
-                want.update(comp=(lay.n_comp(L, T), lay.head_dim), comp_kv=lay.comp_frontier_shape(L),
-                            comp_score=lay.comp_frontier_shape(L))
-            if r == 4:
-                want.update(idx=(lay.n_idx(L, T), lay.idx_dim), idx_kv=lay.idx_frontier_shape(),
-                            idx_score=lay.idx_frontier_shape())
+            want = dict(lay.layer_shapes(L, T))
             for name in LAYER_FIELDS:
                 value = getattr(ls, name)
                 if name not in want:
                     if value is not None:
-                        out.append(f"layer {L}: unexpected {name} for ratio {r}")
+                        out.append(f"layer {L}: unexpected {name} for ratio {lay.ratios[L]}")
                 elif value is None or tuple(value.shape) != want[name]:
                     got = None if value is None else tuple(value.shape)
                     out.append(f"layer {L}: {name} shape {got}, expected {want[name]}")
@@ -294,3 +193,20 @@ def join(parts: Sequence[SessionState]) -> SessionState:
     return SessionState(layout=first.layout, ctx=first.ctx, prefill_chunk=first.prefill_chunk,
                         tokens=list(first.tokens), logits=parts[-1].logits,
                         layers=[ls for p in parts for ls in p.layers])
+
+
+def random_state(layout: StateLayout, n_tokens: int, ctx: int, seed: int = 0,
+                 prefill_chunk: int | None = None) -> SessionState:
+    """A valid state of ``n_tokens`` random tokens with standard-normal float32 KV rows,
+    frontiers and logits (NumPy arrays, shapes from ``layout.layer_shapes``), for
+    benchmarks, tests and notebooks that exercise the KV format without a model."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for L in range(layout.n_layer):
+        ls = LayerState(raw=None)
+        for name, shape in layout.layer_shapes(L, n_tokens):
+            setattr(ls, name, rng.standard_normal(shape, dtype=np.float32))
+        layers.append(ls)
+    tokens = rng.integers(0, layout.n_vocab, n_tokens).tolist()
+    return SessionState(layout=layout, ctx=ctx, prefill_chunk=min(ctx, 2048) if prefill_chunk is None else prefill_chunk,
+                        tokens=tokens, logits=rng.standard_normal(layout.n_vocab, dtype=np.float32), layers=layers)

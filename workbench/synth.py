@@ -30,14 +30,17 @@ import re
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.gguf.types import F16, F32, GGML_TYPES, I32, IQ2_XXS, Q2_K, Q4_K, Q8_0
 from workbench.gguf.writer import MetaValue, TensorInfo, ValueType, write_gguf
-from workbench.model.config import PREFIX, ModelArgs, ds4_ratio_schedule
+from workbench.spec.args import ModelArgs, ds4_ratio_schedule
+from workbench.spec.ggml import F16, F32, GGML_TYPES, IQ2_XXS, Q2_K, Q4_K, Q8_0
+from workbench.spec.keys import METADATA_KEYS
+from workbench.spec.tensors import ExpertIds, ExpertTypes, HCBase, Noise, PlannedTensor, uniform_experts
+from workbench.spec.tensors import plan_tensors as plan_for_args
 from workbench.vocab import official_vocab
 
 REAL_N_LAYER = 43
@@ -50,16 +53,16 @@ class SynthError(WorkbenchError):
 
 @dataclass(frozen=True)
 class Preset:
-    """A synthetic model: its hyperparameters and the ggml types of the routed experts
-    (``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``)."""
+    """A synthetic model: its hyperparameters and, per layer, the ggml types of the
+    routed experts (``experts[L]``: gate, up, down)."""
 
     name: str
     args: ModelArgs
-    expert_types: tuple[int, int, int]
+    experts: tuple[ExpertTypes, ...]
 
 
-EXPERTS_Q2 = (IQ2_XXS, IQ2_XXS, Q2_K)
-EXPERTS_Q4 = (Q4_K, Q4_K, Q4_K)
+EXPERTS_Q2 = ExpertTypes(IQ2_XXS, IQ2_XXS, Q2_K)
+EXPERTS_Q4 = ExpertTypes(Q4_K, Q4_K, Q4_K)
 
 
 def _tiny_args() -> ModelArgs:
@@ -83,9 +86,11 @@ def _real_args(n_layer: int) -> ModelArgs:
         name=f"DeepSeek-V4-Flash synthetic real-dims-{n_layer}")
 
 
+_TINY = _tiny_args()
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", _tiny_args(), EXPERTS_Q2),
-    "tiny-q4": Preset("tiny-q4", replace(_tiny_args(), name="DeepSeek-V4-Flash synthetic tiny-q4"), EXPERTS_Q4),
+    "tiny": Preset("tiny", _TINY, uniform_experts(EXPERTS_Q2, _TINY.n_layer)),
+    "tiny-q4": Preset("tiny-q4", replace(_TINY, name="DeepSeek-V4-Flash synthetic tiny-q4"),
+                      uniform_experts(EXPERTS_Q4, _TINY.n_layer)),
 }
 PRESET_NAMES = (*PRESETS, "real-dims-N")
 _REAL_DIMS = re.compile(r"real-dims-(\d+)")
@@ -101,145 +106,13 @@ def resolve_preset(name: str) -> Preset:
     n = int(m.group(1))
     if not 1 <= n <= REAL_N_LAYER:
         raise SynthError(f"preset {name!r}: N must be 1..{REAL_N_LAYER}, got {n}")
-    return Preset(name, _real_args(n), EXPERTS_Q2)
-
-
-# ---- what each tensor holds ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Noise:
-    """Independent values with mean ``mean`` and standard deviation ``std`` (uniform for
-    float tensors; block-structured with expected mean 0 for quantized ones)."""
-
-    std: float
-    mean: float = 0.0
-
-
-@dataclass(frozen=True)
-class HCBase:
-    """An HC bias vector. ``combine=True``: a sublayer's [2·n_hc + n_hc²] base (pre, post,
-    combine); ``False``: the output head's [n_hc] base (pre only). Pre biases give
-    sigmoid ≈ 1/n_hc, post biases 2·sigmoid ≈ 1, the combine bias is 2 on the diagonal."""
-
-    n_hc: int
-    combine: bool
-    jitter: float = 0.1
-
-
-@dataclass(frozen=True)
-class ExpertIds:
-    """``tid2eid`` rows: for each token id, distinct random expert ids in [0, n_expert)."""
-
-    n_expert: int
-
-
-Fill = Union[Noise, HCBase, ExpertIds]
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    """One tensor of a synthetic file: ``shape`` is the logical row-major shape (GGUF dims
-    reversed), ``fill`` how its values are drawn."""
-
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: int
-    fill: Fill
-
-    @property
-    def info(self) -> TensorInfo:
-        return TensorInfo(self.name, tuple(reversed(self.shape)), self.ggml_type)
-
-
-def _linear(fan_in: int) -> Noise:
-    """A projection that roughly preserves the RMS of a unit-RMS input."""
-    return Noise(1.0 / math.sqrt(fan_in))
-
-
-NORM = Noise(0.05, 1.0)
-HC_SCALE = Noise(0.1, 1.0)
+    return Preset(name, _real_args(n), uniform_experts(EXPERTS_Q2, n))
 
 
 def plan_tensors(preset: Preset) -> list[PlannedTensor]:
-    """Every tensor of the preset's file, in file order, with ds4's names, logical shapes
-    and types (ds4-architecture.md §1.3)."""
-    a = preset.args
-    gate_t, up_t, down_t = preset.expert_types
-    E, hc_dim, mix = a.n_embd, a.hc_dim, a.hc_mix
-    q_dim = a.n_head * a.head_dim
-    shared_ff = a.n_ff_exp * a.n_expert_shared
-    hc_fn = Noise(0.5 / math.sqrt(hc_dim))  # HC mix values of std ~0.5
-
-    def T(name: str, shape: tuple[int, ...], ggml_type: int, fill: Fill) -> PlannedTensor:
-        return PlannedTensor(name, tuple(int(s) for s in shape), ggml_type, fill)
-
-    plan = [T("token_embd.weight", (a.n_vocab, E), F16, Noise(1.0))]
-    for L in range(a.n_layer):
-        r = a.ratio(L)
-        b = f"blk.{L}."
-        plan += [
-            T(b + "hc_attn_fn.weight", (mix, hc_dim), F16, hc_fn),
-            T(b + "hc_attn_scale.weight", (3,), F32, HC_SCALE),
-            T(b + "hc_attn_base.weight", (mix,), F32, HCBase(a.n_hc, combine=True)),
-            T(b + "attn_norm.weight", (E,), F32, NORM),
-            T(b + "attn_q_a.weight", (a.q_lora_rank, E), Q8_0, _linear(E)),
-            T(b + "attn_q_a_norm.weight", (a.q_lora_rank,), F32, NORM),
-            T(b + "attn_q_b.weight", (q_dim, a.q_lora_rank), Q8_0, _linear(a.q_lora_rank)),
-            T(b + "attn_kv.weight", (a.head_dim, E), Q8_0, _linear(E)),
-            T(b + "attn_kv_a_norm.weight", (a.head_dim,), F32, NORM),
-            T(b + "attn_sinks.weight", (a.n_head,), F32, Noise(0.1)),
-            T(b + "attn_output_a.weight", (a.o_groups * a.o_lora_rank, q_dim // a.o_groups), Q8_0,
-              _linear(q_dim // a.o_groups)),
-            T(b + "attn_output_b.weight", (E, a.o_groups * a.o_lora_rank), Q8_0,
-              _linear(a.o_groups * a.o_lora_rank)),
-        ]
-        if r > 0:
-            w = (2 if r == 4 else 1) * a.head_dim
-            plan += [
-                T(b + "attn_compressor_ape.weight", (r, w), F16, Noise(0.2)),
-                T(b + "attn_compressor_kv.weight", (w, E), F16, _linear(E)),
-                T(b + "attn_compressor_gate.weight", (w, E), F16, Noise(0.5 / math.sqrt(E))),
-                T(b + "attn_compressor_norm.weight", (a.head_dim,), F32, NORM),
-            ]
-        if r == 4:
-            wi = 2 * a.idx_dim
-            plan += [
-                T(b + "indexer.attn_q_b.weight", (a.idx_heads * a.idx_dim, a.q_lora_rank), F16,
-                  _linear(a.q_lora_rank)),
-                T(b + "indexer.proj.weight", (a.idx_heads, E), F16, _linear(E)),
-                T(b + "indexer_compressor_ape.weight", (4, wi), F16, Noise(0.2)),
-                T(b + "indexer_compressor_kv.weight", (wi, E), F16, _linear(E)),
-                T(b + "indexer_compressor_gate.weight", (wi, E), F16, Noise(0.5 / math.sqrt(E))),
-                T(b + "indexer_compressor_norm.weight", (a.idx_dim,), F32, NORM),
-            ]
-        plan += [
-            T(b + "hc_ffn_fn.weight", (mix, hc_dim), F16, hc_fn),
-            T(b + "hc_ffn_scale.weight", (3,), F32, HC_SCALE),
-            T(b + "hc_ffn_base.weight", (mix,), F32, HCBase(a.n_hc, combine=True)),
-            T(b + "ffn_norm.weight", (E,), F32, NORM),
-            T(b + "ffn_gate_inp.weight", (a.n_expert, E), F16, Noise(0.5 / math.sqrt(E))),
-        ]
-        if L < a.n_hash_layer:
-            plan.append(T(b + "ffn_gate_tid2eid.weight", (a.n_vocab, a.n_expert_used), I32,
-                          ExpertIds(a.n_expert)))
-        else:
-            plan.append(T(b + "exp_probs_b.bias", (a.n_expert,), F32, Noise(0.01)))
-        plan += [
-            T(b + "ffn_gate_exps.weight", (a.n_expert, a.n_ff_exp, E), gate_t, _linear(E)),
-            T(b + "ffn_up_exps.weight", (a.n_expert, a.n_ff_exp, E), up_t, _linear(E)),
-            T(b + "ffn_down_exps.weight", (a.n_expert, E, a.n_ff_exp), down_t, _linear(a.n_ff_exp)),
-            T(b + "ffn_gate_shexp.weight", (shared_ff, E), Q8_0, _linear(E)),
-            T(b + "ffn_up_shexp.weight", (shared_ff, E), Q8_0, _linear(E)),
-            T(b + "ffn_down_shexp.weight", (E, shared_ff), Q8_0, _linear(shared_ff)),
-        ]
-    plan += [
-        T("output_hc_fn.weight", (a.n_hc, hc_dim), F16, hc_fn),
-        T("output_hc_scale.weight", (1,), F32, HC_SCALE),
-        T("output_hc_base.weight", (a.n_hc,), F32, HCBase(a.n_hc, combine=False)),
-        T("output_norm.weight", (E,), F32, NORM),
-        T("output.weight", (a.n_vocab, E), Q8_0, _linear(E)),
-    ]
-    return plan
+    """Every tensor of the preset's file, in file order, with ds4's names, logical shapes,
+    types and fill rules (the tensor table of :mod:`workbench.spec.tensors`)."""
+    return plan_for_args(preset.args, preset.experts)
 
 
 def metadata(preset: Preset, seed: int) -> dict[str, MetaValue]:
@@ -250,59 +123,29 @@ def metadata(preset: Preset, seed: int) -> dict[str, MetaValue]:
     if len(tokens) != a.n_vocab:
         raise SynthError(f"preset {preset.name}: vocab_size {a.n_vocab} but the official "
                          f"tokenizer has {len(tokens)} tokens")
-    u32, f32 = MetaValue.u32, MetaValue.f32
-    k = {
-        "block_count": u32(a.n_layer),
-        "context_length": u32(a.context_length),
-        "embedding_length": u32(a.n_embd),
-        "vocab_size": u32(a.n_vocab),
-        "attention.head_count": u32(a.n_head),
-        "attention.head_count_kv": u32(a.n_head_kv),
-        "attention.key_length": u32(a.head_dim),
-        "attention.value_length": u32(a.head_dim),
-        "rope.dimension_count": u32(a.n_rot),
-        "attention.q_lora_rank": u32(a.q_lora_rank),
-        "attention.output_lora_rank": u32(a.o_lora_rank),
-        "attention.output_group_count": u32(a.o_groups),
-        "expert_count": u32(a.n_expert),
-        "expert_used_count": u32(a.n_expert_used),
-        "expert_feed_forward_length": u32(a.n_ff_exp),
-        "expert_shared_count": u32(a.n_expert_shared),
-        "hash_layer_count": u32(a.n_hash_layer),
-        "expert_group_count": u32(0),
-        "expert_group_used_count": u32(0),
-        "attention.sliding_window": u32(a.n_swa),
-        "attention.indexer.head_count": u32(a.idx_heads),
-        "attention.indexer.key_length": u32(a.idx_dim),
-        "attention.indexer.top_k": u32(a.idx_topk),
-        "hyper_connection.count": u32(a.n_hc),
-        "hyper_connection.sinkhorn_iterations": u32(a.sinkhorn_iters),
-        "attention.compress_ratios": MetaValue.array(ValueType.UINT32, a.compress_ratios),
-        "swiglu_clamp_exp": MetaValue.array(ValueType.FLOAT32, a.swiglu_clamp),
-        "rope.scaling.original_context_length": u32(a.rope_orig_ctx),
-        "rope.freq_base": f32(a.rope_freq_base),
-        "rope.scaling.factor": f32(a.rope_scaling_factor),
-        "rope.scaling.yarn_beta_fast": f32(a.yarn_beta_fast),
-        "rope.scaling.yarn_beta_slow": f32(a.yarn_beta_slow),
-        "attention.compress_rope_freq_base": f32(a.compress_rope_freq_base),
-        "expert_weights_scale": f32(a.expert_weights_scale),
-        "attention.layer_norm_rms_epsilon": f32(a.rms_eps),
-        "hyper_connection.epsilon": f32(a.hc_eps),
-        "expert_weights_norm": MetaValue.bool_(a.expert_weights_norm),
-    }
     return {
         "general.architecture": MetaValue.str_("deepseek4"),
         "general.name": MetaValue.str_(a.name),
         "workbench.synth.preset": MetaValue.str_(preset.name),
         "workbench.synth.seed": MetaValue.u64(seed),
-        **{PREFIX + key: v for key, v in k.items()},
+        **{k.key: _meta_value(k.write_type, _key_value(k.value_field, k.ds4, a)) for k in METADATA_KEYS},
         "tokenizer.ggml.model": MetaValue.str_("gpt2"),
         "tokenizer.ggml.pre": MetaValue.str_("joyai-llm"),
         "tokenizer.ggml.tokens": MetaValue.array(ValueType.STRING, tokens),
         "tokenizer.ggml.merges": MetaValue.array(ValueType.STRING, merges),
-        "tokenizer.ggml.bos_token_id": u32(0),
-        "tokenizer.ggml.eos_token_id": u32(1),
+        "tokenizer.ggml.bos_token_id": MetaValue.u32(0),
+        "tokenizer.ggml.eos_token_id": MetaValue.u32(1),
     }
+
+
+def _key_value(field: str | None, ds4: Any, a: ModelArgs) -> Any:
+    return ds4 if field is None else getattr(a, field)
+
+
+def _meta_value(write_type: Any, value: Any) -> MetaValue:
+    if isinstance(write_type, tuple):
+        return MetaValue.array(ValueType(write_type[1]), value)
+    return MetaValue(ValueType(write_type), value)
 
 
 # ---- random data, chunk by chunk ------------------------------------------------------------
@@ -341,7 +184,7 @@ def _float_chunks(t: PlannedTensor, bg: np.random.SFC64) -> Iterator[np.ndarray]
     fill = t.fill
     assert isinstance(fill, Noise)
     dtype = "<f2" if t.ggml_type == F16 else "<f4"
-    n = t.info.n_elements
+    n = t.n_elements
     amplitude = fill.std * math.sqrt(3.0) / 32768.0  # int16 -> uniform of the given std
     for k in _spans(n, 2):
         u = _random_bytes(bg, 2 * k).view("<i2").astype(np.float32)
@@ -436,7 +279,7 @@ def _quant_chunks(t: PlannedTensor, bg: np.random.SFC64) -> Iterator[np.ndarray]
     assert isinstance(fill, Noise) and fill.mean == 0.0
     gt = GGML_TYPES[t.ggml_type]
     make = _BLOCK_MAKERS[t.ggml_type]
-    for nb in _spans(t.info.n_elements // gt.block_elems, gt.block_bytes):
+    for nb in _spans(t.n_elements // gt.block_elems, gt.block_bytes):
         yield make(nb, fill.std, bg)
 
 
@@ -465,5 +308,6 @@ def synthesize(preset: str, out: str | Path, seed: int = 0,
     p = resolve_preset(preset)
     if not 0 <= seed < 2**63:
         raise SynthError(f"seed must be in 0..2**63-1, got {seed}")
-    tensors = [(t.info, functools.partial(tensor_chunks, t, seed)) for t in plan_tensors(p)]
+    tensors = [(TensorInfo(t.name, t.dims, t.ggml_type), functools.partial(tensor_chunks, t, seed))
+               for t in plan_tensors(p)]
     return write_gguf(out, metadata(p, seed), tensors, progress=progress)

@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from workbench.atomic import atomic_write
-from workbench.state import StateLayout
+from workbench.spec.statelayout import StateLayout
 
 MIB = 1024 * 1024
 SOURCE_COLORS = {"live": "#2ca02c", "disk": "#1f77b4", "none": "#bbbbbb"}

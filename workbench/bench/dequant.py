@@ -16,7 +16,7 @@ import numpy as np
 
 from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
 from workbench.gguf.quants import dequantize, native_available
-from workbench.gguf.types import BF16, F16, GGML_TYPES, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0
+from workbench.spec.ggml import BF16, F16, GGML_TYPES, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0
 
 NAME = "dequant"
 TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4)

@@ -29,7 +29,7 @@ import numpy as np
 from workbench.bench.core import BenchContext, BenchResult, Figure, best
 from workbench.bench.dequant import random_blocks
 from workbench.gguf.quants import QTensor
-from workbench.gguf.types import GGML_TYPES, MXFP4, Q4_K, Q8_0
+from workbench.spec.ggml import GGML_TYPES, MXFP4, Q4_K, Q8_0
 from workbench.model.moe import NATIVE_MAX_ROWS, MoE, MoEWeights
 
 NAME = "experts"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workbench.model.config import ModelArgs
+from workbench.spec.args import ModelArgs
 
 
 def dense_per_token(args: ModelArgs, layer: int) -> dict[str, float]:

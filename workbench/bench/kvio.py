@@ -36,35 +36,12 @@ import numpy as np
 from workbench.bench.core import BenchContext, BenchResult, Figure, best, best_pair, fmt_tokens, mib, timed
 from workbench.kv.format import SaveReason, kv_file_bytes, payload_bytes
 from workbench.kv.store import KVStore
-from workbench.state import LayerState, SessionState, StateLayout
+from workbench.spec.statelayout import StateLayout
+from workbench.state import SessionState, random_state
 
 NAME = "kv_io"
 IO_CHUNK = 8 << 20  # bytes per raw write/read call
 CTX = 131072  # context every test state is saved at (ds4 accepts T < ctx)
-
-
-def random_state(layout: StateLayout, n_tokens: int, ctx: int, seed: int = 0) -> SessionState:
-    """A valid ``SessionState`` of ``n_tokens`` tokens with uniform random float32 KV rows,
-    frontiers and logits (NumPy arrays), shapes from ``layout``."""
-    rng = np.random.default_rng(seed)
-
-    def rand(shape: tuple[int, int]) -> np.ndarray:
-        return rng.random(shape, dtype=np.float32)
-
-    T = n_tokens
-    layers = []
-    for L, r in enumerate(layout.ratios):
-        ls = LayerState(raw=rand((layout.n_raw(T), layout.head_dim)))
-        if r:
-            ls.comp = rand((layout.n_comp(L, T), layout.head_dim))
-            ls.comp_kv, ls.comp_score = rand(layout.comp_frontier_shape(L)), rand(layout.comp_frontier_shape(L))
-        if r == 4:
-            ls.idx = rand((layout.n_idx(L, T), layout.idx_dim))
-            ls.idx_kv, ls.idx_score = rand(layout.idx_frontier_shape()), rand(layout.idx_frontier_shape())
-        layers.append(ls)
-    tokens = rng.integers(0, layout.n_vocab, T).tolist()
-    return SessionState(layout=layout, ctx=ctx, prefill_chunk=min(ctx, 2048), tokens=tokens,
-                        logits=rng.random(layout.n_vocab, dtype=np.float32), layers=layers)
 
 
 def text_for(n_tokens: int) -> bytes:

@@ -24,7 +24,7 @@ from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
 from workbench.bench.kvio import raw_read
 from workbench.gguf.layout import validate_ds4
 from workbench.gguf.reader import GGUFFile
-from workbench.gguf.types import Q8_0
+from workbench.spec.ggml import Q8_0
 from workbench.gguf.writer import MetaValue, TensorInfo, write_gguf
 
 NAME = "gguf_load"

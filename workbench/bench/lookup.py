@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from workbench.bench.core import BenchContext, BenchError, BenchResult, Figure, best_pair
-from workbench.bench.kvio import random_state
 from workbench.kv.format import TEXT_OFFSET, SaveReason
 from workbench.kv.store import Entry, KVStore
-from workbench.state import StateLayout
+from workbench.spec.statelayout import StateLayout
+from workbench.state import random_state
 
 NAME = "lookup"
 CTX = 1 << 20

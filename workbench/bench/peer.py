@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from workbench.bench.core import BenchError
-from workbench.model.config import ModelArgs
+from workbench.spec.args import ModelArgs
 from workbench.session import chunk_schedule
 
 DIFFERENCES = (

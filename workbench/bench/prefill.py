@@ -124,7 +124,7 @@ def run(ctx: BenchContext, n_tokens: int | None = None, chunks: tuple[int, ...] 
 
 def _real_dims(ctx: BenchContext, result: BenchResult, peak: float) -> None:
     from workbench.gguf.reader import GGUFFile
-    from workbench.model.config import ModelArgs
+    from workbench.spec.args import ModelArgs
     from workbench.synth import synthesize
 
     path = ctx.real_dir / f"{REAL_PRESET}.gguf"

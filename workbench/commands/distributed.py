@@ -20,8 +20,8 @@ from workbench.commands.run import RunError
 from workbench.errors import WorkbenchError
 from workbench.gguf.reader import GGUFFile
 from workbench.kv.shards import checkpoint_to_kv, kv_to_checkpoint, parse_ranges, read_manifest, verify_checkpoint
-from workbench.model.config import ModelArgs
-from workbench.state import StateLayout
+from workbench.spec.args import ModelArgs
+from workbench.spec.statelayout import StateLayout
 
 HELP = "sharded KV checkpoints of pipeline-parallel sessions: convert to and from .kv, verify"
 

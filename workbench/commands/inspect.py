@@ -13,7 +13,7 @@ from typing import Any
 
 from workbench.gguf.layout import ds4_compat_problems, validate_ds4
 from workbench.gguf.reader import GGUFFile, value_type_name
-from workbench.model.config import ModelArgs
+from workbench.spec.args import ModelArgs
 
 HELP = "show a GGUF file's metadata and tensors and check it against the ds4 layout"
 ARRAY_HEAD = 8  # arrays longer than this are summarised: type, length, first items

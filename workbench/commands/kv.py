@@ -25,7 +25,7 @@ from workbench.kv.format import (
     read_text, read_trailer,
 )
 from workbench.kv.store import MiB, KVStore, verify_file
-from workbench.state import StateLayout
+from workbench.spec.statelayout import StateLayout
 
 HELP = "list, show, verify and garbage-collect KV checkpoint (.kv) files"
 PREVIEW = 160  # characters of text shown
@@ -64,7 +64,7 @@ def _model_layout(path: Path | None) -> tuple[StateLayout | None, str]:
     if path is None:
         return None, ""
     from workbench.gguf.reader import GGUFFile
-    from workbench.model.config import ModelArgs
+    from workbench.spec.args import ModelArgs
 
     with GGUFFile(path) as g:
         return StateLayout.from_args(ModelArgs.from_metadata(g.metadata)), f"from {path}"

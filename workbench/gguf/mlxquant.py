@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from workbench.gguf.quants import QuantError
-from workbench.gguf.types import GGML_TYPES, MXFP4, Q4_K, Q8_0
+from workbench.spec.ggml import GGML_TYPES, MXFP4, Q4_K, Q8_0
 
 GROUP = 32
 # ggml type -> (MLX quantization mode, bits)

@@ -36,8 +36,11 @@ import numpy as np
 from gguf.quants import IQ2_XXS as _REF_IQ2_XXS
 
 from workbench.errors import WorkbenchError
-from workbench.gguf.types import (BF16, F16, F32, GGML_TYPES, I32, IQ2_XXS, MXFP4, Q2_K, Q4_K,
-                                  Q8_0, SUPPORTED)
+from workbench.spec.ggml import BF16, F16, F32, GGML_TYPES, I32, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0
+
+# the types this workbench can dequantize and run
+SUPPORTED = frozenset({F32, F16, BF16, I32, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4})
+
 
 class QuantError(WorkbenchError):
     """A quantized buffer of the wrong size or dtype, or a type this workbench cannot decode."""

@@ -23,8 +23,8 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.gguf.types import GGML_TYPES
 from workbench.safeopen import open_regular
+from workbench.spec.ggml import GGML_TYPES
 
 MAGIC = b"GGUF"
 VERSION = 3

@@ -26,7 +26,7 @@ import numpy as np
 
 from workbench.atomic import atomic_write
 from workbench.errors import WorkbenchError
-from workbench.gguf.types import GGML_TYPES
+from workbench.spec.ggml import GGML_TYPES
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3

@@ -63,8 +63,9 @@ except ImportError:  # optional: without it files are written with CRC-32 chunk 
     xxhash = None
 
 from workbench.errors import WorkbenchError
-from workbench.model.config import ds4_ratio_schedule
-from workbench.state import F32, KIND_OF, LayerState, SessionState, StateLayout
+from workbench.spec.args import ds4_ratio_schedule
+from workbench.spec.statelayout import F32, StateLayout
+from workbench.state import LayerState, SessionState
 
 
 Progress = Callable[[int, int], None]  # (payload bytes done, payload bytes total), called as bytes stream
@@ -262,29 +263,11 @@ class PayloadHeader:
                    min(T, raw_window(lay, ctx)))
 
 
-def layer_tensor_shapes(layout: StateLayout, layer: int, n_raw: int, n_comp: int, n_idx: int
-                        ) -> list[tuple[str, tuple[int, int]]]:
-    """(field, [rows, cols]) of one layer's payload tensors, in payload order."""
-    r = layout.ratios[layer]
-    out = [("raw", (n_raw, layout.head_dim))]
-    if r:
-        front = layout.comp_frontier_shape(layer)
-        out += [("comp", (n_comp, layout.head_dim)), ("comp_kv", front), ("comp_score", front)]
-    if r == 4:
-        front = layout.idx_frontier_shape()
-        out += [("idx", (n_idx, layout.idx_dim)), ("idx_kv", front), ("idx_score", front)]
-    return out
-
-
 def payload_size(layout: StateLayout, n_tokens: int, ctx: int | None = None) -> int:
     """Exact DSV4 payload bytes for ``n_tokens`` tokens (row counts floor(T/ratio))."""
     n_raw = min(n_tokens, layout.n_swa if ctx is None else raw_window(layout, ctx))
-    total = PAYLOAD_HEADER_BYTES + 4 * n_tokens + F32 * layout.n_vocab + 8 * layout.n_layer
-    for L in range(layout.n_layer):
-        for _, (rows, cols) in layer_tensor_shapes(layout, L, n_raw, layout.n_comp(L, n_tokens),
-                                                   layout.n_idx(L, n_tokens)):
-            total += rows * cols * F32
-    return total
+    return (PAYLOAD_HEADER_BYTES + 4 * n_tokens + F32 * layout.n_vocab + 8 * layout.n_layer
+            + layout.kv_bytes(n_tokens, n_raw))
 
 
 def payload_bytes(state: SessionState) -> int:
@@ -673,7 +656,7 @@ def read_payload(f: BinaryIO, budget: int, layout: StateLayout, ctx: int | None 
     check_row_counts(ph, layout, n_comp, n_idx, name, ctx)
     # the layer tensors: one float32 buffer (one allocation, large reads), then views into it
     fields = [(L, fname, shape) for L in range(layout.n_layer)
-              for fname, shape in layer_tensor_shapes(layout, L, ph.raw_live, n_comp[L], n_idx[L])]
+              for fname, shape in layout.layer_shapes(L, T, ph.raw_live)]
     starts = [0]
     for _, _, (rows, cols) in fields:
         starts.append(starts[-1] + rows * cols * F32)
@@ -876,9 +859,4 @@ def payload_breakdown(layout: StateLayout, summary: PayloadSummary) -> list[dict
     rows = [{"layer": -1, "ratio": None, "kind": "header", "bytes": PAYLOAD_HEADER_BYTES + 8 * ph.n_layer},
             {"layer": -1, "ratio": None, "kind": "tokens", "bytes": 4 * ph.tokens},
             {"layer": -1, "ratio": None, "kind": "logits", "bytes": F32 * ph.vocab}]
-    for L in range(layout.n_layer):
-        per: dict[str, int] = {}
-        for fname, (r, c) in layer_tensor_shapes(layout, L, ph.raw_live, summary.n_comp[L], summary.n_idx[L]):
-            per[KIND_OF[fname]] = per.get(KIND_OF[fname], 0) + r * c * F32
-        rows.extend({"layer": L, "ratio": layout.ratios[L], "kind": k, "bytes": b} for k, b in per.items())
-    return rows
+    return rows + layout.layer_bytes_at(ph.tokens, ph.raw_live)

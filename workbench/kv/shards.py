@@ -49,10 +49,11 @@ import numpy as np
 from workbench.atomic import atomic_write
 from workbench.kv.format import (
     ExtFlag, KVFormatError, OFF_LAST_USED, SaveReason, comp_cap, default_prefill_chunk, kv_file_bytes,
-    layer_tensor_shapes, raw_cap, raw_window, read_kv_file, write_all, write_kv_file,
+    raw_cap, raw_window, read_kv_file, write_all, write_kv_file,
 )
 from workbench.kv.store import text_sha
-from workbench.state import F32, LayerState, SessionState, StateLayout, join
+from workbench.spec.statelayout import F32, StateLayout
+from workbench.state import LayerState, SessionState, join
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total) of one shard file
 
@@ -161,11 +162,11 @@ class LayerSpan:
     fields: tuple[tuple[str, tuple[int, int]], ...]
 
 
-def layer_spans(layout: StateLayout, h: DSVLHeader, n_comp: Sequence[int], n_idx: Sequence[int]) -> list[LayerSpan]:
-    """Each layer's byte span (from the header and row counts), in file order."""
+def layer_spans(layout: StateLayout, h: DSVLHeader) -> list[LayerSpan]:
+    """Each layer's byte span (from the header; row counts already checked), in file order."""
     out, at = [], h.prefix_bytes
-    for i, L in enumerate(range(h.layer_start, h.layer_end + 1)):
-        fields = tuple(layer_tensor_shapes(layout, L, h.raw_live, n_comp[i], n_idx[i]))
+    for L in range(h.layer_start, h.layer_end + 1):
+        fields = tuple(layout.layer_shapes(L, h.tokens, h.raw_live))
         nbytes = sum(r * c * F32 for _, (r, c) in fields)
         out.append(LayerSpan(L, at, nbytes, fields))
         at += nbytes
@@ -175,11 +176,8 @@ def layer_spans(layout: StateLayout, h: DSVLHeader, n_comp: Sequence[int], n_idx
 def shard_payload_bytes(layout: StateLayout, n_tokens: int, ctx: int, start: int, stop: int) -> int:
     """Exact DSVL payload bytes of layers ``start..stop-1`` at ``n_tokens`` tokens."""
     n_raw = min(n_tokens, raw_window(layout, ctx))
-    total = DSVL_HEADER_BYTES + 8 * (stop - start)
-    for L in range(start, stop):
-        for _, (r, c) in layer_tensor_shapes(layout, L, n_raw, layout.n_comp(L, n_tokens), layout.n_idx(L, n_tokens)):
-            total += r * c * F32
-    return total
+    return DSVL_HEADER_BYTES + 8 * (stop - start) + sum(
+        rows * cols * F32 for L in range(start, stop) for _, (rows, cols) in layout.layer_shapes(L, n_tokens, n_raw))
 
 
 def shard_file_bytes(layout: StateLayout, n_tokens: int, ctx: int, start: int, stop: int) -> int:
@@ -541,7 +539,7 @@ def check_dsvl_header(h: DSVLHeader, layout: StateLayout, entry: ShardEntry, n_t
 
 
 def _shard_prefix(f: BinaryIO, entry: ShardEntry, layout: StateLayout, n_tokens: int, ctx: int, prefill_chunk: int,
-                  name: str, verify: bool) -> tuple[DSVLHeader, list[int], list[int]]:
+                  name: str, verify: bool) -> DSVLHeader:
     raw = _read_exact(f, DSVL_HEADER_BYTES, name, "the DSVL header")
     h = DSVLHeader(*_DSVL_HEADER.unpack(raw))
     n = entry.stop - entry.start
@@ -556,7 +554,7 @@ def _shard_prefix(f: BinaryIO, entry: ShardEntry, layout: StateLayout, n_tokens:
         if (n_comp[i], n_idx[i]) != want:
             raise ShardError(f"{name}: invalid compressed/indexer row count at layer {L} (ratio {layout.ratios[L]}): "
                              f"{n_comp[i]}/{n_idx[i]}, expected {want[0]}/{want[1]} for {h.tokens} tokens")
-    return h, n_comp, n_idx
+    return h
 
 
 def read_shard_layers(directory: str | os.PathLike, manifest: Manifest, entry: ShardEntry, start: int, stop: int,
@@ -577,8 +575,8 @@ def read_shard_layers(directory: str | os.PathLike, manifest: Manifest, entry: S
             size = os.fstat(f.fileno()).st_size
             if size != entry.bytes:
                 raise ShardError(f"{name}: {size} bytes, the manifest says {entry.bytes} (truncated or replaced)")
-            h, n_comp, n_idx = _shard_prefix(f, entry, lay, manifest.n_tokens, ctx, prefill_chunk, name, verify)
-            spans = layer_spans(lay, h, n_comp, n_idx)
+            h = _shard_prefix(f, entry, lay, manifest.n_tokens, ctx, prefill_chunk, name, verify)
+            spans = layer_spans(lay, h)
             if spans[-1].offset + spans[-1].nbytes != entry.payload_bytes:
                 raise ShardError(f"{name}: layers end at byte {spans[-1].offset + spans[-1].nbytes}, "
                                  f"the manifest's payload is {entry.payload_bytes} bytes")

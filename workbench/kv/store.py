@@ -66,7 +66,8 @@ from workbench.kv.format import (
 )
 from workbench.kv.lock import LOCK_NAME, DirLock
 from workbench.kv.policy import HIT_HALF_LIFE_S, KVPolicy, eviction_score
-from workbench.state import SessionState, StateLayout
+from workbench.spec.statelayout import StateLayout
+from workbench.state import SessionState
 
 MiB = 1024 * 1024
 NAME_RE = re.compile(r"^([0-9a-fA-F]{40})\.kv$")

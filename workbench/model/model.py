@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from workbench.model.attention import Attention
-from workbench.model.config import ModelArgs
+from workbench.spec.args import ModelArgs
 from workbench.model.hyperconn import hc_collapse, hc_post, hc_pre
 from workbench.model.moe import MoE
 from workbench.model.ops import Weight, linear, rms_norm

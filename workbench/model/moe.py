@@ -37,7 +37,7 @@ import numpy as np
 
 from workbench.gguf.mlxquant import NATIVE_MODES, to_mlx
 from workbench.gguf.quants import QTensor, stacked_experts
-from workbench.gguf.types import MXFP4, Q4_K, Q8_0
+from workbench.spec.ggml import MXFP4, Q4_K, Q8_0
 from workbench.model.ops import Weight, compute_dtype, linear, topk_indices
 
 WEIGHT_SUM_FLOOR = 6.103515625e-5

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from workbench.model.config import ModelArgs
+from workbench.spec.args import ModelArgs
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
-"""GGUF tensors → model parameters: the one place that knows ds4's tensor names.
+"""GGUF tensors → model parameters.
 
-How each kind of tensor is kept (chosen for CPU prefill speed within memory):
+Which tensors a layer has, and how each is kept, come from the tensor table
+(:mod:`workbench.spec.tensors`, its :class:`~workbench.spec.tensors.Role`); this module
+loads them and hands them to the model's modules. How each role is kept (chosen for CPU
+prefill speed within memory):
 
 * Routed experts (IQ2_XXS / Q2_K / Q4_K): left in the memory-mapped file as
   ``QTensor`` s; a chunk dequantizes only the experts it uses (see :mod:`moe`).
@@ -24,22 +27,23 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
 
 from workbench.gguf.quants import QTensor, dequantize, q8_0_to_affine
 from workbench.gguf.reader import GGUFFile
-from workbench.gguf.types import F16, Q8_0
 from workbench.model.attention import Attention, AttentionWeights
 from workbench.model.compressor import Compressor, CompressorWeights
-from workbench.model.config import ModelArgs
 from workbench.model.indexer import Indexer, IndexerWeights
 from workbench.model.model import Block, HCWeights, Model
 from workbench.model.moe import MoE, MoEWeights
 from workbench.model.ops import AffineQ8, Weight
 from workbench.model.rope import RopeSpec
+from workbench.spec.args import ModelArgs
+from workbench.spec.ggml import F16, Q8_0
+from workbench.spec.tensors import Role, Where, layer_rules
 
 
 MADV_DONTNEED = 4
@@ -99,47 +103,62 @@ class Tensors:
         return self.float(name)
 
 
-def _hc(t: Tensors, prefix: str) -> HCWeights:
-    return HCWeights(t.float(prefix + "_fn.weight"), t.float(prefix + "_scale.weight"), t.float(prefix + "_base.weight"))
+    def ids(self, name: str) -> mx.array:
+        """An int32 table (``tid2eid``)."""
+        return self.float(name).astype(mx.int32)
+
+    def keep(self, role: Role, name: str) -> Any:
+        """The tensor ``name`` kept as ``role`` says."""
+        return {Role.EMBEDDING: self.embedding, Role.MATRIX: self.matrix, Role.FLOAT: self.float,
+                Role.IDS: self.ids, Role.EXPERTS: self.experts}[role](name)
 
 
-def _compressor(t: Tensors, prefix: str) -> CompressorWeights:
-    return CompressorWeights(t.float(prefix + "_kv.weight"), t.float(prefix + "_gate.weight"),
-                             t.float(prefix + "_ape.weight"), t.float(prefix + "_norm.weight"))
+def load_tensors(t: Tensors, args: ModelArgs, layer: int | None, where: Where | None = None) -> dict[str, Any]:
+    """Layer ``layer``'s tensors (None: the globals of ``where``) by their table name
+    (``"attn_q_a.weight"``), each kept as its role says; absent optional ones are left out."""
+    out = {}
+    for rule in layer_rules(args, layer, where):
+        name = rule.full_name(layer)
+        if rule.required or t.has(name):
+            out[rule.name] = t.keep(rule.role, name)
+    return out
+
+
+def _hc(w: dict[str, Any], prefix: str) -> HCWeights:
+    return HCWeights(w[prefix + "_fn.weight"], w[prefix + "_scale.weight"], w[prefix + "_base.weight"])
+
+
+def _compressor(w: dict[str, Any], prefix: str) -> CompressorWeights:
+    return CompressorWeights(w[prefix + "_kv.weight"], w[prefix + "_gate.weight"], w[prefix + "_ape.weight"],
+                             w[prefix + "_norm.weight"])
 
 
 def build_block(args: ModelArgs, t: Tensors, L: int) -> Block:
     """Layer L's modules from tensors ``blk.L.*``."""
-    b = f"blk.{L}."
+    w = load_tensors(t, args, L)
     r = args.ratio(L)
     rope = RopeSpec.for_layer(args, L)
     eps = args.rms_eps
     aw = AttentionWeights(
-        wq_a=t.matrix(b + "attn_q_a.weight"), q_a_norm=t.float(b + "attn_q_a_norm.weight"),
-        wq_b=t.matrix(b + "attn_q_b.weight"), wkv=t.matrix(b + "attn_kv.weight"),
-        kv_norm=t.float(b + "attn_kv_a_norm.weight"), sinks=t.float(b + "attn_sinks.weight"),
-        wo_a=t.matrix(b + "attn_output_a.weight"), wo_b=t.matrix(b + "attn_output_b.weight"))
+        wq_a=w["attn_q_a.weight"], q_a_norm=w["attn_q_a_norm.weight"], wq_b=w["attn_q_b.weight"],
+        wkv=w["attn_kv.weight"], kv_norm=w["attn_kv_a_norm.weight"], sinks=w["attn_sinks.weight"],
+        wo_a=w["attn_output_a.weight"], wo_b=w["attn_output_b.weight"])
     compressor = indexer = None
     if r:
-        compressor = Compressor(r, args.head_dim, _compressor(t, b + "attn_compressor"), rope, eps, "attn", args.n_nope)
+        compressor = Compressor(r, args.head_dim, _compressor(w, "attn_compressor"), rope, eps, "attn", args.n_nope)
     if r == 4:
-        idx_comp = Compressor(4, args.idx_dim, _compressor(t, b + "indexer_compressor"), rope, eps, "index")
-        iw = IndexerWeights(t.float(b + "indexer.attn_q_b.weight"), t.float(b + "indexer.proj.weight"))
+        idx_comp = Compressor(4, args.idx_dim, _compressor(w, "indexer_compressor"), rope, eps, "index")
+        iw = IndexerWeights(w["indexer.attn_q_b.weight"], w["indexer.proj.weight"])
         indexer = Indexer(args.idx_heads, args.idx_dim, args.idx_topk, 4, iw, idx_comp, rope)
     attention = Attention(args.n_head, args.head_dim, args.n_rot, args.n_swa, args.o_groups, eps, aw, rope,
                           r, compressor, indexer)
     hashed = L < args.n_hash_layer
     mw = MoEWeights(
-        router=t.float(b + "ffn_gate_inp.weight"),
-        bias=t.float(b + "exp_probs_b.bias") if t.has(b + "exp_probs_b.bias") else None,
-        tid2eid=t.float(b + "ffn_gate_tid2eid.weight").astype(mx.int32) if hashed else None,
-        gate_exps=t.experts(b + "ffn_gate_exps.weight"), up_exps=t.experts(b + "ffn_up_exps.weight"),
-        down_exps=t.experts(b + "ffn_down_exps.weight"),
-        gate_sh=t.matrix(b + "ffn_gate_shexp.weight"), up_sh=t.matrix(b + "ffn_up_shexp.weight"),
-        down_sh=t.matrix(b + "ffn_down_shexp.weight"))
+        router=w["ffn_gate_inp.weight"], bias=w.get("exp_probs_b.bias"), tid2eid=w.get("ffn_gate_tid2eid.weight"),
+        gate_exps=w["ffn_gate_exps.weight"], up_exps=w["ffn_up_exps.weight"], down_exps=w["ffn_down_exps.weight"],
+        gate_sh=w["ffn_gate_shexp.weight"], up_sh=w["ffn_up_shexp.weight"], down_sh=w["ffn_down_shexp.weight"])
     moe = MoE(args.n_expert_used, hashed, args.expert_weights_scale, args.swiglu_clamp[L], mw, args.expert_weights_norm)
-    return Block(args, _hc(t, b + "hc_attn"), t.float(b + "attn_norm.weight"), attention,
-                 _hc(t, b + "hc_ffn"), t.float(b + "ffn_norm.weight"), moe)
+    return Block(args, _hc(w, "hc_attn"), w["attn_norm.weight"], attention, _hc(w, "hc_ffn"), w["ffn_norm.weight"], moe)
 
 
 def load_model(f: GGUFFile, args: ModelArgs, on_layer: Callable[[int], None] | None = None,
@@ -159,7 +178,8 @@ def load_model(f: GGUFFile, args: ModelArgs, on_layer: Callable[[int], None] | N
         blocks.append(build_block(args, t, L))
         if on_layer is not None:
             on_layer(L)
-    embedding = t.embedding("token_embd.weight") if start == 0 else None
+    embedding = load_tensors(t, args, None, Where.HEAD)["token_embd.weight"] if start == 0 else None
     if stop != args.n_layer:
         return Model(args, embedding, blocks, None, None, None)
-    return Model(args, embedding, blocks, _hc(t, "output_hc"), t.float("output_norm.weight"), t.matrix("output.weight"))
+    tail = load_tensors(t, args, None, Where.TAIL)
+    return Model(args, embedding, blocks, _hc(tail, "output_hc"), tail["output_norm.weight"], tail["output.weight"])

@@ -27,7 +27,7 @@ from workbench.kv.format import (KVHeader, PayloadSummary, SaveReason, infer_lay
                                  read_header, read_payload_summary, read_text)
 from workbench.kv.store import Entry, KVStore, SaveResult, VerifyReport
 from workbench.session import Session
-from workbench.state import StateLayout
+from workbench.spec.statelayout import StateLayout
 from workbench.tokenizer import Tokenizer
 from workbench import viz
 from workbench.widgets.common import (LEGEND_BELOW, MIB, Panel, WidgetError, pre_html, refit, table_html,

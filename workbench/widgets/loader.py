@@ -22,7 +22,7 @@ import pandas as pd
 from workbench.errors import WorkbenchError
 from workbench.gguf.layout import ds4_compat_problems, validate_ds4
 from workbench.gguf.reader import GGUFFile
-from workbench.model.config import ModelArgs
+from workbench.spec.args import ModelArgs
 from workbench.session import Progress, Session, load
 from workbench.widgets.common import MIB, Panel, size_text, table_html
 

@@ -1,21 +1,22 @@
 """Model hyperparameters, read from a ds4 GGUF's ``deepseek4.*`` metadata.
 
 Every dimension the model, the state layout and the KV format use comes from here, so a
-tiny synthetic model and the real 43-layer one differ only in numbers.
+tiny synthetic model and the real 43-layer one differ only in numbers. Which key fills
+which field, and the sane range of each, is the table in :mod:`workbench.spec.keys`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from workbench.errors import WorkbenchError
-
-PREFIX = "deepseek4."
+from workbench.spec.keys import METADATA_KEYS, PREFIX
 
 
 class ConfigError(WorkbenchError):
-    """A required metadata key is missing or inconsistent."""
+    """A required metadata key is missing, out of range or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -88,75 +89,35 @@ class ModelArgs:
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], check: bool = True) -> "ModelArgs":
-        """Build from GGUF metadata; raise ConfigError naming every missing key and, when
-        ``check``, every consistency problem (:meth:`problems`)."""
-        missing: list[str] = []
-
-        def get(key: str, default: Any = None, required: bool = True) -> Any:
-            full = PREFIX + key
-            if full in meta:
-                return meta[full]
-            if required:
-                missing.append(full)
-            return default
-
-        n_layer = int(get("block_count", 0))
-        ratios = get("attention.compress_ratios", [])
-        clamp = get("swiglu_clamp_exp", [])
-        args = dict(
-            n_layer=n_layer,
-            n_embd=int(get("embedding_length", 0)),
-            n_vocab=int(get("vocab_size", 0)),
-            n_head=int(get("attention.head_count", 0)),
-            n_head_kv=int(get("attention.head_count_kv", 1)),
-            head_dim=int(get("attention.key_length", 0)),
-            n_rot=int(get("rope.dimension_count", 0)),
-            q_lora_rank=int(get("attention.q_lora_rank", 0)),
-            o_lora_rank=int(get("attention.output_lora_rank", 0)),
-            o_groups=int(get("attention.output_group_count", 0)),
-            n_expert=int(get("expert_count", 0)),
-            n_expert_used=int(get("expert_used_count", 0)),
-            n_ff_exp=int(get("expert_feed_forward_length", 0)),
-            n_expert_shared=int(get("expert_shared_count", 1)),
-            n_hash_layer=int(get("hash_layer_count", 0)),
-            n_swa=int(get("attention.sliding_window", 0)),
-            idx_heads=int(get("attention.indexer.head_count", 0)),
-            idx_dim=int(get("attention.indexer.key_length", 0)),
-            idx_topk=int(get("attention.indexer.top_k", 0)),
-            n_hc=int(get("hyper_connection.count", 0)),
-            sinkhorn_iters=int(get("hyper_connection.sinkhorn_iterations", 0)),
-            compress_ratios=tuple(int(r) for r in list(ratios)[:n_layer]),
-            swiglu_clamp=tuple(float(c) for c in list(clamp)[:n_layer]),
-            rope_freq_base=float(get("rope.freq_base", 10000.0)),
-            compress_rope_freq_base=float(get("attention.compress_rope_freq_base", 160000.0)),
-            rope_scaling_factor=float(get("rope.scaling.factor", 16.0)),
-            rope_orig_ctx=int(get("rope.scaling.original_context_length", 65536)),
-            yarn_beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
-            yarn_beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
-            expert_weights_scale=float(get("expert_weights_scale", 1.5)),
-            rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            hc_eps=float(get("hyper_connection.epsilon", 1e-6)),
-            expert_weights_norm=bool(get("expert_weights_norm", True)),
-            context_length=int(get("context_length", 1048576, required=False)),
-            name=str(meta.get("general.name", "")),
-        )
+        """Build from GGUF metadata by iterating :data:`~workbench.spec.keys.METADATA_KEYS`;
+        raise ConfigError naming every missing required key and, when ``check``, every
+        range or consistency problem (:meth:`problems`)."""
+        missing = [k.key for k in METADATA_KEYS if k.field and k.required and k.key not in meta]
         if missing:
             raise ConfigError("missing metadata: " + ", ".join(missing))
-        built = cls(**args)
+        n_layer = int(meta[PREFIX + "block_count"])
+        values: dict[str, Any] = {"name": str(meta.get("general.name", ""))}
+        for k in METADATA_KEYS:
+            if k.field and k.key in meta:
+                convert = _CONVERT[_FIELD_TYPES[k.field]]
+                values[k.field] = convert(meta[k.key], n_layer)
+        built = cls(**values)
         problems = built.problems() if check else []
         if problems:
             raise ConfigError("; ".join(problems))
         return built
 
     def problems(self) -> list[str]:
-        """Internal-consistency problems (not the real model's constants)."""
-        p: list[str] = []
+        """Out-of-range values (the ranges of the key table) and internal-consistency
+        problems (not the real model's constants: see ``gguf.layout.ds4_compat_problems``)."""
+        p = [msg for k in METADATA_KEYS if k.field
+             for msg in [k.range_problem(getattr(self, k.field))] if msg]
         if len(self.compress_ratios) < self.n_layer:
             p.append(f"{PREFIX}attention.compress_ratios has {len(self.compress_ratios)} entries, need {self.n_layer}")
         if len(self.swiglu_clamp) < self.n_layer:
             p.append(f"{PREFIX}swiglu_clamp_exp has {len(self.swiglu_clamp)} entries, need {self.n_layer}")
         for i, r in enumerate(self.compress_ratios):
-            if r not in (0, 4, 128):
+            if r not in VALID_RATIOS:
                 p.append(f"{PREFIX}attention.compress_ratios[{i}] = {r}, expected 0, 4 or 128")
         if self.n_hash_layer > self.n_layer:
             p.append(f"{PREFIX}hash_layer_count {self.n_hash_layer} > block_count {self.n_layer}")
@@ -170,11 +131,23 @@ class ModelArgs:
             p.append(f"{PREFIX}attention.indexer.key_length {self.idx_dim} must be 128 (Hadamard-128)")
         if self.o_groups and self.n_head % self.o_groups:
             p.append(f"{PREFIX}attention.head_count {self.n_head} not divisible by output_group_count {self.o_groups}")
-        if self.n_swa <= 0:
-            p.append(f"{PREFIX}attention.sliding_window must be > 0")
         return p
+
+
+VALID_RATIOS = (0, 4, 128)  # per-layer compression ratios ds4 knows
 
 
 def ds4_ratio_schedule(n_layer: int) -> tuple[int, ...]:
     """ds4's layer schedule: layers 0-1 dense, then ratio 4 on even and 128 on odd layers."""
     return tuple(0 if L < 2 else (4 if L % 2 == 0 else 128) for L in range(n_layer))
+
+
+# metadata value -> field value, by the field's declared type (per-layer lists cut to n_layer)
+_CONVERT: dict[str, Callable[[Any, int], Any]] = {
+    "int": lambda v, n: int(v),
+    "float": lambda v, n: float(v),
+    "bool": lambda v, n: bool(v),
+    "tuple[int, ...]": lambda v, n: tuple(int(x) for x in list(v)[:n]),
+    "tuple[float, ...]": lambda v, n: tuple(float(x) for x in list(v)[:n]),
+}
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ModelArgs)}

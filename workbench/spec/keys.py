@@ -59,6 +59,11 @@ class MetaKey:
         """The ModelArgs field whose value this key holds (``field`` or ``source``)."""
         return self.field or self.source
 
+    @property
+    def range_text(self) -> str:
+        """``"1..1024"``: the sane range as shown in messages ("" when unranged)."""
+        return "" if self.lo is None or self.hi is None else f"{_num(self.lo)}..{_num(self.hi)}"
+
     def range_problem(self, value: Any) -> str | None:
         """One line naming the key when ``value`` (or an array entry) is out of range."""
         if self.lo is None or self.hi is None:
@@ -69,7 +74,7 @@ class MetaKey:
                 where = f"{self.key}[{i}]" if isinstance(value, (list, tuple)) else self.key
                 if self.why:
                     return f"{where} = {v!r}: {self.why}"
-                return f"{where} = {v!r}, must be in {_num(self.lo)}..{_num(self.hi)}"
+                return f"{where} = {v!r}, must be in {self.range_text}"
         return None
 
 

@@ -1,4 +1,4 @@
-"""The streaming GGUF writer (workbench/gguf/writer.py) and the synthetic ds4-layout models
+"""The streaming GGUF writer (workbench/gguf/writer.py, on gguf.GGUFWriter) and the synthetic ds4-layout models
 (workbench/synth.py, ``workbench synth``).
 
 Files are read back with the ``gguf`` PyPI package (``GGUFReader``, ``gguf.quants``), and the
@@ -192,9 +192,13 @@ def tiny_q4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---- writer -----------------------------------------------------------------------------------
 
+ARCH = {"general.architecture": MetaValue.str_("test")}
+
+
 def test_writer_round_trip_every_value_type_and_custom_alignment(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     meta = {
+        **ARCH,
         "general.alignment": MetaValue.u32(64),
         "t.u8": MetaValue(ValueType.UINT8, 255), "t.i8": MetaValue(ValueType.INT8, -128),
         "t.u16": MetaValue(ValueType.UINT16, 65535), "t.i16": MetaValue(ValueType.INT16, -32768),
@@ -209,7 +213,6 @@ def test_writer_round_trip_every_value_type_and_custom_alignment(tmp_path: Path)
         "a.f64": MetaValue.array(ValueType.FLOAT64, [1e-300]),
         "a.bool": MetaValue.array(ValueType.BOOL, [True, False]),
         "a.u64": MetaValue.array(ValueType.UINT64, [2**40]),
-        "a.empty": MetaValue.array(ValueType.UINT32, []),
     }
     f32 = rng.standard_normal((3, 5)).astype(np.float32)  # logical [3, 5] -> dims [5, 3]
     f16 = rng.standard_normal((7,)).astype(np.float16)
@@ -230,7 +233,7 @@ def test_writer_round_trip_every_value_type_and_custom_alignment(tmp_path: Path)
         value, vtype = field_value(r, key)
         if mv.type == ValueType.ARRAY:
             assert list(value) == pytest.approx(mv.value), key
-            assert vtype == (int(mv.item_type) if mv.value else V.ARRAY), key  # gguf omits empty arrays' item type
+            assert vtype == int(mv.item_type), key
         else:
             assert vtype == int(mv.type), key
             assert value == (pytest.approx(mv.value) if isinstance(mv.value, float) else mv.value), key
@@ -252,7 +255,7 @@ def test_writer_default_alignment_and_progress(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
     data = np.arange(10, dtype=np.float32)
     tensors = [(TensorInfo(f"t{i}", (10,), 0), lambda: [data]) for i in range(3)]
-    out = write_gguf(tmp_path / "p.gguf", {"general.name": MetaValue.str_("x")}, tensors,
+    out = write_gguf(tmp_path / "p.gguf", {**ARCH, "general.name": MetaValue.str_("x")}, tensors,
                      progress=lambda done, total: calls.append((done, total)))
     r = GGUFReader(out)
     assert r.data_offset % 32 == 0
@@ -264,20 +267,46 @@ def test_writer_default_alignment_and_progress(tmp_path: Path) -> None:
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
+def test_writer_streams_a_large_tensor_in_bounded_memory(tmp_path: Path) -> None:
+    """A 64 MiB tensor from 1 MiB chunks: peak traced memory stays a few chunks."""
+    import tracemalloc
+
+    chunk, n = 1 << 20, 64
+
+    def source():
+        for i in range(n):
+            yield np.full(chunk, i, dtype=np.uint8)
+
+    tracemalloc.start()
+    try:
+        out = write_gguf(tmp_path / "big.gguf", ARCH, [(TensorInfo("big", (n * chunk // 4,), 0), source)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * chunk, f"peak {peak / 2**20:.1f} MiB"
+    r = GGUFReader(out)
+    data = np.asarray(r.tensors[0].data).view(np.uint8)
+    assert data.size == n * chunk and data[-1] == n - 1 and data[chunk] == 1
+
+
 def _one(name: str = "w", dims: tuple[int, ...] = (4,), ggml_type: int = 0, n: int = 16):
     return (TensorInfo(name, dims, ggml_type), lambda: [bytes(n)])
 
 
 @pytest.mark.parametrize("meta, tensors, message", [
-    ({}, [_one(n=12)], "got 12 bytes"),
-    ({}, [_one(n=20)], "more than 16"),
-    ({}, [_one(), _one()], "duplicate"),
-    ({}, [_one(dims=(48,), ggml_type=8, n=51)], "not a multiple"),
-    ({}, [_one(name="x" * 64)], "name"),
-    ({}, [_one(dims=(1, 1, 1, 1, 4))], "dims"),
-    ({"k": MetaValue.u32(2**32)}, [_one()], "does not fit"),
-    ({"general.alignment": MetaValue.u32(12)}, [_one()], "alignment"),
-    ({"k": 5}, [_one()], "MetaValue"),
+    (ARCH, [_one(n=12)], "got 12 bytes"),
+    (ARCH, [_one(n=20)], "more than 16"),
+    (ARCH, [_one(), _one()], "duplicate"),
+    (ARCH, [_one(dims=(48,), ggml_type=8, n=51)], "not a multiple"),
+    (ARCH, [_one(name="x" * 64)], "name"),
+    (ARCH, [_one(dims=(1, 1, 1, 1, 4))], "dims"),
+    ({**ARCH, "k": MetaValue.u32(2**32)}, [_one()], "does not fit"),
+    ({**ARCH, "k": MetaValue.array(ValueType.INT8, [1, 200])}, [_one()], "200 does not fit INT8"),
+    ({**ARCH, "k": MetaValue.f32(1e300)}, [_one()], "float too large"),
+    ({**ARCH, "k": MetaValue.array(ValueType.UINT32, [])}, [_one()], "Empty array"),
+    ({**ARCH, "general.alignment": MetaValue.u32(12)}, [_one()], "alignment"),
+    ({**ARCH, "k": 5}, [_one()], "MetaValue"),
+    ({}, [_one()], "general.architecture"),
 ])
 def test_writer_rejects_bad_input_and_leaves_nothing(tmp_path: Path, meta, tensors, message) -> None:
     out = tmp_path / "bad.gguf"
@@ -296,7 +325,7 @@ def test_writer_removes_temporary_file_when_a_chunk_source_fails(tmp_path: Path)
 
     out = tmp_path / "f.gguf"
     with pytest.raises(RuntimeError, match="generator broke"):
-        write_gguf(out, {}, [_one(), (TensorInfo("x", (4,), 0), failing)])
+        write_gguf(out, ARCH, [_one(), (TensorInfo("x", (4,), 0), failing)])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -19,21 +19,29 @@ def tmp_path(final: Path) -> Path:
 
 
 @contextmanager
-def atomic_write(final: str | os.PathLike, durable: bool = False) -> Iterator[BinaryIO]:
-    """Open ``<final>.tmp.<pid>`` for binary writing; rename it to ``final`` when the block
-    completes. ``durable`` fsyncs the file before and its directory after the rename."""
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """The temp path to write ``final`` under, for writers that open the file themselves;
+    renamed onto ``final`` when the block completes, removed on any failure."""
     final = Path(final)
     tmp = tmp_path(final)
     try:
-        with open(tmp, "wb") as f:
-            yield f
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_write(final: str | os.PathLike, durable: bool = False) -> Iterator[BinaryIO]:
+    """Open ``<final>.tmp.<pid>`` for binary writing; rename it to ``final`` when the block
+    completes. ``durable`` fsyncs the file before and its directory after the rename."""
+    final = Path(final)
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        yield f
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     if durable:
         fsync_dir(final.parent)
 

@@ -1,36 +1,46 @@
-"""A streaming GGUF v3 writer.
+"""Writing GGUF v3 files with ``gguf.GGUFWriter``, streamed and crash-safe.
 
-The header (metadata and tensor infos) is built in memory; tensor data is then written
-one tensor at a time, chunk by chunk, from a per-tensor chunk source, so a multi-GB file
-never has to fit in memory.
+``gguf.GGUFWriter`` encodes everything: the header, the metadata (``add_key_value``), the
+tensor infos (``add_tensor_info``, offsets padded to ``general.alignment``, default 32)
+and each tensor's data with its padding (``write_tensor_data``). What this module adds:
 
-The file is written to ``<out>.tmp.<pid>`` and renamed onto ``out`` only on success; on
-any failure (including an interrupt) the temporary file is removed.
+* **Streaming.** ``write_tensor_data`` takes any object with ``nbytes`` and
+  ``tofile(file)``; each tensor is handed over as a :class:`_ChunkStream` whose ``tofile``
+  writes the tensor's chunks one by one, so memory stays one chunk whatever the tensor
+  (the real token embedding is 1.06 GB; a real-dims file 9.5 GB and more).
+* **Checks with one-line errors** naming the file: tensor names (ggml's 63 bytes), dims,
+  whole quant blocks per row (block sizes from ``gguf.GGML_QUANT_SIZES``), the exact byte
+  count each chunk source delivers, metadata value ranges, the alignment.
+* **Atomic publication** (:func:`workbench.atomic.atomic_path`): the file is written
+  under a temporary name and renamed onto ``out`` only when complete.
+* **Progress**: ``(bytes written, total file bytes)`` after every chunk.
 
-Layout (all little-endian): magic ``GGUF``, u32 version 3, u64 n_tensors, u64 n_kv; the
-key/value pairs; the tensor infos (name, u32 n_dims, u64 dims with dims[0] the
-contiguous axis, u32 ggml type, u64 offset relative to the data section); padding to
-``general.alignment`` (default 32); the tensor data, each tensor starting at an aligned
-offset and followed by zero padding up to the next multiple of the alignment.
+The architecture (``general.architecture``, required) is written first, as
+``GGUFWriter`` does; the other keys follow in the given order. The bytes are those the
+former own encoder wrote (the ``tiny`` preset's file is byte-identical). Cost, measured on
+the 2-core CI machine (``synthesize("tiny", ...)``, 116 MB, two runs each): 1.9-2.0 s with
+the own encoder, 2.7-3.9 s with ``GGUFWriter``, whose metadata encoder packs the 257,021
+tokenizer strings one call each; accepted, for one GGUF encoder less.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from workbench.atomic import atomic_write
+from workbench.atomic import atomic_path
 from workbench.errors import WorkbenchError
-from workbench.spec.ggml import GGML_TYPES
+from workbench.spec.ggml import GGML_TYPES, row_bytes
 
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSION = 3
-DEFAULT_ALIGNMENT = 32
+ValueType = GGUFValueType
+ARCH_KEY = "general.architecture"
+ALIGNMENT_KEY = "general.alignment"
 MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME is 64 including the terminating NUL
 MAX_DIMS = 4  # GGML_MAX_DIMS
 
@@ -43,70 +53,44 @@ class GGUFWriteError(WorkbenchError):
     """A GGUF file could not be written: bad metadata, bad tensor data or an I/O error."""
 
 
-class ValueType(IntEnum):
-    """GGUF metadata value types."""
-
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
-
-# numpy little-endian dtype of every fixed-size scalar type
-_SCALAR_DTYPES: dict[ValueType, str] = {
-    ValueType.UINT8: "<u1", ValueType.INT8: "<i1", ValueType.UINT16: "<u2", ValueType.INT16: "<i2",
-    ValueType.UINT32: "<u4", ValueType.INT32: "<i4", ValueType.FLOAT32: "<f4", ValueType.BOOL: "<u1",
-    ValueType.UINT64: "<u8", ValueType.INT64: "<i8", ValueType.FLOAT64: "<f8",
-}
-
-
 class MetaValue(NamedTuple):
     """One typed metadata value. For arrays, ``value`` is a sequence and ``item_type`` its type."""
 
-    type: ValueType
+    type: GGUFValueType
     value: Any
-    item_type: ValueType | None = None
+    item_type: GGUFValueType | None = None
 
     @staticmethod
     def u32(v: int) -> "MetaValue":
-        return MetaValue(ValueType.UINT32, int(v))
+        return MetaValue(GGUFValueType.UINT32, int(v))
 
     @staticmethod
     def i32(v: int) -> "MetaValue":
-        return MetaValue(ValueType.INT32, int(v))
+        return MetaValue(GGUFValueType.INT32, int(v))
 
     @staticmethod
     def u64(v: int) -> "MetaValue":
-        return MetaValue(ValueType.UINT64, int(v))
+        return MetaValue(GGUFValueType.UINT64, int(v))
 
     @staticmethod
     def f32(v: float) -> "MetaValue":
-        return MetaValue(ValueType.FLOAT32, float(v))
+        return MetaValue(GGUFValueType.FLOAT32, float(v))
 
     @staticmethod
     def f64(v: float) -> "MetaValue":
-        return MetaValue(ValueType.FLOAT64, float(v))
+        return MetaValue(GGUFValueType.FLOAT64, float(v))
 
     @staticmethod
     def bool_(v: bool) -> "MetaValue":
-        return MetaValue(ValueType.BOOL, bool(v))
+        return MetaValue(GGUFValueType.BOOL, bool(v))
 
     @staticmethod
     def str_(v: str) -> "MetaValue":
-        return MetaValue(ValueType.STRING, str(v))
+        return MetaValue(GGUFValueType.STRING, str(v))
 
     @staticmethod
-    def array(item_type: ValueType, items: Sequence[Any]) -> "MetaValue":
-        return MetaValue(ValueType.ARRAY, list(items), ValueType(item_type))
+    def array(item_type: GGUFValueType, items: Sequence[Any]) -> "MetaValue":
+        return MetaValue(GGUFValueType.ARRAY, list(items), GGUFValueType(item_type))
 
 
 @dataclass(frozen=True)
@@ -122,66 +106,13 @@ class TensorInfo:
     ggml_type: int
 
     @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.dims, dtype=np.int64))
-
-    @property
     def nbytes(self) -> int:
         """Data size in bytes (``dims[0]`` must hold whole quant blocks)."""
-        t = GGML_TYPES[self.ggml_type]
-        return self.n_elements // t.block_elems * t.block_bytes
+        return row_bytes(self.ggml_type, self.dims[0]) * math.prod(self.dims[1:])
 
 
 def align_up(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
-
-
-# ---- encoding -------------------------------------------------------------------------
-
-def _string(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
-def _encode_value(key: str, v: MetaValue) -> bytes:
-    t = ValueType(v.type)
-    if t == ValueType.STRING:
-        return _string(v.value)
-    if t == ValueType.ARRAY:
-        if v.item_type is None or v.item_type == ValueType.ARRAY:
-            raise ValueError(f"metadata {key!r}: arrays need a non-array item type")
-        items = v.value
-        head = struct.pack("<IQ", int(v.item_type), len(items))
-        if v.item_type == ValueType.STRING:
-            return head + b"".join(_string(s) for s in items)
-        return head + _scalar_array(key, v.item_type, items)
-    return _scalar_array(key, t, [v.value])
-
-
-def _scalar_array(key: str, t: ValueType, items: Sequence[Any]) -> bytes:
-    dtype = np.dtype(_SCALAR_DTYPES[t])
-    if dtype.kind in "iu" or t == ValueType.BOOL:
-        ints = [int(x) for x in items]
-        info = np.iinfo(dtype)
-        bad = [x for x in ints if not info.min <= x <= info.max]
-        if bad:
-            raise ValueError(f"metadata {key!r}: {bad[0]} does not fit {t.name}")
-        return np.asarray(ints, dtype=dtype).tobytes()
-    return np.asarray(items, dtype=dtype).tobytes()
-
-
-def _encode_header(metadata: Mapping[str, MetaValue], infos: Sequence[TensorInfo],
-                   offsets: Sequence[int]) -> bytes:
-    parts = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(infos), len(metadata))]
-    for key, value in metadata.items():
-        if not isinstance(value, MetaValue):
-            raise ValueError(f"metadata {key!r}: expected a MetaValue, got {type(value).__name__}")
-        parts += [_string(key), struct.pack("<I", int(value.type)), _encode_value(key, value)]
-    for info, offset in zip(infos, offsets):
-        parts += [_string(info.name), struct.pack("<I", len(info.dims)),
-                  struct.pack(f"<{len(info.dims)}Q", *info.dims),
-                  struct.pack("<IQ", info.ggml_type, offset)]
-    return b"".join(parts)
 
 
 def _check_tensor(info: TensorInfo) -> None:
@@ -198,81 +129,114 @@ def _check_tensor(info: TensorInfo) -> None:
 
 
 def _alignment(metadata: Mapping[str, MetaValue]) -> int:
-    v = metadata.get("general.alignment")
+    v = metadata.get(ALIGNMENT_KEY)
     if v is None:
-        return DEFAULT_ALIGNMENT
-    if v.type != ValueType.UINT32 or v.value <= 0 or v.value % 8:
-        raise ValueError(f"general.alignment must be a u32 multiple of 8, got {v.value!r}")
+        return GGUF_DEFAULT_ALIGNMENT
+    if v.type != GGUFValueType.UINT32 or v.value <= 0 or v.value % 8:
+        raise ValueError(f"{ALIGNMENT_KEY} must be a u32 multiple of 8, got {v.value!r}")
     return int(v.value)
 
 
-def _as_bytes(chunk: Buffer) -> memoryview:
-    if isinstance(chunk, np.ndarray):
-        chunk = np.ascontiguousarray(chunk)
-    return memoryview(chunk).cast("B")
+_INT_DTYPES = {GGUFValueType.UINT8: "u1", GGUFValueType.INT8: "i1", GGUFValueType.UINT16: "u2",
+               GGUFValueType.INT16: "i2", GGUFValueType.UINT32: "u4", GGUFValueType.INT32: "i4",
+               GGUFValueType.UINT64: "u8", GGUFValueType.INT64: "i8"}
 
 
-# ---- the writer --------------------------------------------------------------------------
+def _add_metadata(w: GGUFWriter, metadata: Mapping[str, MetaValue]) -> None:
+    for key, v in metadata.items():
+        if not isinstance(v, MetaValue):
+            raise ValueError(f"metadata {key!r}: expected a MetaValue, got {type(v).__name__}")
+        item_type = v.item_type if v.type == GGUFValueType.ARRAY else v.type
+        if item_type in _INT_DTYPES:
+            info = np.iinfo(_INT_DTYPES[item_type])
+            items = v.value if v.type == GGUFValueType.ARRAY else [v.value]
+            bad = [x for x in items if not info.min <= x <= info.max]
+            if bad:
+                raise ValueError(f"metadata {key!r}: {bad[0]} does not fit {GGUFValueType(item_type).name}")
+        if key == ARCH_KEY:
+            continue  # written by GGUFWriter itself, first
+        w.add_key_value(key, v.value, GGUFValueType(v.type), sub_type=v.item_type)
+
+
+class _ChunkStream:
+    """One tensor's data as ``write_tensor_data`` takes it (``nbytes`` and ``tofile``),
+    written chunk by chunk from its source, with the byte count checked."""
+
+    def __init__(self, info: TensorInfo, source: ChunkSource, on_bytes: Callable[[int], None]) -> None:
+        self.info, self.source, self.on_bytes = info, source, on_bytes
+        self.nbytes = info.nbytes
+
+    def tofile(self, f: BinaryIO) -> None:
+        written = 0
+        for chunk in self.source():
+            view = memoryview(np.ascontiguousarray(chunk) if isinstance(chunk, np.ndarray) else chunk).cast("B")
+            written += len(view)
+            if written > self.nbytes:
+                raise ValueError(f"tensor {self.info.name} got more than {self.nbytes} bytes of data")
+            f.write(view)
+            self.on_bytes(len(view))
+        if written != self.nbytes:
+            raise ValueError(f"tensor {self.info.name} got {written} bytes of data, expected {self.nbytes}")
+
 
 def write_gguf(out: str | Path, metadata: Mapping[str, MetaValue],
                tensors: Sequence[tuple[TensorInfo, ChunkSource]],
                progress: Progress | None = None) -> Path:
     """Write a GGUF v3 file and return its path.
 
-    ``metadata`` maps keys to typed values, in file order. ``tensors`` pairs each tensor
-    info with a callable returning an iterable of byte chunks (bytes or C-contiguous
-    NumPy arrays) whose total length must be exactly ``info.nbytes``. ``progress`` is
-    called with ``(bytes written, total file bytes)``. Raises :class:`GGUFWriteError`
-    naming ``out`` on bad input or I/O failure; nothing is left at ``out`` then.
+    ``metadata`` maps keys to typed values and must name ``general.architecture``.
+    ``tensors`` pairs each tensor info with a callable returning an iterable of byte chunks
+    (bytes or C-contiguous NumPy arrays) whose total length must be exactly
+    ``info.nbytes``. ``progress`` is called with ``(bytes written, total file bytes)``.
+    Raises :class:`GGUFWriteError` naming ``out`` on bad input or I/O failure; nothing is
+    left at ``out`` then (an exception from a chunk source propagates, also leaving nothing).
     """
     out = Path(out)
-    infos = [info for info, _ in tensors]
+    arch = metadata.get(ARCH_KEY)
     try:
+        if arch is None or arch.type != GGUFValueType.STRING:
+            raise ValueError(f"metadata needs {ARCH_KEY} (a string)")
         alignment = _alignment(metadata)
         names: set[str] = set()
-        for info in infos:
+        for info, _ in tensors:
             _check_tensor(info)
             if info.name in names:
                 raise ValueError(f"duplicate tensor name {info.name!r}")
             names.add(info.name)
-        offsets, pos = [], 0
-        for info in infos:
-            offsets.append(pos)
-            pos = align_up(pos + info.nbytes, alignment)
-        header = _encode_header(metadata, infos, offsets)
+        w = GGUFWriter(None, arch.value)
+        w.data_alignment = alignment
+        _add_metadata(w, metadata)
+        for info, _ in tensors:
+            w.add_tensor_info(info.name, tuple(reversed(info.dims)), np.dtype(np.float32), info.nbytes,
+                              raw_dtype=GGMLQuantizationType(info.ggml_type))
     except ValueError as err:
         raise GGUFWriteError(f"{out}: {err}") from None
-    data_start = align_up(len(header), alignment)
-    total = data_start + pos
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out) as f:
-            f.write(header)
-            f.write(bytes(data_start - len(header)))
-            done = data_start
-            if progress:
-                progress(done, total)
-            for info, source in tensors:
-                written = 0
-                for chunk in source():
-                    view = _as_bytes(chunk)
-                    written += len(view)
-                    if written > info.nbytes:
-                        raise GGUFWriteError(f"{out}: tensor {info.name} got more than "
-                                             f"{info.nbytes} bytes of data")
-                    f.write(view)
-                    done += len(view)
+        with atomic_path(out) as tmp:
+            try:
+                w.write_header_to_file(tmp)
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+                assert w.fout is not None
+                done = align_up(w.fout[0].tell(), alignment)
+                total = done + sum(align_up(info.nbytes, alignment) for info, _ in tensors)
+
+                def advance(n: int) -> None:
+                    nonlocal done
+                    done += n
                     if progress:
                         progress(done, total)
-                if written != info.nbytes:
-                    raise GGUFWriteError(f"{out}: tensor {info.name} got {written} bytes of data, "
-                                         f"expected {info.nbytes}")
-                pad = align_up(info.nbytes, alignment) - info.nbytes
-                f.write(bytes(pad))
-                done += pad
-            if progress:
-                progress(done, total)
+
+                advance(0)
+                for info, source in tensors:
+                    w.write_tensor_data(_ChunkStream(info, source, advance))
+                    advance(align_up(info.nbytes, alignment) - info.nbytes)
+            finally:
+                w.close()
+    except (ValueError, OverflowError, struct.error) as err:  # a chunk count, or a value its type cannot hold
+        raise GGUFWriteError(f"{out}: {err}") from None
     except OSError as err:
         raise GGUFWriteError(f"{out}: {err.strerror or err}") from None
     return out

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence, Union
 
 from workbench.spec.args import ConfigError, ModelArgs
-from workbench.spec.ggml import F16, F32, GGML_TYPES, I32, IQ2_XXS, Q2_K, Q4_K, Q8_0, type_names
+from workbench.spec.ggml import F16, F32, GGML_TYPES, I32, IQ2_XXS, Q2_K, Q4_K, Q8_0, row_bytes, type_names
 
 ROUTED_TYPES = frozenset({IQ2_XXS, Q2_K, Q4_K})  # routed experts; gate and up share one per layer
 HC_SCALES = 3  # hc_*_scale: pre, post and combine scales
@@ -314,8 +314,7 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         """Data size in bytes (rows must hold whole quant blocks)."""
-        t = GGML_TYPES[self.ggml_type]
-        return self.n_elements // t.block_elems * t.block_bytes
+        return row_bytes(self.ggml_type, self.shape[-1]) * math.prod(self.shape[:-1])
 
 
 def uniform_experts(types: ExpertTypes, n_layer: int) -> tuple[ExpertTypes, ...]:

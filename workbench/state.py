@@ -208,5 +208,6 @@ def random_state(layout: StateLayout, n_tokens: int, ctx: int, seed: int = 0,
             setattr(ls, name, rng.standard_normal(shape, dtype=np.float32))
         layers.append(ls)
     tokens = rng.integers(0, layout.n_vocab, n_tokens).tolist()
-    return SessionState(layout=layout, ctx=ctx, prefill_chunk=min(ctx, 2048) if prefill_chunk is None else prefill_chunk,
-                        tokens=tokens, logits=rng.standard_normal(layout.n_vocab, dtype=np.float32), layers=layers)
+    chunk = min(ctx, 2048) if prefill_chunk is None else prefill_chunk
+    logits = rng.standard_normal(layout.n_vocab, dtype=np.float32)
+    return SessionState(layout=layout, ctx=ctx, prefill_chunk=chunk, tokens=tokens, logits=logits, layers=layers)

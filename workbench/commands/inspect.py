@@ -1,4 +1,5 @@
-"""``workbench inspect FILE [--json]``: metadata, tensor table, bytes per type, ds4 layout check.
+"""``workbench inspect FILE [--json]``: metadata, tensor table, bytes per type, routed expert
+types per layer (and the KV quant bits ds4 derives from them), ds4 layout check.
 
 Exits 1 when the file is not a valid ds4-layout GGUF (the problems are listed); a file
 that is not even well-formed GGUF raises GGUFError, which the CLI prints on one line.
@@ -11,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from workbench.gguf.layout import ds4_compat_problems, validate_ds4
+from workbench.gguf.layout import ds4_compat_problems, expert_types, routed_quant_bits, validate_ds4
 from workbench.gguf.reader import GGUFFile, value_type_name
 from workbench.spec.args import ModelArgs
 
@@ -60,9 +61,24 @@ def report(f: GGUFFile) -> dict[str, Any]:
     return {
         "path": f.path, "version": f.version, "metadata": summarize_metadata(f), "tensors": tensors,
         "bytes_per_type": dict(sorted(per_type.items(), key=lambda kv: -kv[1])),
+        "expert_types": [{"layer": L, "gate": g, "up": u, "down": d} for L, g, u, d in expert_types(f)],
+        "kv_quant_bits": routed_quant_bits(f),
         "n_tensors": len(f.tensors), "file_bytes": f.file_size, "valid": not problems,
         "problems": problems, "ds4_compat": compat,
     }
+
+
+def expert_runs(rows: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
+    """(first layer, last layer, "gate/up/down") for each run of consecutive layers whose
+    routed experts have the same types."""
+    runs: list[tuple[int, int, str]] = []
+    for row in rows:
+        types = f"{row['gate']}/{row['up']}/{row['down']}"
+        if runs and runs[-1][2] == types and runs[-1][1] == row["layer"] - 1:
+            runs[-1] = (runs[-1][0], row["layer"], types)
+        else:
+            runs.append((row["layer"], row["layer"], types))
+    return runs
 
 
 def _print_text(r: dict[str, Any]) -> None:
@@ -80,6 +96,10 @@ def _print_text(r: dict[str, Any]) -> None:
     print("\nbytes per type:")
     for name, n in r["bytes_per_type"].items():
         print(f"  {name:<8} {n:>16,} B {n / MiB:>12,.1f} MiB")
+    print("\nrouted experts (gate/up/down) per layer:")
+    for first, last, types in expert_runs(r["expert_types"]):
+        print(f"  layers {first}-{last}: {types}" if last > first else f"  layer {first}: {types}")
+    print(f"  KV header quant bits (as ds4 derives them): {r['kv_quant_bits']}")
     if r["valid"]:
         print("\nds4 layout: valid")
     else:

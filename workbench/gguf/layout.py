@@ -182,7 +182,20 @@ def ds4_compat_problems(args: ModelArgs) -> list[str]:
     return problems
 
 
+def expert_types(f: GGUFFile) -> list[tuple[int, str, str, str]]:
+    """(layer, gate, up, down type names) of every layer with routed experts, in layer order
+    ("-" for a missing tensor)."""
+    n_layer = f.metadata.get(PREFIX + "block_count", 0)
+    out = []
+    for L in range(n_layer if isinstance(n_layer, int) else 0):
+        infos = [f.tensors.get(f"blk.{L}.ffn_{p}_exps.weight") for p in ("gate", "up", "down")]
+        if any(i is not None for i in infos):
+            out.append((L, *(i.type_name if i is not None else "-" for i in infos)))
+    return out
+
+
 def routed_quant_bits(f: GGUFFile) -> int:
-    """ds4's KVC header byte 4: 4 when layer 0's gate experts are Q4_K, else 2."""
-    info = f.tensors.get("blk.0.ffn_gate_exps.weight")
-    return 4 if info is not None and info.ggml_type == Q4_K else 2
+    """ds4's KVC header byte 4: 4 when the first layer with routed experts has Q4_K gate
+    experts, else 2 (IQ2_XXS, MXFP4, Q8_0 ... all give 2)."""
+    first = expert_types(f)[:1]
+    return 4 if first and first[0][1] == GGML_TYPES[Q4_K].name else 2

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence, Union
 
 from workbench.spec.args import ConfigError, ModelArgs
-from workbench.spec.ggml import F16, F32, GGML_TYPES, I32, IQ2_XXS, Q2_K, Q4_K, Q8_0, row_bytes, type_names
+from workbench.spec.ggml import F16, F32, GGML_TYPES, I32, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0, row_bytes, type_names
 
-ROUTED_TYPES = frozenset({IQ2_XXS, Q2_K, Q4_K})  # routed experts; gate and up share one per layer
+# routed experts, per layer (ds4's files: IQ2_XXS gate/up + Q2_K down, Q4_K, MXFP4; ds4 also
+# accepts Q8_0); gate and up share one type within a layer
+ROUTED_TYPES = frozenset({IQ2_XXS, Q2_K, Q4_K, MXFP4, Q8_0})
 HC_SCALES = 3  # hc_*_scale: pre, post and combine scales
 
 

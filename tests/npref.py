@@ -5,7 +5,9 @@ Written plainly from ``shared/reference/ds4-architecture.md`` §2 (forward pass)
 and experts where the spec describes them that way, float64 everywhere. It shares no code
 with the workbench's reader, dequantizers or model: weights come from the ``gguf`` PyPI
 package (``GGUFReader`` + ``gguf.quants.dequantize``) and every hyperparameter from the
-file's ``deepseek4.*`` metadata.
+file's ``deepseek4.*`` metadata. Each tensor is decoded by its own ggml type, so routed
+experts may differ from layer to layer (the q2-q4 file) and be of any type gguf-py decodes
+(IQ2_XXS, Q2_K, Q4_K, Q8_0, MXFP4, ...); tensors are found by name, whatever the file order.
 
 Left out on purpose (ds4 implementation details, §2.9): float16 rounding of cached rows and
 int8 activation quantization. Kept (part of the model graph): FP8-E4M3 simulation of KV

@@ -13,7 +13,7 @@ from gguf import GGUFValueType as V
 
 import gguf_helpers as H
 from workbench.cli import main
-from workbench.gguf.layout import ds4_compat_problems, validate_ds4
+from workbench.gguf.layout import ds4_compat_problems, expert_types, routed_quant_bits, validate_ds4
 from workbench.gguf.reader import GGUFFile
 from workbench.spec import ggml as T
 from workbench.spec.keys import METADATA_KEYS
@@ -98,8 +98,9 @@ def test_gate_type_pins_gate_and_up():
     assert specs["blk.7.ffn_gate_exps.weight"].types == {T.Q4_K}
     assert specs["blk.7.ffn_up_exps.weight"].types == {T.Q4_K}
     assert specs["blk.7.ffn_down_exps.weight"].types == ROUTED_TYPES
-    with pytest.raises(ConfigError, match="Q8_0"):
-        expected_tensors(REAL, gate_type=T.Q8_0)
+    with pytest.raises(ConfigError, match="F16"):
+        expected_tensors(REAL, gate_type=T.F16)
+    assert expected_tensors(REAL, gate_type=T.MXFP4)["blk.7.ffn_up_exps.weight"].types == {T.MXFP4}
 
 
 @pytest.mark.parametrize("key", [k for k in METADATA_KEYS if k.field and k.field not in ("compress_ratios", "swiglu_clamp")],
@@ -208,9 +209,10 @@ def test_rows_not_whole_blocks(tmp_path):
     assert "blk.*.attn_q_b.weight rows are 48 elements by the metadata, not a multiple of 32 (Q8_0 blocks)" \
         in problems
     assert sum("rows are" in x for x in problems) == 1  # F16 indexer.attn_q_b has no block constraint
-    p = H.write_tiny(tmp_path / "bad2.gguf", set_keys={P + "expert_feed_forward_length": (128, V.UINT32, None)})
-    assert ("blk.*.ffn_down_exps.weight rows are 128 elements by the metadata, not a multiple of 256 "
-            "(IQ2_XXS/Q2_K/Q4_K blocks)") in _problems(p)
+    # routed experts may be MXFP4 or Q8_0 (32-element blocks): 128 is fine by the metadata, 48 is not
+    p = H.write_tiny(tmp_path / "bad2.gguf", set_keys={P + "expert_feed_forward_length": (48, V.UINT32, None)})
+    assert ("blk.*.ffn_down_exps.weight rows are 48 elements by the metadata, not a multiple of 32 "
+            "(IQ2_XXS/MXFP4/Q2_K/Q4_K/Q8_0 blocks)") in _problems(p)
 
 
 def test_tokenizer_problems(tmp_path):
@@ -229,12 +231,24 @@ def test_experts_types(tmp_path):
     # per-layer mixes are fine (ds4's "mixed" splice), gate and up must agree within a layer
     ok = H.write_tiny(tmp_path / "mixed.gguf", expert_types={3: (Q.Q4_K, Q.Q4_K), 2: (Q.Q2_K, Q.Q4_K)})
     assert _problems(ok) == []
+    # today's formats: MXFP4 (ds4f-mxfp4) and Q8_0 experts, any mix per layer
+    today = H.write_tiny(tmp_path / "today.gguf", expert_types={0: (Q.MXFP4, Q.MXFP4), 1: (Q.Q8_0, Q.MXFP4)})
+    assert _problems(today) == []
+    with GGUFFile(today) as f:
+        assert expert_types(f)[:3] == [(0, "MXFP4", "MXFP4", "MXFP4"), (1, "Q8_0", "Q8_0", "MXFP4"),
+                                       (2, "IQ2_XXS", "IQ2_XXS", "Q2_K")]
+        assert routed_quant_bits(f) == 2  # ds4: only a Q4_K gate in the first expert layer gives 4
+    with GGUFFile(ok) as f:
+        assert routed_quant_bits(f) == 2
+    q4_first = H.write_tiny(tmp_path / "q4.gguf", expert_types={0: (Q.Q4_K, Q.IQ2_XXS)})
+    with GGUFFile(q4_first) as f:
+        assert routed_quant_bits(f) == 4
     bad = H.write_tiny(tmp_path / "bad.gguf", tensors={
         "blk.1.ffn_up_exps.weight": (Q.Q4_K, (H.NE, H.FF, H.D)),
-        "blk.2.ffn_down_exps.weight": (Q.Q8_0, (H.NE, H.D, H.FF))})
+        "blk.2.ffn_down_exps.weight": (Q.F16, (H.NE, H.D, H.FF))})
     assert _problems(bad) == [
         "blk.1.ffn_up_exps.weight: type Q4_K, but ffn_gate_exps is IQ2_XXS: gate and up experts must share a type",
-        "blk.2.ffn_down_exps.weight: type Q8_0, expected IQ2_XXS/Q2_K/Q4_K",
+        "blk.2.ffn_down_exps.weight: type F16, expected IQ2_XXS/MXFP4/Q2_K/Q4_K/Q8_0",
     ]
 
 
@@ -284,7 +298,8 @@ def test_compat_names_each_difference(tiny):
 def test_inspect_json(tiny, capsys):
     assert main(["inspect", str(tiny), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert set(r) == {"path", "version", "metadata", "tensors", "bytes_per_type", "n_tensors", "file_bytes", "valid",
+    assert set(r) == {"path", "version", "metadata", "tensors", "bytes_per_type", "expert_types", "kv_quant_bits",
+                      "n_tensors", "file_bytes", "valid",
                       "problems", "ds4_compat"}
     assert r["path"] == str(tiny) and r["version"] == 3 and r["valid"] is True and r["problems"] == []
     assert r["file_bytes"] == tiny.stat().st_size

@@ -9,17 +9,17 @@ with an asymmetric clamp (gate ≤ c, up in [-c, c]); the shared expert uses it 
 Routed experts stay quantized. Two ways to apply an expert to the rows routed to it:
 
 * **native** (MXFP4, Q8_0 and Q4_K experts, :mod:`workbench.gguf.mlxquant`): the expert's raw
-  blocks are repacked into MLX's own quantized layout (``mxfp4``, affine 8-bit, affine
-  4-bit; group 32; the same weights, see that module) and applied with ``mx.gather_qmm``,
-  every native expert of a batch in one call;
+  blocks are taken as MLX's own quantized layout (``mxfp4`` as they are, with the inputs
+  permuted; affine 8-bit and 4-bit after a repacking pass; group 32; the same weights, see
+  that module) and applied with ``mx.gather_qmm``, every native expert of a batch in one call;
 * **dequantized**: the expert is dequantized to float32 once and its rows go through a
   float32 BLAS matmul.
 
 On Metal every expert of those three types is native. On the CPU MLX's quantized matmul
 is slow per row but saves the dequantization, so an expert is native when it has at most
 ``native_max_rows`` rows, by default :data:`NATIVE_MAX_ROWS` for its types (measured by
-``workbench bench --only experts`` on real-width experts); decode (one row per expert)
-is native, prefill mostly dequantized. The dequantized path handles a batch of experts at
+``workbench bench --only experts`` on real-width experts): decode (one row per expert)
+of MXFP4 and Q8_0 experts is native, prefill mostly dequantized. The dequantized path handles a batch of experts at
 a time (``expert_batch_bytes`` of float32 weights). When gate and up are ``QTensor`` s of one type,
 they are dequantized together as one ``[2·n_ff, n_embd]`` matrix per expert and applied in
 one matmul. Dequantized batches are short-lived, equal-sized buffers: with MLX's buffer

@@ -567,3 +567,44 @@ def test_tiny_stays_well_conditioned_over_two_thousand_tokens(tiny_gguf: Path) -
     assert np.all(np.isfinite(x)) and 0.3 < rms(x) < 10
     logits = ref.logits(x)
     assert np.all(np.isfinite(logits)) and 0.3 < logits.std() < 3
+
+
+# ---- today's expert formats: MXFP4, mixed q2/q4 ----------------------------------------------
+
+def test_expert_formats_per_layer() -> None:
+    from workbench.synth import EXPERT_FORMATS
+
+    mx4 = (Q.MXFP4,) * 3
+    assert [tuple(map(Q, e)) for e in resolve_preset("tiny-mxfp4").experts] == [mx4] * 6
+    assert [tuple(map(Q, e)) for e in resolve_preset("tiny-q2q4").experts] == [Q2] * 5 + [Q4]
+    # real dims: ds4f-q2-q4 has Q4_K on layers 37-42; fewer layers keep the last one Q4_K
+    assert [tuple(map(Q, e)) for e in resolve_preset("real-dims-43", "q2q4").experts] == [Q2] * 37 + [Q4] * 6
+    assert [tuple(map(Q, e)) for e in resolve_preset("real-dims-2", "q2q4").experts] == [Q2, Q4]
+    assert [tuple(map(Q, e)) for e in resolve_preset("real-dims-1", "mxfp4").experts] == [mx4]
+    assert set(EXPERT_FORMATS) == {"q2", "q4", "mxfp4", "q2q4"}
+    with pytest.raises(WorkbenchError, match="expert format 'q3'"):
+        resolve_preset("tiny", "q3")
+    plan = {t.name: Q(t.ggml_type) for t in plan_tensors(resolve_preset("real-dims-2", "mxfp4"))}
+    assert plan["blk.1.ffn_down_exps.weight"] == Q.MXFP4 and plan["blk.1.ffn_down_shexp.weight"] == Q.Q8_0
+
+
+@pytest.mark.parametrize("preset,experts", [("tiny-mxfp4", None), ("tiny-q2q4", None), ("tiny", "q2q4")])
+def test_tiny_expert_presets_validate_and_have_the_intended_scales(tmp_path: Path, preset: str, experts: str | None,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / f"{preset}.gguf"
+    argv = ["synth", "--preset", preset, "--out", str(out), "--json"] + (["--experts", experts] if experts else [])
+    assert cli_main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["experts"] == experts
+    f = GGUFFile(out)
+    try:
+        assert validate_ds4(f) == []
+        for L in range(6):
+            for part in ("gate", "up", "down"):
+                t = f.tensors[f"blk.{L}.ffn_{part}_exps.weight"]
+                x = dequantize(f.raw(t.name)[:2], Q(t.ggml_type)).astype(np.float64)  # two experts
+                target = 1 / math.sqrt(t.dims[0])
+                assert target / 1.5 < rms(x) < target * 1.5 and abs(x.mean()) < 0.05 * rms(x), t.name
+        last = Q(f.tensors["blk.5.ffn_gate_exps.weight"].ggml_type)
+        assert last == (Q.MXFP4 if preset == "tiny-mxfp4" else Q.Q4_K)
+    finally:
+        f.close()

@@ -6,8 +6,15 @@ Presets (deterministic per seed):
 * ``tiny``: 6 layers (ratios 0,0,4,128,4,128), n_embd 256, 4 heads × 128, 8 experts × 256
   with 2 used, IQ2_XXS gate/up and Q2_K down experts, indexer top-k 8; about 110 MB.
 * ``tiny-q4``: the same with Q4_K for all three expert tensors.
+* ``tiny-mxfp4``: the same with MXFP4 experts (ggml type 39, as ds4's ``ds4f-mxfp4``).
+* ``tiny-q2q4``: the last layer Q4_K, the others IQ2_XXS/Q2_K (as ds4's ``ds4f-q2-q4``).
 * ``real-dims-N``: the real widths (ds4-architecture.md §0) for the first N layers
-  (1 <= N <= 43) with q2 expert types; about 1.6 GB + 1.95 GB per layer.
+  (1 <= N <= 43) with q2 expert types; about 1.6 GB + 1.95 GB per layer (q2).
+
+``experts`` (``workbench synth --experts``) gives any preset the routed experts of one of
+ds4's downloads (:data:`EXPERT_FORMATS`): ``q2`` (IQ2_XXS gate/up, Q2_K down), ``q4``
+(Q4_K), ``mxfp4`` (MXFP4) or ``q2q4`` (q2 with Q4_K on layers 37-42 as in ``ds4f-q2-q4``;
+a model of at most 37 layers gets Q4_K on its last layer, so it still mixes both).
 
 Weights are random but scaled so that activations stay finite and well conditioned over
 long contexts: projections have RMS 1/sqrt(fan_in) (they roughly preserve the RMS of a
@@ -37,7 +44,7 @@ import numpy as np
 from workbench.errors import WorkbenchError
 from workbench.gguf.writer import MetaValue, TensorInfo, ValueType, write_gguf
 from workbench.spec.args import ModelArgs, ds4_ratio_schedule
-from workbench.spec.ggml import F16, F32, GGML_TYPES, IQ2_XXS, Q2_K, Q4_K, Q8_0
+from workbench.spec.ggml import F16, F32, GGML_TYPES, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0
 from workbench.spec.keys import METADATA_KEYS
 from workbench.spec.tensors import ExpertIds, ExpertTypes, HCBase, Noise, PlannedTensor, uniform_experts
 from workbench.spec.tensors import plan_tensors as plan_for_args
@@ -63,6 +70,23 @@ class Preset:
 
 EXPERTS_Q2 = ExpertTypes(IQ2_XXS, IQ2_XXS, Q2_K)
 EXPERTS_Q4 = ExpertTypes(Q4_K, Q4_K, Q4_K)
+EXPERTS_MXFP4 = ExpertTypes(MXFP4, MXFP4, MXFP4)
+Q2Q4_FIRST_Q4 = 37  # ds4f-q2-q4: layers 37-42 have Q4_K experts
+
+
+def q2q4_experts(n_layer: int) -> tuple[ExpertTypes, ...]:
+    """q2 experts with Q4_K from layer 37 on (the last layer when there are at most 37)."""
+    first = min(Q2Q4_FIRST_Q4, n_layer - 1)
+    return tuple(EXPERTS_Q4 if L >= first else EXPERTS_Q2 for L in range(n_layer))
+
+
+# expert format name -> routed-expert types of each of n_layer layers
+EXPERT_FORMATS: dict[str, Callable[[int], tuple[ExpertTypes, ...]]] = {
+    "q2": functools.partial(uniform_experts, EXPERTS_Q2),
+    "q4": functools.partial(uniform_experts, EXPERTS_Q4),
+    "mxfp4": functools.partial(uniform_experts, EXPERTS_MXFP4),
+    "q2q4": q2q4_experts,
+}
 
 
 def _tiny_args() -> ModelArgs:
@@ -91,22 +115,34 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", _TINY, uniform_experts(EXPERTS_Q2, _TINY.n_layer)),
     "tiny-q4": Preset("tiny-q4", replace(_TINY, name="DeepSeek-V4-Flash synthetic tiny-q4"),
                       uniform_experts(EXPERTS_Q4, _TINY.n_layer)),
+    "tiny-mxfp4": Preset("tiny-mxfp4", replace(_TINY, name="DeepSeek-V4-Flash synthetic tiny-mxfp4"),
+                         uniform_experts(EXPERTS_MXFP4, _TINY.n_layer)),
+    "tiny-q2q4": Preset("tiny-q2q4", replace(_TINY, name="DeepSeek-V4-Flash synthetic tiny-q2q4"),
+                        q2q4_experts(_TINY.n_layer)),
 }
 PRESET_NAMES = (*PRESETS, "real-dims-N")
 _REAL_DIMS = re.compile(r"real-dims-(\d+)")
 
 
-def resolve_preset(name: str) -> Preset:
-    """The preset called ``name``: one of :data:`PRESETS` or ``real-dims-N``, 1 <= N <= 43."""
+def resolve_preset(name: str, experts: str | None = None) -> Preset:
+    """The preset called ``name``: one of :data:`PRESETS` or ``real-dims-N``, 1 <= N <= 43;
+    ``experts`` (a key of :data:`EXPERT_FORMATS`) replaces its routed-expert types."""
+    if experts is not None and experts not in EXPERT_FORMATS:
+        raise SynthError(f"unknown expert format {experts!r}; choose one of {', '.join(EXPERT_FORMATS)}")
     if name in PRESETS:
-        return PRESETS[name]
-    m = _REAL_DIMS.fullmatch(name)
-    if m is None:
-        raise SynthError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
-    n = int(m.group(1))
-    if not 1 <= n <= REAL_N_LAYER:
-        raise SynthError(f"preset {name!r}: N must be 1..{REAL_N_LAYER}, got {n}")
-    return Preset(name, _real_args(n), uniform_experts(EXPERTS_Q2, n))
+        p = PRESETS[name]
+    else:
+        m = _REAL_DIMS.fullmatch(name)
+        if m is None:
+            raise SynthError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+        n = int(m.group(1))
+        if not 1 <= n <= REAL_N_LAYER:
+            raise SynthError(f"preset {name!r}: N must be 1..{REAL_N_LAYER}, got {n}")
+        p = Preset(name, _real_args(n), uniform_experts(EXPERTS_Q2, n))
+    if experts is None:
+        return p
+    return replace(p, args=replace(p.args, name=f"{p.args.name} {experts}"),
+                   experts=EXPERT_FORMATS[experts](p.args.n_layer))
 
 
 def plan_tensors(preset: Preset) -> list[PlannedTensor]:
@@ -155,6 +191,7 @@ _Q8_0_MEAN_SQ = 1398144 / 256  # mean of q² over int8 -128..127
 _Q2_K_Q_VAR = 1.25  # variance of q uniform on 0..3
 _Q4_K_Q_VAR = 21.25  # variance of q uniform on 0..15
 _IQ2XXS_GRID_MEAN_SQ = 1094513 / 2048  # mean of byte² over ggml's iq2xxs grid (256 × 8 magnitudes)
+_MXFP4_MEAN_SQ = 68.5 / 8  # mean of v² over the E2M1 values 0, 0.5, 1, 1.5, 2, 3, 4, 6 (both signs)
 
 
 def _bitgen(seed: int, name: str) -> np.random.SFC64:
@@ -269,8 +306,17 @@ def _iq2_xxs_blocks(nb: int, std: float, bg: np.random.SFC64) -> np.ndarray:
     return blocks
 
 
+def _mxfp4_blocks(nb: int, std: float, bg: np.random.SFC64) -> np.ndarray:
+    """Random E2M1 codes (symmetric: mean 0) and one E8M0 exponent for all blocks, the power
+    of two that brings the expected block RMS nearest ``std`` (within a factor sqrt(2))."""
+    blocks = _random_bytes(bg, nb * 17).reshape(nb, 17)
+    e = round(math.log2(std / math.sqrt(_MXFP4_MEAN_SQ))) + 127
+    blocks[:, 0] = min(254, max(1, e))
+    return blocks
+
+
 _BLOCK_MAKERS: dict[int, Callable[[int, float, np.random.SFC64], np.ndarray]] = {
-    Q8_0: _q8_0_blocks, Q2_K: _q2_k_blocks, Q4_K: _q4_k_blocks, IQ2_XXS: _iq2_xxs_blocks,
+    Q8_0: _q8_0_blocks, Q2_K: _q2_k_blocks, Q4_K: _q4_k_blocks, IQ2_XXS: _iq2_xxs_blocks, MXFP4: _mxfp4_blocks,
 }
 
 
@@ -298,14 +344,15 @@ def tensor_chunks(t: PlannedTensor, seed: int) -> Iterator[np.ndarray]:
 
 
 def synthesize(preset: str, out: str | Path, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write the synthetic model ``preset`` to ``out`` (atomically) and return its path.
+               progress: Callable[[int, int], None] | None = None, experts: str | None = None) -> Path:
+    """Write the synthetic model ``preset`` (with ``experts``' routed-expert types, see
+    :func:`resolve_preset`) to ``out`` (atomically) and return its path.
 
-    Same preset and seed give byte-identical files. ``progress`` receives
+    Same preset, experts and seed give byte-identical files. ``progress`` receives
     ``(bytes written, total bytes)``. Memory stays bounded (a few chunks of
     :data:`CHUNK_BYTES`) whatever the file size.
     """
-    p = resolve_preset(preset)
+    p = resolve_preset(preset, experts)
     if not 0 <= seed < 2**63:
         raise SynthError(f"seed must be in 0..2**63-1, got {seed}")
     tensors = [(TensorInfo(t.name, t.dims, t.ggml_type), functools.partial(tensor_chunks, t, seed))

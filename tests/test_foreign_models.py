@@ -114,7 +114,8 @@ def write_foreign_gguf(path: Path, experts: list[tuple[QT, QT, QT]], seed: int =
             put(b + "exp_probs_b.bias", mat(m["n_expert"], fan_in=1) * 0.1, "f32")
         gate_t, up_t, down_t = experts[L]
         e, ff = m["n_expert"], m["n_ff"]
-        for name, qtype, shape in (("gate", gate_t, (e, ff, d)), ("up", up_t, (e, ff, d)), ("down", down_t, (e, d, ff))):
+        for name, qtype, shape in (("gate", gate_t, (e, ff, d)), ("up", up_t, (e, ff, d)),
+                                   ("down", down_t, (e, d, ff))):
             tensors[b + f"ffn_{name}_exps.weight"] = (expert_blocks(qtype, shape, rng), qtype)
         put(b + "ffn_gate_shexp.weight", mat(ff, d), "q8")
         put(b + "ffn_up_shexp.weight", mat(ff, d), "q8")

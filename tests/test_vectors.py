@@ -100,7 +100,8 @@ def crafted_fixture(root: Path, tiny: Path, frontier: int) -> tuple[Path, list[i
         lines = [f"case long_story text 64 {frontier} tests/story.txt 64"]
         lines += [f"top {r} {int(i)} {float(logits[i]) + shift:.7f}" for r, i in enumerate(top)]
         (root / sub / "local-golden.vec").write_text("\n".join(lines + ["end", ""]))
-        (root / sub / "official.vec").write_text("case short 64 1 tests/test-vectors/prompts/q.txt\nstep 0 41 1\ntop 41 0\nend\n")
+        (root / sub / "official.vec").write_text(
+            "case short 64 1 tests/test-vectors/prompts/q.txt\nstep 0 41 1\ntop 41 0\nend\n")
         (root / sub / "prompts" / "q.txt").write_text("Say A")
     return root, [int(i) for i in top]
 

@@ -77,7 +77,8 @@ def crossover(ctx: BenchContext, result: BenchResult, n_ff: int = N_FF, n_embd: 
                             "native_ms_per_expert": 1e3 * nat_s / n_expert,
                             "dequant_ms_per_expert": 1e3 * deq_s / n_expert, "max_rel_diff": rel})
             result.figures.append(Figure(
-                NAME, f"experts.{name}.native[{r}]", f"{n_expert} experts {n_ff}x{n_embd} (gate, up, down), {r} rows each",
+                NAME, f"experts.{name}.native[{r}]",
+                f"{n_expert} experts {n_ff}x{n_embd} (gate, up, down), {r} rows each",
                 nat_s / n_expert, "s", "dequantize + float32 BLAS, same experts and rows", deq_s / n_expert, False,
                 note=f"outputs differ by {rel:.1e} of the largest"))
         result.notes.append(f"{name}: native faster up to {faster} rows per expert on this machine "
@@ -138,7 +139,8 @@ def decode(ctx: BenchContext, result: BenchResult) -> None:
                         "decode_s_per_token": seconds, "tokens_per_s": 1 / seconds, "bound_tokens_per_s": bound},
                        table=f"{NAME}_decode")
         result.figures.append(Figure(
-            NAME, f"experts.decode.{experts}", f"real-dims-1, {experts} experts, {touched / 2**20:,.0f} MiB read per token",
+            NAME, f"experts.decode.{experts}",
+            f"real-dims-1, {experts} experts, {touched / 2**20:,.0f} MiB read per token",
             1 / seconds, "tok/s", f"memory bound ({bandwidth / 1e9:.1f} GB/s measured / bytes per token)", bound, True))
 
 

@@ -45,7 +45,8 @@ DEFAULT_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "ds4" / 
 LOCAL_TOP = 20
 LOGPROB_TOL = 4.0
 # disabled in ds4_test on the pre-0731 fixture only
-DISABLED = {"long_memory_archive": "disabled in ds4_test on pre-0731 (official fixture disagrees after the Hadamard+FP4 indexer)"}
+DISABLED = {"long_memory_archive":
+            "disabled in ds4_test on pre-0731 (official fixture disagrees after the Hadamard+FP4 indexer)"}
 CHECKPOINT_0731, CHECKPOINT_PRE = "0731", "pre-0731"
 FIXTURE_DIRS = {CHECKPOINT_0731: "flash-0731", CHECKPOINT_PRE: "."}
 # ds4's local-golden thresholds: top-n overlap minimums and the largest logit difference on ds4's top 20
@@ -170,7 +171,8 @@ def run_case(base: Session, tok: Tokenizer, case: Case, ctx_cap: int | None) -> 
     ids = encode_single(tok, text)
     ctx = case.ctx if ctx_cap is None else min(case.ctx, ctx_cap)
     if len(ids) + len(case.steps) > ctx:
-        return CaseResult(case.id, "fail", len(ids), f"{len(ids)} prompt tokens + {len(case.steps)} steps exceed ctx {ctx}")
+        return CaseResult(case.id, "fail", len(ids),
+                          f"{len(ids)} prompt tokens + {len(case.steps)} steps exceed ctx {ctx}")
     s = Session(base.model, ctx)
     s.prefill(ids)
     res = CaseResult(case.id, "pass", len(ids))
@@ -304,7 +306,8 @@ def run_golden(base: Session, tok: Tokenizer, case: GoldenCase, ctx_cap: int | N
     ids = golden_prompt(tok, case.mode, text)
     ctx = case.ctx if ctx_cap is None else min(case.ctx, ctx_cap)
     if len(ids) < case.frontier:
-        return GoldenResult(case.id, "fail", reason=f"{len(ids)} prompt tokens, fewer than the frontier {case.frontier}")
+        return GoldenResult(case.id, "fail",
+                            reason=f"{len(ids)} prompt tokens, fewer than the frontier {case.frontier}")
     if case.frontier > ctx:
         return GoldenResult(case.id, "fail", reason=f"frontier {case.frontier} exceeds ctx {ctx}")
     s = Session(base.model, ctx)
@@ -324,7 +327,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-long", action="store_true", help="skip cases whose prompt file exceeds 4 KiB")
     parser.add_argument("--skip-golden", action="store_true", help="run only the official vectors")
     parser.add_argument("--all", action="store_true", help="also run the case ds4_test disables")
-    parser.add_argument("--ctx", type=number(int, 1), default=None, help="cap every case's context (default: the case's)")
+    parser.add_argument("--ctx", type=number(int, 1), default=None,
+                        help="cap every case's context (default: the case's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

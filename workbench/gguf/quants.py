@@ -7,7 +7,8 @@ Every dequantizer is bit-identical to ``gguf.quants.dequantize`` (the reference)
 same float32 operations in the same order: f16 scales widened to float32 first, then
 ``(d*sc)*q - dmin*m`` for the K-quants (the products are exact in float32, only the
 subtraction rounds, so a fused multiply-add would give the same bits), ``d*q`` for Q8_0 and
-``(d*(0.5+s))*0.25*grid*sign`` for IQ2_XXS, ``e8m0_half(e)*(2·e2m1)`` for MXFP4. Every result has the reference's bit pattern,
+``(d*(0.5+s))*0.25*grid*sign`` for IQ2_XXS, ``e8m0_half(e)*(2·e2m1)`` for MXFP4. Every result has the
+reference's bit pattern,
 including infinities and NaNs from inf/NaN scale bytes. One exception, by choice: an F16
 *tensor* element that is a signalling NaN widens to a quiet NaN (MLX's hardware cast; NumPy
 keeps the quiet bit clear). It is NaN either way; keeping the payload would make F16

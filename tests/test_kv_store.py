@@ -16,6 +16,7 @@ from test_kv_format import SMALL, assert_same_state
 
 from workbench.cli import main as cli_main
 from workbench.kv import store as S
+from workbench.kv.eviction import EvictionRules
 from workbench.kv.format import ExtFlag, SaveReason, kv_file_bytes, read_header
 from workbench.kv.store import KVLoadError, KVStore, verify_file
 from workbench.state import random_state
@@ -196,12 +197,50 @@ def test_eviction_protects_new_and_listed_files_and_tie_breaks_by_age(tmp_path) 
     # equal scores: the older last_used goes first
     r = st.save(random_state(SMALL, 300, CTX, seed=3), "x" * 10, SaveReason.CONTINUED)
     assert [e.path for e in r.evicted] == [old]
-    # the file a lookup just found is protected from the evict save's own pass
+    # today's ds4 protects nothing: the evict save may delete the file a lookup just found
     hit = st.lookup("n" * 10 + "tail", CTX)
     set_header(hit.path, last_used=now - 10**6)
     r = st.save(random_state(SMALL, 300, CTX, seed=4), "y" * 10, SaveReason.EVICT, protect=[hit])
-    assert hit.path.exists() and [e.path.name[:1] for e in r.evicted] != [hit.path.name[:1]]
+    assert not hit.path.exists() and r.path.exists()
+    # with protect_hit (the workbench's fix of ds4 #447/#448) the lookup's hit survives
+    st.eviction = EvictionRules.preset("ds4", protect_hit=True)
+    hit = st.lookup("x" * 10 + "tail", CTX)
+    set_header(hit.path, last_used=now - 10**6)
+    r = st.save(random_state(SMALL, 300, CTX, seed=5), "z" * 10, SaveReason.EVICT, protect=[hit])
+    assert hit.path.exists() and [e.path for e in r.evicted] != [hit.path]
     assert r.path.exists() and len(st.entries()) == 2
+
+
+def test_may_2026_rules_write_then_evict_sparing_the_new_file(tmp_path) -> None:
+    size = _file_size(300, 10)
+    st = make_store(tmp_path, budget_mb=(2 * size + 100) / (1024 * 1024),
+                    eviction=EvictionRules.preset("ds4-2026-05"))
+    a = st.save(random_state(SMALL, 300, CTX, seed=1), "a" * 10, SaveReason.COLD).path
+    st.save(random_state(SMALL, 300, CTX, seed=2), "b" * 10, SaveReason.CONTINUED)
+    r = st.save(random_state(SMALL, 300, CTX, seed=3), "c" * 10, SaveReason.CONTINUED)
+    # no reason weights in May: equal scores, the older file goes, after the write
+    assert [e.path for e in r.evicted] == [a] and r.evicted[0].why == "disk-cache-full"
+    assert [e.kind for e in st.events][-2:] == ["evicted", "saved"] and r.path.exists()
+
+
+def test_continued_prefix_of_the_incoming_text_is_evicted_first(tmp_path) -> None:
+    st = make_store(tmp_path, budget_mb=(2 * _file_size(310, 14) + 100) / (1024 * 1024))
+    prefix = st.save(random_state(SMALL, 300, CTX, seed=1), "p" * 10, SaveReason.CONTINUED).path
+    other = st.save(random_state(SMALL, 300, CTX, seed=2), "q" * 10, SaveReason.CONTINUED).path
+    set_header(prefix, last_used=int(time.time()))
+    set_header(other, last_used=int(time.time()) - 1000)  # older: LRU would pick it
+    r = st.save(random_state(SMALL, 310, CTX, seed=3), "p" * 10 + "more", SaveReason.CONTINUED)
+    assert [e.path for e in r.evicted] == [prefix] and other.exists()
+
+
+def test_lookup_skips_another_model_id(tmp_path) -> None:
+    st = make_store(tmp_path)
+    path = st.save(random_state(SMALL, 300, CTX), "m" * 10, SaveReason.COLD).path
+    assert st.lookup("m" * 10 + "x", CTX) is not None
+    with open(path, "r+b") as f:
+        f.seek(7)
+        f.write(bytes([1]))  # byte 7: model id 1 (Pro)
+    assert st.lookup("m" * 10 + "x", CTX) is None and st.events[-1].reason == "model-mismatch"
 
 
 def test_oversize_and_no_room_saves_are_skipped_without_touching_files(tmp_path) -> None:
@@ -210,7 +249,7 @@ def test_oversize_and_no_room_saves_are_skipped_without_touching_files(tmp_path)
     r = st.save(random_state(SMALL, 300, CTX), "z" * 10, SaveReason.COLD)
     assert r.status == "skipped" and "exceeds the budget" in r.detail and st.entries() == []
     (tmp_path / "big.bin").write_bytes(b"\0" * (size // 2))
-    st2 = make_store(tmp_path, budget_mb=(size + 100) / (1024 * 1024))
+    st2 = make_store(tmp_path, budget_mb=(size + size // 100 + 100) / (1024 * 1024))  # ds4's 1% slack
     r = st2.save(random_state(SMALL, 300, CTX), "z" * 10, SaveReason.COLD)
     assert r.status == "skipped" and st2.events[-1].why == "no-room" and (tmp_path / "big.bin").exists()
 

@@ -8,9 +8,10 @@
 
 The order follows ds4-server (``ds4-kvcache.md`` §2.1): the live state is reused when its
 rendered text (the decode of its exact tokens) is a byte prefix of the new prompt; on a
-miss the disk cache is searched for the longest stored text prefix, the live state is
-saved as ``evict`` (protecting the file about to be loaded), the hit is restored and only
-the remaining text is tokenized (ds4's seven specials recognised) and prefilled. A
+miss the live state is saved as ``evict`` and the disk cache is searched for the longest
+stored text prefix (with ``policy.protect_hit`` the lookup comes first and the save spares
+the file about to be loaded), the hit is restored and only the remaining text is
+tokenized (ds4's seven specials recognised) and prefilled. A
 complete miss is prefilled from token 0 and saved ``cold`` at the policy's boundary;
 ``continued`` saves land on absolute multiples of the policy's step. Every save stops
 the prefill at exactly the saved length, so a checkpoint never slices a longer state.
@@ -28,7 +29,7 @@ import pandas as pd
 
 from workbench.chat import render_messages, render_single
 from workbench.kv.format import SaveReason
-from workbench.kv.policy import ContinuedSchedule, KVPolicy
+from workbench.kv.policy import ContinuedSchedule, KVPolicy, plan_saves
 from workbench.kv.store import KVLoadError, KVSaveError, KVStore
 from workbench.sampling import Sampler, greedy, top_tokens
 from workbench.session import Progress, Session
@@ -226,12 +227,15 @@ class Engine:
                "incoming-prompt-shorter-than-live-checkpoint" if len(rendered) < len(live) else "text-mismatch")
         if live_n:
             self._record("miss", request=req, source="live", reason=why, tokens=live_n)
-        hit = self.store.lookup(rendered, self.session.ctx) if self.store is not None else None
+        protect = self.policy.protect_hit
+        hit = self.store.lookup(rendered, self.session.ctx) if self.store is not None and protect else None
         save_s = 0.0
         if live_n and self.store is not None and self.policy.evict_due(live_n) and live_n != self._saved_len:
             t = time.perf_counter()
             saves.append(self._save("evict", req, "", protect=[hit] if hit is not None else []))
             save_s = time.perf_counter() - t
+        if self.store is not None and not protect:  # ds4's order: the evict save, then the lookup
+            hit = self.store.lookup(rendered, self.session.ctx)
         if hit is not None:
             t = time.perf_counter()
             try:
@@ -267,21 +271,14 @@ class Engine:
 
     def _save_points(self, tokens: list[int], source: str, req: int) -> dict:
         """{length: reason} of the saves this prefill should stop at, plus a 'note'."""
-        stops: dict[Any, Any] = {}
         if self.store is None:
-            return stops
-        start, end = self.session.n_tokens, len(tokens)
-        if source == "none":
-            target = self.policy.cold_target(tokens, self.tokenizer.user, self.tokenizer.assistant)
-            if target.length is not None:
-                stops[target.length] = "cold"
-                self._cold_claim = self.schedule.claim_cold(target.length)
-            stops["note"] = f"cold save: {target.reason}"
-        step = self.policy.continued_step()
-        if step:
-            for frontier in range((start // step + 1) * step, end + 1, step):
-                if frontier not in stops and self.schedule.due(frontier):
-                    stops[frontier] = "continued"
+            return {}
+        plan = plan_saves(self.policy, self.schedule, tokens, self.session.n_tokens, source,
+                          self.tokenizer.user, self.tokenizer.assistant)
+        self._cold_claim = plan.cold_claim
+        stops: dict[Any, Any] = dict(plan.stops)
+        if plan.note:
+            stops["note"] = plan.note
         return stops
 
     def _prefill(self, tokens: list[int], prompt_len: int) -> float:

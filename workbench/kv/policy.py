@@ -3,12 +3,14 @@
 Defaults are ds4's (``ds4_kvstore_default_options``): min 512 tokens, cold saves up to
 30,000 tokens, a continued save every 10,000 tokens rounded up to the 2,048 alignment
 (so every 10,240), cold boundaries trimmed by 32 tokens and aligned down to 2,048, a
-4,096 MiB disk budget, hit evidence halving every 6 h. Departures, all opt-in or
-additive: ``cold_target`` says *why* there is no cold save (ds4 is silent above
-cold_max, issue #392) and can save long prompts at a boundary below cold_max
-(``cold_long_prompts``); eviction weights files by save reason (cold/evict/shutdown x2,
-as later upstream ds4 does); consuming a restored file is a separate setting
-(``consume_on_load_above``, issue #673) instead of being tied to cold_max.
+4,096 MiB disk budget, hit evidence halving every 6 h, and today's ds4 eviction
+(``eviction="ds4"``; ``KVPolicy.preset("ds4-2026-05")`` gives the May-2026 rules, see
+``workbench.kv.eviction``). Departures, all opt-in or additive: ``cold_target`` says
+*why* there is no cold save (ds4 is silent above cold_max, issue #392) and can save long
+prompts at a boundary below cold_max (``cold_long_prompts``); consuming a restored file
+is a separate setting (``consume_on_load_above``, issue #673) instead of being tied to
+cold_max; ``protect_hit`` spares the checkpoint a lookup found from the evict save's
+eviction (issues #447/#448).
 
 Token counts are checkpoint lengths in tokens; times are Unix seconds.
 """
@@ -16,17 +18,14 @@ Token counts are checkpoint lengths in tokens; times are Unix seconds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from workbench.errors import WorkbenchError
+from workbench.kv.eviction import (  # noqa: F401  (effective_hits, eviction_score: re-exported)
+    HIT_HALF_LIFE_S, PRESETS, EvictionError, EvictionRules, effective_hits, eviction_score,
+)
 from workbench.kv.format import SaveReason
-
-HIT_HALF_LIFE_S = 21600.0  # ds4: hits lose half their weight every 6 hours
-MIN_EFFECTIVE_HITS = 0.01  # ds4: decayed hit evidence below this counts as none
-DEFAULT_REASON_WEIGHTS: Mapping[SaveReason, float] = {
-    SaveReason.COLD: 2.0, SaveReason.EVICT: 2.0, SaveReason.SHUTDOWN: 2.0,
-}
 
 
 class KVPolicyError(WorkbenchError):
@@ -71,9 +70,11 @@ class KVPolicy:
     boundary_align: int = 2048  # 0: no alignment (also makes the continued step exact)
     budget_mb: float | None = 4096.0  # None: no limit
     half_life_s: float = HIT_HALF_LIFE_S
-    reason_weights: Mapping[SaveReason, float] = field(default_factory=lambda: dict(DEFAULT_REASON_WEIGHTS), hash=False)
+    reason_weights: Mapping[SaveReason, float] | None = None  # None: the eviction preset's
     cold_long_prompts: bool = False  # save prompts above cold_max at a boundary below it
     consume_on_load_above: int | None = None  # delete restored files deeper than this
+    eviction: str = "ds4"  # a preset of workbench.kv.eviction: ds4 | ds4-2026-05 | lru | lfu | size
+    protect_hit: bool = False  # the evict save's eviction spares the checkpoint about to be loaded
 
     def __post_init__(self) -> None:
         if self.min_tokens <= 0:
@@ -87,8 +88,28 @@ class KVPolicy:
             raise KVPolicyError(f"budget_mb must be a finite number > 0, or None, got {self.budget_mb}")
         if not (0 < self.half_life_s and math.isfinite(self.half_life_s)):
             raise KVPolicyError(f"half_life_s must be > 0, got {self.half_life_s}")
-        if not all(0 < w and math.isfinite(w) for w in self.reason_weights.values()):
-            raise KVPolicyError(f"reason weights must be > 0: {dict(self.reason_weights)}")
+        try:
+            self.eviction_rules()
+        except EvictionError as err:
+            raise KVPolicyError(str(err)) from None
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "KVPolicy":
+        """ds4's save policy with the eviction preset ``name``; ``ds4-2026-05`` also consumes
+        restores deeper than cold_max, as ds4 did then."""
+        if name not in PRESETS:
+            raise KVPolicyError(f"unknown eviction policy {name!r}; expected one of {sorted(PRESETS)}")
+        policy = cls(eviction=name, **overrides)
+        if name == "ds4-2026-05" and "consume_on_load_above" not in overrides and policy.cold_max_tokens:
+            policy = replace(policy, consume_on_load_above=policy.cold_max_tokens)
+        return policy
+
+    def eviction_rules(self) -> EvictionRules:
+        """The store's eviction rules: the preset with this policy's weights, half-life and hit protection."""
+        extra: dict = {"half_life_s": self.half_life_s, "protect_hit": self.protect_hit}
+        if self.reason_weights is not None:
+            extra["reason_weights"] = dict(self.reason_weights)
+        return EvictionRules.preset(self.eviction, **extra)
 
     # ---- where ----------------------------------------------------------------------
     def store_len(self, prompt_len: int) -> int:
@@ -184,23 +205,32 @@ class ContinuedSchedule:
             self.last_store = previous
 
 
-def effective_hits(hits: int, last_used: int, created_at: int, now: float,
-                   half_life_s: float = HIT_HALF_LIFE_S) -> float:
-    """Hit count decayed by age since last use (falling back to creation); < 0.01 counts as 0."""
-    stamp = last_used or created_at
-    if not hits or not stamp:
-        return 0.0
-    eff = hits * 2.0 ** (-max(0.0, now - stamp) / half_life_s)
-    return eff if eff >= MIN_EFFECTIVE_HITS else 0.0
+@dataclass(frozen=True)
+class SavePlan:
+    """Where one request's prefill stops to save: {length: reason}, the cold note, and the
+    continued frontier a cold save claimed (``ContinuedSchedule.rollback`` value)."""
+
+    stops: dict[int, str]
+    note: str
+    cold_claim: int | None
 
 
-def eviction_score(tokens: int, file_size: int, hits: int, last_used: int, created_at: int,
-                   reason: SaveReason, now: float, half_life_s: float = HIT_HALF_LIFE_S,
-                   reason_weights: Mapping[SaveReason, float] | None = None) -> float:
-    """ds4's keep-worthiness (eff_hits + 1) * tokens / bytes, times the save reason's weight.
-
-    The lowest score is evicted first; ``reason_weights`` None uses the defaults, {} none.
-    """
-    weights = DEFAULT_REASON_WEIGHTS if reason_weights is None else reason_weights
-    eff = effective_hits(hits, last_used, created_at, now, half_life_s)
-    return (eff + 1.0) * tokens / max(1, file_size) * weights.get(SaveReason(reason), 1.0)
+def plan_saves(policy: KVPolicy, schedule: ContinuedSchedule, tokens: Sequence[int], start: int, source: str,
+               user_id: int | None, assistant_id: int | None) -> SavePlan:
+    """The saves a prefill of ``tokens[start:]`` makes (``source``: how the prefix was
+    reused, live | disk | none): a cold save after a complete miss, continued saves at the
+    due frontiers. Claims the cold frontier in ``schedule`` (the only state it changes)."""
+    stops: dict[int, str] = {}
+    note, claim = "", None
+    if source == "none":
+        target = policy.cold_target(tokens, user_id, assistant_id)
+        if target.length is not None:
+            stops[target.length] = "cold"
+            claim = schedule.claim_cold(target.length)
+        note = f"cold save: {target.reason}"
+    step = policy.continued_step()
+    if step:
+        for frontier in range((start // step + 1) * step, len(tokens) + 1, step):
+            if frontier not in stops and schedule.due(frontier):
+                stops[frontier] = "continued"
+    return SavePlan(stops, note, claim)

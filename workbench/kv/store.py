@@ -32,10 +32,13 @@ pass, which ds4 does not (issues #447/#448). A cold save then uses
 ``policy.shutdown_due``; the session is synced to exactly the saved length first.
 
 Budget and eviction: every file in the directory counts (foreign, invalid, stale tmp,
-quarantined), only valid ``.kv`` files are evicted, lowest ``policy.eviction_score``
-first (ds4's score, times a per-save-reason weight); room is made before writing, a
-file that alone exceeds the budget is not written, and the file just written (plus any
-``protect``-ed ones) survives the pass that follows. Processes sharing a
+quarantined), only valid ``.kv`` files are evicted, in the order and at the moments the
+store's ``EvictionRules`` say (``workbench.kv.eviction``: today's ds4 by default, which
+makes room before writing; the May-2026 preset evicts after the write, sparing the new
+file); a file that alone exceeds the budget (plus ds4's 1% slack) is not written.
+``protect``-ed files (the lookup's hit) are spared only with ``protect_hit``. Lookup skips
+files of another model id (header byte 7) and, with ``reject_different_quant``, of other
+quant bits, as ds4 does. Processes sharing a
 directory coordinate through ``workbench.kv.lock.DirLock``. Every operation records a
 small event dataclass in ``store.events`` (and passes it to ``on_event``).
 """
@@ -54,7 +57,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO, Callable, ClassVar, Iterable, Mapping
+from typing import BinaryIO, Callable, ClassVar, Iterable
 
 from workbench.atomic import fsync_dir, tmp_path
 from workbench.errors import WorkbenchError
@@ -64,8 +67,9 @@ from workbench.kv.format import (
     make_header, parse_header, read_header, read_kv_file, read_payload_summary, read_text, text_crc, write_all,
     write_kv_file, write_payload,
 )
+from workbench.kv.eviction import Candidate, EvictionRules, keep_value, plan_eviction
 from workbench.kv.lock import LOCK_NAME, DirLock
-from workbench.kv.policy import HIT_HALF_LIFE_S, KVPolicy, eviction_score
+from workbench.kv.policy import KVPolicy
 from workbench.spec.statelayout import StateLayout
 from workbench.state import SessionState
 
@@ -155,7 +159,8 @@ class Hit(KVEvent):
 class Miss(KVEvent):
     kind: ClassVar[str] = "miss"
     prompt_bytes: int
-    # no-entries | no-prefix-match | below-min-tokens | ctx-too-large | quant-mismatch | text-mismatch
+    # no-entries | no-prefix-match | below-min-tokens | ctx-too-large | model-mismatch | quant-mismatch
+    # | text-mismatch
     # | failed-before (the file failed to load and has not changed since)
     reason: str
     candidates: int  # files whose SHA matched a prefix but were rejected
@@ -337,7 +342,9 @@ class KVStore:
 
     ``budget_mb`` (MiB, None: unlimited) caps the bytes of *all* files in the directory;
     ``min_tokens`` is the default lookup floor; ``quant_bits`` (2 or 4) is written into
-    new headers and, with ``reject_different_quant``, required on lookup. ``maintain``
+    new headers and, with ``reject_different_quant``, required on lookup; ``model_id``
+    (header byte 7, Flash 0) is required on lookup. ``eviction`` (None: today's ds4) says
+    which files go and when. ``maintain``
     sweeps stale temp files of dead processes (older than ``tmp_grace_s``) and evicts to
     the budget on open, as ds4 does at startup; pass False to only read. ``on_event`` is
     called with each event, possibly while the directory lock is held: it must not call
@@ -346,8 +353,7 @@ class KVStore:
 
     def __init__(self, directory: str | os.PathLike, budget_mb: float | None = 4096, min_tokens: int = 512, *,
                  quant_bits: int = 2, reject_different_quant: bool = False, checksum: bool = True,
-                 half_life_s: float = HIT_HALF_LIFE_S, reason_weights: Mapping[SaveReason, float] | None = None,
-                 consume_on_load_above: int | None = None, tmp_grace_s: float = 60.0, create: bool = True,
+                 eviction: EvictionRules | None = None, model_id: int = 0, consume_on_load_above: int | None = None, tmp_grace_s: float = 60.0, create: bool = True,
                  maintain: bool = True, on_event: Callable[[KVEvent], None] | None = None, events_max: int = 1000):
         self.dir = Path(directory)
         if create:
@@ -366,8 +372,8 @@ class KVStore:
         self.quant_bits = quant_bits
         self.reject_different_quant = reject_different_quant
         self.checksum = checksum
-        self.half_life_s = half_life_s
-        self.reason_weights = reason_weights
+        self.eviction = eviction or EvictionRules()
+        self.model_id = model_id
         self.consume_on_load_above = consume_on_load_above
         self.tmp_grace_s = tmp_grace_s
         self.on_event = on_event
@@ -390,9 +396,9 @@ class KVStore:
 
     @classmethod
     def from_policy(cls, directory: str | os.PathLike, policy: KVPolicy, **kw) -> "KVStore":
-        """A store with the policy's budget, min tokens, half-life, weights and consume rule."""
-        return cls(directory, policy.budget_mb, policy.min_tokens, half_life_s=policy.half_life_s,
-                   reason_weights=policy.reason_weights, consume_on_load_above=policy.consume_on_load_above, **kw)
+        """A store with the policy's budget, min tokens, eviction rules and consume rule."""
+        return cls(directory, policy.budget_mb, policy.min_tokens, eviction=policy.eviction_rules(),
+                   consume_on_load_above=policy.consume_on_load_above, **kw)
 
     # ---- index ------------------------------------------------------------------------
     @property
@@ -543,6 +549,8 @@ class KVStore:
             return "below-min-tokens"
         if e.ctx > ctx:
             return "ctx-too-large"
+        if e.header.reserved7 != self.model_id:
+            return "model-mismatch"
         if self.reject_different_quant and e.header.quant_bits != self.quant_bits:
             return "quant-mismatch"
         return None
@@ -656,7 +664,9 @@ class KVStore:
         key = encode_text(text)
         sha = text_sha(key)
         final = self.dir / f"{sha}.kv"
-        keep = {p.sha if isinstance(p, Entry) else str(p).lower() for p in protect} | {sha}
+        rules = self.eviction
+        keep = {sha} | ({p.sha if isinstance(p, Entry) else str(p).lower() for p in protect}
+                        if rules.protect_hit else set())
         t0 = time.perf_counter()
         with self._save_mutex:
             try:
@@ -670,16 +680,17 @@ class KVStore:
                 self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=0, why="already-stored"))
                 return SaveResult(final, "exists", 0, time.perf_counter() - t0, detail="already-stored")
             budget = self.budget_bytes
-            if budget is not None and predicted > budget:
+            if not rules.admits(predicted, budget):
                 self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=predicted, why="exceeds-budget"))
                 return SaveResult(final, "skipped", 0, time.perf_counter() - t0,
                                   detail=f"file of {predicted} bytes exceeds the budget of {budget}")
             evicted: list[Evicted] = []
             room = True
-            if budget is not None:
+            if budget is not None and rules.pre_write:
                 with self.lock.exclusive():
                     self._scan(full=True)
-                    evicted = self._evict(budget, keep, incoming=predicted, replacing=final.name, why="make-room")
+                    evicted = self._evict(budget, keep, incoming=predicted, replacing=final.name, why="make-room",
+                                          incoming_text=key)
                     room = self._total() - self._size_of(final.name) + predicted <= budget
             if not room:
                 self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=predicted, why="no-room"))
@@ -701,7 +712,7 @@ class KVStore:
                         final, sha, replace(header, file_size=st.st_size), st.st_mtime_ns))
                     if existing is not None:
                         self._emit(Replaced(path=final, why=existing))
-                    if budget is not None:
+                    if budget is not None and rules.post_write:
                         self._scan(full=True)
                         evicted += self._evict(budget, keep, incoming=0, replacing="", why="disk-cache-full")
             except BaseException as err:
@@ -802,10 +813,16 @@ class KVStore:
         return path
 
     def score(self, entry: Entry, now: float | None = None) -> float:
-        """The entry's keep-worthiness (higher survives longer)."""
-        h = entry.header
-        return eviction_score(h.tokens, h.file_size, h.hits, h.last_used, h.created_at, h.reason,
-                              time.time() if now is None else now, self.half_life_s, self.reason_weights)
+        """The entry's keep-worthiness under the store's eviction order (higher survives longer)."""
+        return keep_value(self._candidate(entry, b""), time.time() if now is None else now, self.eviction)[0]
+
+    @staticmethod
+    def _candidate(e: Entry, incoming_text: bytes) -> Candidate:
+        """Eviction's view of an entry; ``incoming_text`` is the text being written (or b"")."""
+        h = e.header
+        prefix = (h.reason == SaveReason.CONTINUED and h.text_bytes < len(incoming_text)
+                  and text_sha(incoming_text[:h.text_bytes]) == e.sha)
+        return Candidate(e.sha, h.tokens, h.file_size, h.hits, h.last_used, h.created_at, h.reason, prefix)
 
     def _size_of(self, name: str) -> int:
         item = self._cache.get(name)
@@ -814,29 +831,22 @@ class KVStore:
         return item[1].file_size if isinstance(item[1], Entry) else item[1].size
 
     def _evict(self, budget: int | None, protect: set[str], incoming: int, replacing: str, why: str,
-               dry_run: bool = False) -> list[Evicted]:
-        """Unlink lowest-score entries until the directory plus ``incoming`` bytes (minus the
-        file being replaced) fits ``budget``. Caller holds the exclusive lock, index fresh.
-        ``dry_run`` only returns what would go (no unlink, no events)."""
+               dry_run: bool = False, incoming_text: bytes = b"") -> list[Evicted]:
+        """Unlink the entries ``plan_eviction`` picks until the directory plus ``incoming``
+        bytes (minus the file being replaced) fits ``budget``. Caller holds the exclusive
+        lock, index fresh. ``dry_run`` only returns what would go (no unlink, no events)."""
         if budget is None:
             return []
         now = time.time()
-        total = self._total() - self._size_of(replacing) + incoming
-        candidates = []
-        for e in self._index().values():
-            if e.path.name == replacing:
-                continue
-            protected = e.sha in protect and e.file_size <= budget
-            if not protected:
-                candidates.append((self.score(e, now), e.header.last_used or e.header.created_at, e))
-        candidates.sort(key=lambda c: (c[0], c[1]))
+        entries = {e.sha: e for e in self._index().values() if e.path.name != replacing}
+        candidates = [self._candidate(e, incoming_text) for e in entries.values()]
+        victims = plan_eviction(candidates, self._total() - self._size_of(replacing), budget, self.eviction, now,
+                                incoming, protect)
         out = []
-        for score, _, e in candidates:
-            if total <= budget:
-                break
-            event = Evicted(path=e.path, tokens=e.tokens, bytes=e.file_size, score=score,
+        for c in victims:
+            e = entries[c.key]
+            event = Evicted(path=e.path, tokens=e.tokens, bytes=e.file_size, score=keep_value(c, now, self.eviction)[0],
                             save_reason=e.header.reason.name.lower(), why=why)
-            total -= e.file_size
             if dry_run:
                 out.append(event)
                 continue

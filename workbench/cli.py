@@ -26,6 +26,7 @@ COMMANDS = {
     "run": "workbench.commands.run",
     "vectors": "workbench.commands.vectors",
     "kv": "workbench.commands.kv",
+    "lab": "workbench.commands.lab",
     "demo": "workbench.commands.demo",
     "bench": "workbench.commands.bench",
     "distributed": "workbench.commands.distributed",

@@ -16,6 +16,10 @@ or disk prefix hit is possible.
 * :func:`long_document` — a long text read in growing chunks (``promessi_sposi.txt`` when
   the ds4 benchmark text is available, else standard-library sources), one question per
   chunk.
+* :func:`coding_agent` — what real agent clients do that the others lack: file reads *and
+  edits* as tool results, parallel sessions sharing one system prompt and tool set, a
+  context compaction (the transcript rewritten as a summary, which breaks the prefix), and
+  a system prompt that changes mid-way (e.g. a new date line).
 
 Sizes are in characters of source text; token counts follow from the tokenizer.
 """
@@ -83,9 +87,11 @@ class Conversation:
     name: str
     system: str
     tools: list[dict] | None
-    user_turns: list[tuple[str, list[tuple[str, str]]]]  # (user text, [(tool call path, tool result)])
+    user_turns: list[tuple[str, list[tuple]]]  # (user text, [(path, result) or (tool, path, result)])
     max_tokens: int = 16
     stateless: bool = False  # every request starts a fresh transcript (side requests)
+    compact_at: dict[int, str] = field(default_factory=dict)  # turn -> summary replacing the transcript
+    system_at: dict[int, str] = field(default_factory=dict)  # turn -> new system prompt from then on
     messages: list[dict] = field(default_factory=list)
     turn: int = 0
 
@@ -94,17 +100,26 @@ class Conversation:
 
     def next_request(self) -> Request:
         """Append the next user turn (and its tool exchange) and return the request."""
-        if self.stateless:
+        if self.turn in self.system_at:
+            self.system = self.system_at[self.turn]
+            if self.messages and self.messages[0]["role"] == "system":
+                self.messages[0] = {"role": "system", "content": self.system}
+        if self.stateless or self.turn in self.compact_at:
             self.messages = []
         if not self.messages and self.system:
             self.messages.append({"role": "system", "content": self.system})
+        if self.turn in self.compact_at:
+            self.messages += [{"role": "user", "content": self.compact_at[self.turn]},
+                              {"role": "assistant", "content": "Understood, continuing from the summary."}]
         text, tool_results = self.user_turns[self.turn]
         self.messages.append({"role": "user", "content": text})
-        for i, (path, result) in enumerate(tool_results):
+        for i, exchange in enumerate(tool_results):
+            tool, path, result = exchange if len(exchange) == 3 else ("read_file", *exchange)
             call_id = f"call_{self.name}_{self.turn}_{i}"
+            arguments = {"path": path} if tool == "read_file" else {"path": path, "old": "...", "new": "..."}
             self.messages.append({"role": "assistant", "content": "", "tool_calls": [
                 {"id": call_id, "type": "function",
-                 "function": {"name": "read_file", "arguments": json.dumps({"path": path})}}]})
+                 "function": {"name": tool, "arguments": json.dumps(arguments)}}]})
             self.messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
         return Request(self.name, self.turn, [dict(m) for m in self.messages], self.tools, self.max_tokens)
 
@@ -236,8 +251,49 @@ def _default_document(seed: int, n_chars: int) -> str:
     return "".join(t for _, t in stdlib_sources(seed, 50, n_chars))[:n_chars]
 
 
+def _edit_result(path: str, text: str, rng: random.Random) -> str:
+    """A plausible edit_file tool result: a unified-diff hunk of one changed line."""
+    lines = [ln for ln in text.splitlines() if ln.strip()] or ["pass"]
+    old = rng.choice(lines)
+    return (f"Applied edit to {path}.\n--- a/{path}\n+++ b/{path}\n@@ @@\n-{old}\n"
+            f"+{old.rstrip()}  # reviewed\n")
+
+
+def coding_agent(seed: int = 0, sessions: int = 2, turns: int = 4, file_chars: int = 1500,
+                 max_tokens: int = 8) -> Workload:
+    """``sessions`` parallel coding-agent sessions (same system prompt and tools), interleaved.
+
+    Each turn reads a file and, every other turn, edits it (the tool result is the diff).
+    Session 0 compacts its context at the turn after the middle (its transcript becomes
+    [system, summary]); from the last round on, every session's system prompt gains a new
+    date line, so all prefixes break at the system prompt.
+    """
+    rng = random.Random(seed)
+    later = AGENT_SYSTEM + "\nCurrent date: 2026-08-06. The repository moved to a new branch."
+    convs = []
+    for k in range(sessions):
+        files = stdlib_sources(seed * 10 + k, turns, file_chars)
+        user_turns = []
+        for t, (path, text) in enumerate(files):
+            exchanges: list[tuple] = [("read_file", path, text)]
+            if t % 2 == 1:
+                exchanges.append(("edit_file", path, _edit_result(path, text, rng)))
+            user_turns.append((f"Open {path}. {rng.choice(TASKS)}", exchanges))
+        conv = Conversation(f"coder-{k}", AGENT_SYSTEM, TOOLS, user_turns, max_tokens)
+        if turns > 1:
+            conv.system_at[turns - 1] = later
+        if k == 0 and turns > 2:
+            done = ", ".join(p for p, _ in files[: turns // 2 + 1])
+            conv.compact_at[turns // 2 + 1 if turns // 2 + 1 < turns - 1 else turns // 2] = (
+                f"Summary of the work so far: read and reviewed {done}; no tests run yet.")
+        convs.append(conv)
+    schedule = [k for _ in range(turns) for k in range(sessions)]
+    return Workload("coding-agent", convs, schedule)
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "agent": agent_session,
     "multi-user": multi_user,
     "long-document": long_document,
+    "coding-agent": coding_agent,
 }

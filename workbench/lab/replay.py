@@ -97,6 +97,7 @@ class ReplayResult:
     policy: str
     budget_mb: float | None
     requests: list[RequestResult]
+    schedule: str = ""  # optimal: the run whose schedule it is (clairvoyant or a preset)
 
     def summary(self) -> dict:
         """Totals: tokens, cached tokens and their share, TTFT, bytes, losses by cause."""
@@ -108,7 +109,8 @@ class ReplayResult:
             for k, v in r.losses.items():
                 losses[k] = losses.get(k, 0) + v
         return {
-            "policy": self.policy, "budget_mb": self.budget_mb, "requests": len(reqs),
+            "policy": self.policy, "budget_mb": self.budget_mb, "schedule": self.schedule or self.policy,
+            "requests": len(reqs),
             "prompt_tokens": prompt, "cached_tokens": cached,
             "hit_ratio": cached / prompt if prompt else 0.0,
             "disk_hits": sum(r.source == "disk" for r in reqs), "live_hits": sum(r.source == "live" for r in reqs),

@@ -33,7 +33,7 @@ from workbench.workloads import WORKLOADS, Workload
 
 FIGURE_HEIGHT = 370
 # the keyword that sets a workload's length: its turns, or a document's chunks
-LENGTH_PARAMETER = {"agent": "turns", "multi-user": "turns", "long-document": "chunks"}
+LENGTH_PARAMETER = {"agent": "turns", "multi-user": "turns", "long-document": "chunks", "coding-agent": "turns"}
 
 
 

@@ -84,8 +84,8 @@ def explain_losses(req: TraceRequest, earlier: Sequence[TraceRequest], history: 
         take = min(split_cut, shared) - cursor
         out["tokenization-boundary"] += max(take, 0)
         cursor = max(cursor, min(split_cut, shared))
-    usable = sorted((cp for cp in history if cp.tokens > cursor and cp.text is not req
-                     and req.matches(cp.text_bytes, cp.key)), key=lambda cp: cp.tokens)
+    before = [cp for cp in history if cp.text is not req and req.matches(cp.text_bytes, cp.key)]
+    usable = sorted((cp for cp in before if cp.tokens > cursor), key=lambda cp: cp.tokens)
     for cp in usable:
         cause = _cause(cp, min_tokens)
         if not cause or cp.tokens <= cursor:
@@ -96,8 +96,7 @@ def explain_losses(req: TraceRequest, earlier: Sequence[TraceRequest], history: 
     if shared > cursor:
         if shared < min_tokens:
             out["below-min-tokens"] += shared - cursor
-        elif cursor == cached and not any(cp.tokens <= shared and req.matches(cp.text_bytes, cp.key)
-                                          and cp.tokens > 0 for cp in history):
+        elif cursor == cached == 0 and not any(0 < cp.tokens <= shared for cp in before):
             out["diverged-before-any-checkpoint"] += shared - cursor
         else:
             out["alignment"] += shared - cursor

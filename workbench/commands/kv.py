@@ -47,6 +47,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                      "(default: each file's own)")
     p.add_argument("--quarantine", action="store_true", help="move failing files to DIR/quarantine/")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("lookup", help="why a prompt does (not) hit: longest stored prefix, divergence, alignment")
+    p.add_argument("dir", type=Path, help="cache directory")
+    p.add_argument("--prompt-file", type=Path, required=True,
+                   help="the user prompt (UTF-8), rendered as `workbench run` does; see --rendered")
+    p.add_argument("--rendered", action="store_true", help="the prompt file is already the rendered chat text")
+    p.add_argument("--system", default="", help="system prompt used when rendering (default: none)")
+    p.add_argument("--think", action="store_true", help="render in thinking mode, as `run --think`")
+    p.add_argument("--model", type=Path, help="GGUF whose tokenizer makes token positions exact (default: estimated)")
+    p.add_argument("--ctx", type=int, help="runtime context (default: any file's)")
+    p.add_argument("--min-tokens", type=int, default=512, help="lookup floor and save minimum (default 512)")
+    p.add_argument("--kv-align", type=int, default=2048, help="the boundary alignment in use (default 2048)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("gc", help="remove dead temp files and evict checkpoints down to a budget")
     p.add_argument("dir", type=Path, help="cache directory (holds <sha1>.kv files)")
     p.add_argument("--budget-mb", type=number(float, 0, lo_open=True), required=True,
@@ -56,7 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"ls": _ls, "show": _show, "verify": _verify, "gc": _gc}[args.kv_command](args)
+    return {"ls": _ls, "show": _show, "verify": _verify, "gc": _gc, "lookup": _lookup}[args.kv_command](args)
 
 
 # ---- helpers --------------------------------------------------------------------------
@@ -256,3 +268,41 @@ def _gc(args: argparse.Namespace) -> int:
     print(f"{args.dir}: {len(evicted)} {verb}, {len(swept)} temp files removed, "
           f"{out['total_bytes'] / MiB:,.1f} MiB of {args.budget_mb:,.1f} MiB{over}")
     return 0
+
+
+def _lookup(args: argparse.Namespace) -> int:
+    from workbench.kv.policy import KVPolicy, KVPolicyError
+    from workbench.lab.lookup import explain_lookup
+
+    from workbench.chat import render_single
+
+    try:
+        prompt = args.prompt_file.read_bytes()
+        if not args.rendered:
+            prompt = render_single(prompt.decode("utf-8"), system=args.system, thinking=args.think).encode("utf-8")
+    except OSError as err:
+        raise WorkbenchError(f"{args.prompt_file}: {err.strerror or err}") from err
+    except UnicodeDecodeError:
+        raise WorkbenchError(f"{args.prompt_file}: not UTF-8 text") from None
+    try:
+        policy = KVPolicy(min_tokens=args.min_tokens, boundary_align=args.kv_align, budget_mb=None)
+    except KVPolicyError as err:
+        raise WorkbenchError(str(err)) from None
+    tokenize = None
+    if args.model is not None:
+        from workbench.gguf.reader import GGUFFile
+        from workbench.tokenizer import Tokenizer
+        tok = Tokenizer.from_gguf(GGUFFile(args.model))
+        tokenize = lambda text: len(tok.encode_rendered(text.decode("utf-8", errors="replace")))  # noqa: E731
+    out = explain_lookup(KVStore.readonly(args.dir), prompt, policy, args.ctx, tokenize)
+    if args.json:
+        print(json.dumps(out.as_dict()))
+    else:
+        print(out.explanation)
+        if out.longest_file:
+            where = ("whole prefix" if out.diverges_at_byte is None else
+                     f"diverges at byte {out.diverges_at_byte}, token {'~' if out.tokens_estimated else ''}"
+                     f"{out.diverges_at_token}")
+            print(f"longest stored prefix: {out.longest_file} ({out.stored_tokens} tokens), {where}")
+    return 0
+

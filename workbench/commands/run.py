@@ -162,6 +162,8 @@ def print_summary(rec: dict[str, Any], out: TextIO) -> None:
     print(f"top-5 after the prompt: {top}", file=out)
     if rec.get("note"):
         print(f"cache: {rec['note']}", file=out)
+    if rec.get("why"):
+        print(f"why: {rec['why']}", file=out)
 
 
 def describe_save(s_: dict[str, Any]) -> str:
@@ -212,12 +214,14 @@ def serve_turn(engine: Engine, args: argparse.Namespace, sampler: Sampler, tok: 
     progress, close = progress_bar(not args.json)
     engine.progress = progress
     stream = None if args.json else TextStream(tok, sys.stdout)
+    why = miss_explanation(engine, request, args.think)
     try:
         c = engine.complete(max_tokens=args.max_tokens, sampler=sampler, thinking=args.think, on_token=stream,
                             **request)
     finally:
         close()
     rec = record(c, tok) | stage_record(engine.session)
+    rec["why"] = "" if c.usage.source == "live" else why
     if stream is not None:
         stream.finish()
         print_summary(rec, sys.stderr)
@@ -227,6 +231,18 @@ def serve_turn(engine: Engine, args: argparse.Namespace, sampler: Sampler, tok: 
         if s_["status"] == "failed" or stream is not None:
             print(describe_save(s_), file=sys.stderr)
     return rec
+
+
+def miss_explanation(engine: Engine, request: dict[str, Any], thinking: bool) -> str:
+    """In plain words, what the disk cache can do for this request, asked before serving
+    it (``workbench kv lookup`` gives the details); "" without a cache directory."""
+    if engine.store is None:
+        return ""
+    from workbench.lab.lookup import explain_lookup
+
+    rendered = engine.render(request.get("prompt"), request.get("messages"), system=request.get("system", ""),
+                             thinking=thinking)
+    return explain_lookup(engine.store, rendered.encode("utf-8"), engine.policy, engine.session.ctx).explanation
 
 
 def save_record(s: SaveRecord) -> dict[str, Any]:

@@ -28,6 +28,13 @@ def test_replay_reproduces_the_engine_under_eviction(session, tmp_path, preset):
     engine = Engine(session, KVStore.from_policy(tmp_path / "kv", policy), policy)
     work = wl.multi_user(seed=1, users=3, turns=2, file_chars=400, max_tokens=3)
     recorded = record(engine, work, restrict(engine.tokenizer.text_token_mask()))
+    # llama.cpp-style prompt progress rows: from the cached tokens up to the whole prompt
+    df = engine.records
+    for req, rows in df[df.event == "progress"].groupby("request"):
+        line = recorded.requests[req]
+        assert rows.processed.iloc[0] == rows.cache.iloc[0] == line.recorded["cached_tokens"]
+        assert rows.processed.iloc[-1] == rows.total.iloc[-1] == line.prompt_tokens
+        assert rows.processed.is_monotonic_increasing and rows.time_ms.is_monotonic_increasing
     path = recorded.write(tmp_path / "t.jsonl")
     trace = read_trace(path)
     evictions = sum(len(r.recorded["evictions"]) for r in trace.requests)

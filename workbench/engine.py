@@ -176,6 +176,8 @@ class Engine:
         if source == "none":
             self.schedule.reset()
         # the prompt is prefilled in segments that end at each save point
+        self._progress_of = (req, len(tokens), cached, t0)
+        self._record_progress(cached)
         t1 = time.perf_counter()
         stops = self._save_points(tokens, source, req)
         note = "; ".join(x for x in (note, stops.pop("note", "")) if x)
@@ -198,7 +200,8 @@ class Engine:
         text_ids = [t for t in out if t != self.tokenizer.eos]
         usage = Usage(len(tokens), cached, len(tokens) - cached, len(out), source)
         timings = Timings(lookup_s, restore_s, prefill_s, save_s, decode_s, full_est)
-        self._record("request", request=req, conversation=conversation, source=source, reason=note,
+        self._record("request", request=req, conversation=conversation, source=source, reason=note, total=len(tokens),
+                     cache=cached, processed=len(tokens), time_ms=timings.ttft_s * 1000,
                      prompt_tokens=usage.prompt_tokens, cached_tokens=cached, suffix_tokens=usage.cache_write_tokens,
                      generated_tokens=len(out), lookup_s=lookup_s, restore_s=restore_s, prefill_s=prefill_s,
                      decode_s=decode_s, ttft_s=timings.ttft_s, full_prefill_s=full_est, save_s=save_s)
@@ -281,15 +284,28 @@ class Engine:
             stops["note"] = plan.note
         return stops
 
-    def _prefill(self, tokens: list[int], prompt_len: int) -> float:
-        """Prefill ``tokens`` (one segment of a prompt of ``prompt_len`` tokens); seconds."""
-        t = time.perf_counter()
-        progress = None
-        if self.progress is not None:
-            report, before = self.progress, self.session.n_tokens
+    def _record_progress(self, processed: int) -> None:
+        """A llama.cpp-style ``prompt_progress`` row: {total, cache, processed, time_ms}."""
+        req, total, cache, t0 = self._progress_of
+        self._record("progress", request=req, total=total, cache=cache, processed=processed,
+                     time_ms=(time.perf_counter() - t0) * 1000)
 
-            def progress(p: Progress) -> None:
-                report(Progress(p.stage, before + p.done, prompt_len, p.elapsed_s))
+    def _prefill(self, tokens: list[int], prompt_len: int) -> float:
+        """Prefill ``tokens`` (one segment of a prompt of ``prompt_len`` tokens); seconds.
+        A progress row is recorded per finished chunk."""
+        t = time.perf_counter()
+        before = self.session.n_tokens
+        chunk = self.chunk or self.session.state.prefill_chunk
+        last = [before]
+
+        def progress(p: Progress) -> None:
+            at = before + p.done
+            if at > last[0] and (at % chunk == 0 or p.done == p.total):
+                last[0] = at
+                self._record_progress(at)
+            if self.progress is not None:
+                self.progress(Progress(p.stage, at, prompt_len, p.elapsed_s))
+
         self.session.prefill(tokens, chunk=self.chunk, progress=progress)
         dt = time.perf_counter() - t
         if len(tokens) >= MIN_RATE_TOKENS:

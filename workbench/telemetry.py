@@ -5,7 +5,7 @@ Columns (missing values are NaN / empty):
 ==================== ===========================================================================
 ``seq``              event number, 0-based, in engine order
 ``time_s``           seconds since the engine started
-``event``            ``request`` | ``hit`` | ``miss`` | ``save`` | ``evict`` | ``load_failed``
+``event``            ``request`` | ``hit`` | ``miss`` | ``save`` | ``evict`` | ``load_failed`` | ``progress``
 ``request``          number of the request the event belongs to (-1: none, e.g. a shutdown save)
 ``conversation``     workload conversation id (empty outside workloads)
 ``source``           request / hit: where the reused prefix came from: ``live`` | ``disk`` | ``none``
@@ -29,6 +29,10 @@ Columns (missing values are NaN / empty):
 ``path``             save / evict / hit / load_failed: the checkpoint file
 ``disk_bytes``       bytes in the cache directory after the event
 ``budget_bytes``     the cache's disk budget (NaN: unlimited)
+``total``            progress / request: prompt tokens of the request (llama.cpp's ``prompt_progress``)
+``cache``            progress / request: of them, reused from the live state or disk
+``processed``        progress / request: prompt tokens in the state so far (cache included)
+``time_ms``          progress / request: milliseconds since the request started
 ==================== ===========================================================================
 """
 
@@ -43,9 +47,9 @@ COLUMNS = [
     "seq", "time_s", "event", "request", "conversation", "source", "reason",
     "prompt_tokens", "cached_tokens", "suffix_tokens", "generated_tokens",
     "lookup_s", "restore_s", "prefill_s", "decode_s", "ttft_s", "full_prefill_s", "save_s",
-    "tokens", "bytes", "path", "disk_bytes", "budget_bytes",
+    "tokens", "bytes", "path", "disk_bytes", "budget_bytes", "total", "cache", "processed", "time_ms",
 ]
-EVENTS = ("request", "hit", "miss", "save", "evict", "load_failed")
+EVENTS = ("request", "hit", "miss", "save", "evict", "load_failed", "progress")
 _TEXT = {"event", "conversation", "source", "reason", "path"}
 
 

@@ -63,7 +63,7 @@ def ttft_breakdown(df: pd.DataFrame) -> go.Figure:
 
 def event_timeline(df: pd.DataFrame) -> go.Figure:
     """Cache events over time: saves by reason, hits by source, misses, evictions, failures."""
-    ev = df[df["event"] != "request"].copy()
+    ev = df[~df["event"].isin(["request", "progress"])].copy()
     ev["lane"] = [f"{e}: {r or s}" if e in ("save", "hit") else e
                   for e, r, s in zip(ev["event"], ev["reason"], ev["source"])]
     ev["tokens"] = ev["tokens"].fillna(0)

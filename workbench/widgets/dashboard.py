@@ -268,7 +268,7 @@ class CacheDashboard(Panel):
         saves). Never raises into the engine."""
         self._dirty.update(name for name, (_, kind) in PLOTS.items()
                            if (kind == "request" and row["event"] == "request")
-                           or (kind == "event" and row["event"] != "request")
+                           or (kind == "event" and row["event"] not in ("request", "progress"))
                            or (kind == "disk" and _present(row.get("disk_bytes"))))
         if row["event"] != "request" and row.get("request", -1) >= 0:
             return

@@ -285,3 +285,20 @@ def test_estimated_token_ends_keep_markers_whole() -> None:
     assert ends[0] == len("<｜User｜>".encode()) and ends[-1] == len(text)
     assert all(b > a for a, b in zip(ends, ends[1:]))
     assert all((text[e] & 0xC0) != 0x80 for e in ends[:-1])  # never inside a character
+
+
+def test_policy_lab_widget_sweeps_and_shows_a_strip() -> None:
+    from workbench.widgets import PolicyLab
+
+    t, policy = two_files_trace()
+    s8, s10 = sizes()
+    lab = PolicyLab(t, [(s10 + 200) / 2**20, policy.budget_mb], base=policy, rates=RATES)
+    lab.policies.value = ("ds4", "lru")
+    df = lab.sweep()
+    assert set(df.policy) == {"ds4", "lru", "optimal", "infinite"}
+    assert len(lab.figures["sweep"].data) > 0 and len(lab.figures["strip"].data) == 5  # 4 bars + checkpoints
+    lab.shown.value, lab.budget.value = "optimal", policy.budget_mb
+    assert sum(r.cached_tokens for r in lab.show().requests) == 16
+    lab.policies.value = ()
+    lab.guarded(lab.sweep)
+    assert "tick at least one policy" in lab.error.value

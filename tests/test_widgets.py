@@ -257,8 +257,12 @@ def test_cache_dashboard_follows_the_engine_live(fresh, tokenizer, tmp_path):
     for name in ("tokens", "ttft"):
         assert all(len(t.x) == n for t in dash.figures[name].data), name
     assert list(dash.figures["tokens"].data[2].y) == list(req["suffix_tokens"])
-    events = df[df["event"] != "request"]
+    events = df[~df["event"].isin(["request", "progress"])]
     assert sum(len(t.x) for t in dash.figures["timeline"].data) == len(events)
+    strip = dash.figures["strip"]
+    assert all(len(t.y) == n for t in strip.data[:4])  # disk, live, prefilled, generated per request
+    saved = (df["event"] == "save") & df["reason"].isin(["cold", "continued", "evict"]) & (df["request"] >= 0)
+    assert len(strip.data[4].x) == int(saved.sum())  # a tick per checkpoint written while serving
     assert len(dash.figures["disk"].data[0].x) == int(df["disk_bytes"].notna().sum())
     assert dash.requests_bar.value == dash.requests_bar.max == n
     s = dash.stats

@@ -48,6 +48,41 @@ def tokens_per_request(df: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Tokens per request: reused vs prefilled vs generated", "request", "tokens")
 
 
+STRIP_COLORS = {"disk": SOURCE_COLORS["disk"], "live": SOURCE_COLORS["live"], "prefilled": "#ff7f0e",
+                "generated": "#c7c7c7"}
+
+
+def strip_figure(labels: Sequence[str], parts: dict[str, Sequence[float]],
+                 ticks: Sequence[tuple[str, float, str]]) -> go.Figure:
+    """The token strip: one horizontal bar per request, ``parts`` (disk, live, prefilled,
+    generated: tokens per request) stacked, and a tick at each (label, tokens, hover text)."""
+    fig = go.Figure()
+    for name in ("disk", "live", "prefilled", "generated"):
+        fig.add_bar(y=list(labels), x=list(parts.get(name, [0] * len(labels))), name=name, orientation="h",
+                    marker_color=STRIP_COLORS[name], hovertemplate=f"{name}: %{{x:,}} tokens<extra></extra>")
+    fig.add_scatter(x=[t[1] for t in ticks], y=[t[0] for t in ticks], mode="markers", name="checkpoint",
+                    marker=dict(symbol="line-ns-open", size=14, color="black", line=dict(width=2)),
+                    text=[t[2] for t in ticks], hovertemplate="%{text}<extra></extra>")
+    fig.update_layout(barmode="stack", yaxis=dict(autorange="reversed"), height=max(260, 22 * len(labels) + 120))
+    return _layout(fig, "Token strip: where each prompt token came from, and the checkpoints", "tokens", "")
+
+
+def token_strip(df: pd.DataFrame) -> go.Figure:
+    """The token strip of an engine's records: cached tokens by source, prefilled, generated,
+    with a tick at every checkpoint saved while serving the request."""
+    req = _requests(df)
+    labels = list(req["label"])
+    parts = {source: list(req["cached_tokens"].where(req["source"] == source, 0).fillna(0)) for source in ("disk", "live")}
+    parts["prefilled"] = list(req["suffix_tokens"].fillna(0))
+    parts["generated"] = list(req["generated_tokens"].fillna(0))
+    label_of = dict(zip(req["request"], labels))
+    saved = df["reason"].isin(list(REASON_COLORS))  # "cold", not "cold skipped: ..." or "cold failed: ..."
+    saves = df[(df["event"] == "save") & saved & df["request"].isin(label_of)]
+    ticks = [(label_of[r], t, f"{why} save, {t:,.0f} tokens") for r, t, why in
+             zip(saves["request"], saves["tokens"], saves["reason"])]
+    return strip_figure(labels, parts, ticks)
+
+
 def ttft_breakdown(df: pd.DataFrame) -> go.Figure:
     """Time to first token split into lookup / restore / suffix prefill / saves, vs full prefill."""
     req = _requests(df)

@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +99,9 @@ def run(args: argparse.Namespace) -> int:
 # ---- policy and rates ---------------------------------------------------------------------
 def trace_policy(trace: Trace, args: argparse.Namespace) -> KVPolicy:
     """The trace's recorded policy with the command line's options applied."""
-    names = {f.name for f in fields(KVPolicy)}
-    recorded = {k: v for k, v in (trace.header.policy or {}).items() if k in names and k != "reason_weights"}
+    from workbench.lab.replay import recorded_policy
     try:
-        policy = KVPolicy(**recorded)
+        policy = recorded_policy(trace)
         over: dict[str, Any] = {field: getattr(args, field) for _, field, _, _ in POLICY_OPTIONS
                                 if getattr(args, field, None) is not None}
         if getattr(args, "protect_hit", False):

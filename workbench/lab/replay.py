@@ -357,6 +357,13 @@ def replay(trace: Trace, policy: KVPolicy, rates: Rates, clairvoyant: bool = Fal
     return Replay(trace, policy, rates, clairvoyant, name).run()
 
 
+def recorded_policy(trace: Trace) -> KVPolicy:
+    """The save and eviction policy the trace was recorded under (its header), ds4's
+    defaults for anything it does not say."""
+    names = set(KVPolicy.__dataclass_fields__)
+    return KVPolicy(**{k: v for k, v in (trace.header.policy or {}).items() if k in names and k != "reason_weights"})
+
+
 def trace_rates(trace: Trace, fallback: str = "m3-max") -> Rates:
     """The rates measured when the trace was recorded, else ds4's published ``fallback``."""
     r = trace.header.rates or {}

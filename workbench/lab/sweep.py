@@ -25,8 +25,7 @@ from workbench.lab.misses import CAUSES
 from workbench.lab.optimum import infinite, optimal, preset_policy
 from workbench.lab.replay import Rates, ReplayResult, replay
 from workbench.lab.trace import Trace
-
-STRIP_COLOURS = {"disk": "#2b8cbe", "live": "#41ab5d", "prefilled": "#fd8d3c", "generated": "#9e9ac8"}
+from workbench.viz import strip_figure
 
 
 def run_policy(trace: Trace, base: KVPolicy, name: str, budget_mb: float | None, rates: Rates,
@@ -127,32 +126,16 @@ def misses_figure(df: pd.DataFrame) -> go.Figure:
 
 def token_strip(result: ReplayResult, generated: Sequence[int] | None = None) -> go.Figure:
     """One bar per request: disk hit / live hit / prefilled / generated tokens, with a tick
-    at every checkpoint the request saved."""
-    fig = go.Figure()
-    ys = [f"{r.request} {r.conversation}" for r in result.requests]
-    gen = generated if generated is not None else [0] * len(result.requests)
-    parts = {
-        "disk": [r.cached_tokens if r.source == "disk" else 0 for r in result.requests],
-        "live": [r.cached_tokens if r.source == "live" else 0 for r in result.requests],
-        "prefilled": [r.prompt_tokens - r.cached_tokens for r in result.requests],
-        "generated": list(gen),
-    }
-    for name, xs in parts.items():
-        fig.add_bar(y=ys, x=xs, name=name, orientation="h", marker_color=STRIP_COLOURS[name],
-                    hovertemplate=f"{name}: %{{x:,}} tokens<extra></extra>")
-    tx, ty, tt = [], [], []
-    for y, r in zip(ys, result.requests):
-        for s in r.saves:
-            if s["status"] == "saved":
-                tx.append(s["tokens"])
-                ty.append(y)
-                tt.append(f"{s['reason']} save, {s['tokens']} tokens, {s['bytes'] / 2**20:.1f} MiB")
-    fig.add_scatter(x=tx, y=ty, mode="markers", name="checkpoint", marker={"symbol": "line-ns-open", "size": 14,
-                                                                          "color": "black"},
-                    text=tt, hovertemplate="%{text}<extra></extra>")
-    fig.update_layout(barmode="stack", height=max(240, 22 * len(ys) + 80), xaxis_title="tokens",
-                      yaxis={"autorange": "reversed"}, margin={"t": 30, "l": 120, "r": 20, "b": 40})
-    return fig
+    at every checkpoint the request saved (``viz.strip_figure``)."""
+    reqs = result.requests
+    labels = [f"#{r.request} {r.conversation}" for r in reqs]
+    parts = {"disk": [r.cached_tokens if r.source == "disk" else 0 for r in reqs],
+             "live": [r.cached_tokens if r.source == "live" else 0 for r in reqs],
+             "prefilled": [r.prompt_tokens - r.cached_tokens for r in reqs],
+             "generated": list(generated) if generated is not None else [0] * len(reqs)}
+    ticks = [(label, s["tokens"], f"{s['reason']} save, {s['tokens']:,} tokens, {s['bytes'] / 2**20:.1f} MiB")
+             for label, r in zip(labels, reqs) for s in r.saves if s["status"] == "saved"]
+    return strip_figure(labels, parts, ticks)
 
 
 def write(out_dir: str | os.PathLike, df: pd.DataFrame, strip_of: ReplayResult,

@@ -8,6 +8,9 @@
   delete, inspect (header, text, payload bytes per layer), verify.
 * :class:`CacheDashboard` — an engine's telemetry as live plotly figures, a summary and
   a workload runner.
+* :class:`PolicyLab` — a cache trace replayed under chosen eviction policies across
+  budgets: hit tokens, TTFT and bytes against the budget with the optimum, miss reasons,
+  the token strip.
 
 Every button runs one library call a script could make; errors show in the widget's
 error box instead of escaping as a traceback.
@@ -17,6 +20,8 @@ from workbench.widgets.checkpoints import CheckpointManager
 from workbench.widgets.common import ErrorBox, WidgetError
 from workbench.widgets.dashboard import CacheDashboard
 from workbench.widgets.loader import ModelLoader
+from workbench.widgets.policylab import PolicyLab
 from workbench.widgets.prefill import PrefillPanel
 
-__all__ = ["ModelLoader", "PrefillPanel", "CheckpointManager", "CacheDashboard", "ErrorBox", "WidgetError"]
+__all__ = ["ModelLoader", "PrefillPanel", "CheckpointManager", "CacheDashboard", "PolicyLab", "ErrorBox",
+           "WidgetError"]

@@ -1,7 +1,7 @@
 """``CacheDashboard``: an engine's telemetry drawn live, and a control that runs a workload.
 
     dash = CacheDashboard(engine)          # engine = Engine(session, store, policy)
-    dash                                    # four live plots + summary + Run workload
+    dash                                    # five live plots + summary + Run workload
     dash.run(workloads.agent_session(turns=4))
 
 The dashboard appends a listener to ``engine.recorder.listeners``; the figures a row
@@ -43,12 +43,14 @@ STYLES = {
     "ttft": LEGEND_BELOW,
     "timeline": dict(showlegend=False, margin=dict(l=110, r=10, t=40, b=45)),
     "disk": dict(showlegend=False, margin=dict(l=55, r=10, t=40, b=45)),
+    "strip": LEGEND_BELOW,
 }
 PLOTS = {  # name -> (figure builder, which rows change it)
     "tokens": (viz.tokens_per_request, "request"),
     "ttft": (viz.ttft_breakdown, "request"),
     "timeline": (viz.event_timeline, "event"),
     "disk": (viz.disk_usage, "disk"),
+    "strip": (viz.token_strip, "request"),
 }
 
 

@@ -265,11 +265,11 @@ def coding_agent(seed: int = 0, sessions: int = 2, turns: int = 4, file_chars: i
 
     Each turn reads a file and, every other turn, edits it (the tool result is the diff).
     Session 0 compacts its context at the turn after the middle (its transcript becomes
-    [system, summary]); from the last round on, every session's system prompt gains a new
-    date line, so all prefixes break at the system prompt.
+    [system, summary]); from the last round on, every session's system prompt starts with a
+    new date line, so all prefixes break at the start of the system prompt (after the tools).
     """
     rng = random.Random(seed)
-    later = AGENT_SYSTEM + "\nCurrent date: 2026-08-06. The repository moved to a new branch."
+    later = "Current date: 2026-08-06. The repository moved to a new branch.\n" + AGENT_SYSTEM
     convs = []
     for k in range(sessions):
         files = stdlib_sources(seed * 10 + k, turns, file_chars)

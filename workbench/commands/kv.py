@@ -275,9 +275,10 @@ def _lookup(args: argparse.Namespace) -> int:
     from workbench.lab.lookup import explain_lookup
 
     from workbench.chat import render_single
+    from workbench.safeopen import PROMPT_FILE_CAP, read_capped
 
     try:
-        prompt = args.prompt_file.read_bytes()
+        prompt = read_capped(args.prompt_file, PROMPT_FILE_CAP)
         if not args.rendered:
             prompt = render_single(prompt.decode("utf-8"), system=args.system, thinking=args.think).encode("utf-8")
     except OSError as err:

@@ -37,6 +37,7 @@ from workbench.kv.format import KVFormatError, read_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
 from workbench.lab.trace import Trace, TraceError, TraceHeader, TraceRequest, estimate_token_ends
+from workbench.safeopen import open_regular
 from workbench.state import StateLayout
 from workbench.tokenizer import ASSISTANT_TEXT, SPECIAL_TEXTS, USER_TEXT, Tokenizer
 
@@ -112,7 +113,8 @@ def parse_ds4_trace(path: str | os.PathLike, tokenizer: Tokenizer | None = None,
     """Read a ``ds4-server --trace`` file into a trace (see the module docstring)."""
     p = Path(path)
     try:
-        raw = p.read_bytes().decode("utf-8", errors="surrogateescape")
+        with open_regular(p) as f:
+            raw = f.read().decode("utf-8", errors="surrogateescape")
     except OSError as err:
         raise TraceError(f"{p}: {err.strerror or err}") from err
     starts = list(BEGIN_RE.finditer(raw))
@@ -198,7 +200,7 @@ def cache_dir_skeleton(directory: str | os.PathLike, tokenizer: Tokenizer | None
     requests = []
     for e in entries:
         try:
-            with open(e.path, "rb") as f:
+            with open_regular(e.path, follow=False) as f:
                 text = read_text(f, e.header, str(e.path)).decode("utf-8")
         except (OSError, KVFormatError, UnicodeDecodeError) as err:
             raise TraceError(f"{e.path}: cannot read the text: {err}") from err

@@ -14,6 +14,7 @@ from typing import Callable
 from workbench.kv.format import KVFormatError, read_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
+from workbench.safeopen import open_regular
 
 ALIGNMENTS = (2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
@@ -53,7 +54,7 @@ def explain_lookup(store: KVStore, prompt: bytes, policy: KVPolicy, ctx: int | N
     best, best_common, best_text = None, -1, b""
     for e in entries:
         try:
-            with open(e.path, "rb") as f:
+            with open_regular(e.path, follow=False) as f:
                 text = read_text(f, e.header, str(e.path))
         except (OSError, KVFormatError):
             continue

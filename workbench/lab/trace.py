@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from typing import Any, Iterable, Iterator
 
 from workbench.atomic import tmp_path
 from workbench.errors import WorkbenchError
+from workbench.safeopen import open_regular
 from workbench.state import StateLayout
 
 TRACE_FORMAT = "ds4-workbench-cache-trace"
@@ -229,7 +231,7 @@ class Trace:
 
 def _lines(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8") as f:
             for no, raw in enumerate(f, 1):
                 if raw.strip():
                     try:

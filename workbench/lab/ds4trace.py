@@ -38,7 +38,7 @@ from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
 from workbench.lab.trace import Trace, TraceError, TraceHeader, TraceRequest, estimate_token_ends
 from workbench.safeopen import open_regular
-from workbench.state import StateLayout
+from workbench.spec.statelayout import StateLayout
 from workbench.tokenizer import ASSISTANT_TEXT, SPECIAL_TEXTS, USER_TEXT, Tokenizer
 
 DS4_CTX = 32768  # ds4-server's default --ctx

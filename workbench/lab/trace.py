@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 from workbench.atomic import tmp_path
 from workbench.errors import WorkbenchError
 from workbench.safeopen import open_regular
-from workbench.state import StateLayout
+from workbench.spec.statelayout import StateLayout
 
 TRACE_FORMAT = "ds4-workbench-cache-trace"
 TRACE_VERSION = 1

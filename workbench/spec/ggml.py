@@ -2,7 +2,8 @@
 
 ``GGML_TYPES`` covers every type ``gguf.constants.GGML_QUANT_SIZES`` knows (so a new type
 is sized and named without a table here); the constants below are the types ds4's files
-use (F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4, I32) and BF16.
+use (F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4, I32) and BF16. (``gguf`` sizes Q8_1
+blocks at 40 bytes where ggml's are 36; no ds4 file holds Q8_1.)
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
+from gguf import GGUFValue
 from gguf import GGUFValueType as V
 from gguf.quants import dequantize
 
@@ -26,7 +27,7 @@ from workbench.cli import main as cli_main
 from workbench.errors import WorkbenchError
 from workbench.gguf.layout import ds4_compat_problems, validate_ds4
 from workbench.gguf.reader import GGUFFile
-from workbench.gguf.writer import GGUFWriteError, MetaValue, TensorInfo, ValueType, write_gguf
+from workbench.gguf.writer import GGUFWriteError, TensorInfo, write_gguf
 from workbench.spec.args import ModelArgs
 from workbench.synth import metadata, plan_tensors, resolve_preset, synthesize
 from workbench.vocab import official_vocab
@@ -192,27 +193,27 @@ def tiny_q4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---- writer -----------------------------------------------------------------------------------
 
-ARCH = {"general.architecture": MetaValue.str_("test")}
+ARCH = {"general.architecture": GGUFValue("test", V.STRING)}
 
 
 def test_writer_round_trip_every_value_type_and_custom_alignment(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     meta = {
         **ARCH,
-        "general.alignment": MetaValue.u32(64),
-        "t.u8": MetaValue(ValueType.UINT8, 255), "t.i8": MetaValue(ValueType.INT8, -128),
-        "t.u16": MetaValue(ValueType.UINT16, 65535), "t.i16": MetaValue(ValueType.INT16, -32768),
-        "t.u32": MetaValue.u32(2**32 - 1), "t.i32": MetaValue.i32(-2**31),
-        "t.f32": MetaValue.f32(1.5), "t.bool": MetaValue.bool_(True), "t.str": MetaValue.str_("héllo ｜"),
-        "t.u64": MetaValue.u64(2**64 - 1), "t.i64": MetaValue(ValueType.INT64, -2**63),
-        "t.f64": MetaValue.f64(math.pi),
-        "a.str": MetaValue.array(ValueType.STRING, ["a", "", "Ġ t", "<｜User｜>"]),
-        "a.u32": MetaValue.array(ValueType.UINT32, [0, 4, 128]),
-        "a.i32": MetaValue.array(ValueType.INT32, [-1, 2]),
-        "a.f32": MetaValue.array(ValueType.FLOAT32, [10.0, 0.25]),
-        "a.f64": MetaValue.array(ValueType.FLOAT64, [1e-300]),
-        "a.bool": MetaValue.array(ValueType.BOOL, [True, False]),
-        "a.u64": MetaValue.array(ValueType.UINT64, [2**40]),
+        "general.alignment": GGUFValue(64, V.UINT32),
+        "t.u8": GGUFValue(255, V.UINT8), "t.i8": GGUFValue(-128, V.INT8),
+        "t.u16": GGUFValue(65535, V.UINT16), "t.i16": GGUFValue(-32768, V.INT16),
+        "t.u32": GGUFValue(2**32 - 1, V.UINT32), "t.i32": GGUFValue(-2**31, V.INT32),
+        "t.f32": GGUFValue(1.5, V.FLOAT32), "t.bool": GGUFValue(True, V.BOOL), "t.str": GGUFValue("héllo ｜", V.STRING),
+        "t.u64": GGUFValue(2**64 - 1, V.UINT64), "t.i64": GGUFValue(-2**63, V.INT64),
+        "t.f64": GGUFValue(math.pi, V.FLOAT64),
+        "a.str": GGUFValue(["a", "", "Ġ t", "<｜User｜>"], V.ARRAY, V.STRING),
+        "a.u32": GGUFValue([0, 4, 128], V.ARRAY, V.UINT32),
+        "a.i32": GGUFValue([-1, 2], V.ARRAY, V.INT32),
+        "a.f32": GGUFValue([10.0, 0.25], V.ARRAY, V.FLOAT32),
+        "a.f64": GGUFValue([1e-300], V.ARRAY, V.FLOAT64),
+        "a.bool": GGUFValue([True, False], V.ARRAY, V.BOOL),
+        "a.u64": GGUFValue([2**40], V.ARRAY, V.UINT64),
     }
     f32 = rng.standard_normal((3, 5)).astype(np.float32)  # logical [3, 5] -> dims [5, 3]
     f16 = rng.standard_normal((7,)).astype(np.float16)
@@ -231,9 +232,9 @@ def test_writer_round_trip_every_value_type_and_custom_alignment(tmp_path: Path)
     r = GGUFReader(out)
     for key, mv in meta.items():
         value, vtype = field_value(r, key)
-        if mv.type == ValueType.ARRAY:
+        if mv.type == V.ARRAY:
             assert list(value) == pytest.approx(mv.value), key
-            assert vtype == int(mv.item_type), key
+            assert vtype == int(mv.sub_type), key
         else:
             assert vtype == int(mv.type), key
             assert value == (pytest.approx(mv.value) if isinstance(mv.value, float) else mv.value), key
@@ -255,7 +256,7 @@ def test_writer_default_alignment_and_progress(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
     data = np.arange(10, dtype=np.float32)
     tensors = [(TensorInfo(f"t{i}", (10,), 0), lambda: [data]) for i in range(3)]
-    out = write_gguf(tmp_path / "p.gguf", {**ARCH, "general.name": MetaValue.str_("x")}, tensors,
+    out = write_gguf(tmp_path / "p.gguf", {**ARCH, "general.name": GGUFValue("x", V.STRING)}, tensors,
                      progress=lambda done, total: calls.append((done, total)))
     r = GGUFReader(out)
     assert r.data_offset % 32 == 0
@@ -300,12 +301,12 @@ def _one(name: str = "w", dims: tuple[int, ...] = (4,), ggml_type: int = 0, n: i
     (ARCH, [_one(dims=(48,), ggml_type=8, n=51)], "not a multiple"),
     (ARCH, [_one(name="x" * 64)], "name"),
     (ARCH, [_one(dims=(1, 1, 1, 1, 4))], "dims"),
-    ({**ARCH, "k": MetaValue.u32(2**32)}, [_one()], "does not fit"),
-    ({**ARCH, "k": MetaValue.array(ValueType.INT8, [1, 200])}, [_one()], "200 does not fit INT8"),
-    ({**ARCH, "k": MetaValue.f32(1e300)}, [_one()], "float too large"),
-    ({**ARCH, "k": MetaValue.array(ValueType.UINT32, [])}, [_one()], "Empty array"),
-    ({**ARCH, "general.alignment": MetaValue.u32(12)}, [_one()], "alignment"),
-    ({**ARCH, "k": 5}, [_one()], "MetaValue"),
+    ({**ARCH, "k": GGUFValue(2**32, V.UINT32)}, [_one()], "does not fit"),
+    ({**ARCH, "k": GGUFValue([1, 200], V.ARRAY, V.INT8)}, [_one()], "200 does not fit INT8"),
+    ({**ARCH, "k": GGUFValue(1e300, V.FLOAT32)}, [_one()], "float too large"),
+    ({**ARCH, "k": GGUFValue([], V.ARRAY, V.UINT32)}, [_one()], "Empty array"),
+    ({**ARCH, "general.alignment": GGUFValue(12, V.UINT32)}, [_one()], "alignment"),
+    ({**ARCH, "k": 5}, [_one()], "GGUFValue"),
     ({}, [_one()], "general.architecture"),
 ])
 def test_writer_rejects_bad_input_and_leaves_nothing(tmp_path: Path, meta, tensors, message) -> None:
@@ -530,7 +531,7 @@ def test_real_dims_plan_and_metadata(n_layer: int) -> None:
     for key, (value, vtype) in ds4_metadata(dict(REAL), n_layer, n_hash).items():
         mv = meta[key]
         if isinstance(value, list):
-            assert mv.type == ValueType.ARRAY and mv.item_type == vtype and mv.value == pytest.approx(value)
+            assert mv.type == V.ARRAY and mv.sub_type == vtype and mv.value == pytest.approx(value)
         elif isinstance(value, float):
             assert mv.type == vtype and mv.value == pytest.approx(value, rel=1e-6), key
         else:

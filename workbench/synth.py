@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from gguf import GGUFValue, GGUFValueType
 
 from workbench.errors import WorkbenchError
-from workbench.gguf.writer import MetaValue, TensorInfo, ValueType, write_gguf
+from workbench.gguf.writer import TensorInfo, write_gguf
 from workbench.spec.args import ModelArgs, ds4_ratio_schedule
 from workbench.spec.ggml import F16, F32, GGML_TYPES, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0
 from workbench.spec.keys import METADATA_KEYS
@@ -151,7 +152,7 @@ def plan_tensors(preset: Preset) -> list[PlannedTensor]:
     return plan_for_args(preset.args, preset.experts)
 
 
-def metadata(preset: Preset, seed: int) -> dict[str, MetaValue]:
+def metadata(preset: Preset, seed: int) -> dict[str, GGUFValue]:
     """The GGUF key/value pairs: ``general.*``, every ``deepseek4.*`` key ds4 reads
     (ds4-architecture.md §1.2) with the preset's values, and the official tokenizer."""
     a = preset.args
@@ -160,17 +161,17 @@ def metadata(preset: Preset, seed: int) -> dict[str, MetaValue]:
         raise SynthError(f"preset {preset.name}: vocab_size {a.n_vocab} but the official "
                          f"tokenizer has {len(tokens)} tokens")
     return {
-        "general.architecture": MetaValue.str_("deepseek4"),
-        "general.name": MetaValue.str_(a.name),
-        "workbench.synth.preset": MetaValue.str_(preset.name),
-        "workbench.synth.seed": MetaValue.u64(seed),
+        "general.architecture": GGUFValue("deepseek4", GGUFValueType.STRING),
+        "general.name": GGUFValue(a.name, GGUFValueType.STRING),
+        "workbench.synth.preset": GGUFValue(preset.name, GGUFValueType.STRING),
+        "workbench.synth.seed": GGUFValue(seed, GGUFValueType.UINT64),
         **{k.key: _meta_value(k.write_type, _key_value(k.value_field, k.ds4, a)) for k in METADATA_KEYS},
-        "tokenizer.ggml.model": MetaValue.str_("gpt2"),
-        "tokenizer.ggml.pre": MetaValue.str_("joyai-llm"),
-        "tokenizer.ggml.tokens": MetaValue.array(ValueType.STRING, tokens),
-        "tokenizer.ggml.merges": MetaValue.array(ValueType.STRING, merges),
-        "tokenizer.ggml.bos_token_id": MetaValue.u32(0),
-        "tokenizer.ggml.eos_token_id": MetaValue.u32(1),
+        "tokenizer.ggml.model": GGUFValue("gpt2", GGUFValueType.STRING),
+        "tokenizer.ggml.pre": GGUFValue("joyai-llm", GGUFValueType.STRING),
+        "tokenizer.ggml.tokens": GGUFValue(list(tokens), GGUFValueType.ARRAY, GGUFValueType.STRING),
+        "tokenizer.ggml.merges": GGUFValue(list(merges), GGUFValueType.ARRAY, GGUFValueType.STRING),
+        "tokenizer.ggml.bos_token_id": GGUFValue(0, GGUFValueType.UINT32),
+        "tokenizer.ggml.eos_token_id": GGUFValue(1, GGUFValueType.UINT32),
     }
 
 
@@ -178,10 +179,10 @@ def _key_value(field: str | None, ds4: Any, a: ModelArgs) -> Any:
     return ds4 if field is None else getattr(a, field)
 
 
-def _meta_value(write_type: Any, value: Any) -> MetaValue:
+def _meta_value(write_type: Any, value: Any) -> GGUFValue:
     if isinstance(write_type, tuple):
-        return MetaValue.array(ValueType(write_type[1]), value)
-    return MetaValue(ValueType(write_type), value)
+        return GGUFValue(list(value), GGUFValueType.ARRAY, GGUFValueType(write_type[1]))
+    return GGUFValue(value, GGUFValueType(write_type))
 
 
 # ---- random data, chunk by chunk ------------------------------------------------------------

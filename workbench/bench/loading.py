@@ -19,13 +19,14 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 import numpy as np
+from gguf import GGUFValue, GGUFValueType
 
 from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
 from workbench.bench.kvio import raw_read
 from workbench.gguf.layout import validate_ds4
 from workbench.gguf.reader import GGUFFile
+from workbench.gguf.writer import TensorInfo, write_gguf
 from workbench.spec.ggml import Q8_0
-from workbench.gguf.writer import MetaValue, TensorInfo, write_gguf
 
 NAME = "gguf_load"
 Q8_WIDTH = 4096
@@ -40,8 +41,8 @@ def q8_0_file(path: Path, n_tensors: int, rows: int = Q8_WIDTH, cols: int = Q8_W
         yield blocks
 
     tensors = [(TensorInfo(f"blk.{i}.weight", (cols, rows), Q8_0), lambda i=i: chunks(i)) for i in range(n_tensors)]
-    return write_gguf(path, {"general.architecture": MetaValue.str_("bench"),
-                             "general.name": MetaValue.str_("Q8_0 load benchmark")}, tensors)
+    return write_gguf(path, {"general.architecture": GGUFValue("bench", GGUFValueType.STRING),
+                             "general.name": GGUFValue("Q8_0 load benchmark", GGUFValueType.STRING)}, tensors)
 
 
 def workbench_q8_0(path: Path) -> None:

@@ -29,16 +29,15 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import BinaryIO, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValue, GGUFValueType, GGUFWriter
 
 from workbench.atomic import atomic_path
 from workbench.errors import WorkbenchError
 from workbench.spec.ggml import GGML_TYPES, row_bytes
 
-ValueType = GGUFValueType
 ARCH_KEY = "general.architecture"
 ALIGNMENT_KEY = "general.alignment"
 MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME is 64 including the terminating NUL
@@ -51,46 +50,6 @@ Progress = Callable[[int, int], None]
 
 class GGUFWriteError(WorkbenchError):
     """A GGUF file could not be written: bad metadata, bad tensor data or an I/O error."""
-
-
-class MetaValue(NamedTuple):
-    """One typed metadata value. For arrays, ``value`` is a sequence and ``item_type`` its type."""
-
-    type: GGUFValueType
-    value: Any
-    item_type: GGUFValueType | None = None
-
-    @staticmethod
-    def u32(v: int) -> "MetaValue":
-        return MetaValue(GGUFValueType.UINT32, int(v))
-
-    @staticmethod
-    def i32(v: int) -> "MetaValue":
-        return MetaValue(GGUFValueType.INT32, int(v))
-
-    @staticmethod
-    def u64(v: int) -> "MetaValue":
-        return MetaValue(GGUFValueType.UINT64, int(v))
-
-    @staticmethod
-    def f32(v: float) -> "MetaValue":
-        return MetaValue(GGUFValueType.FLOAT32, float(v))
-
-    @staticmethod
-    def f64(v: float) -> "MetaValue":
-        return MetaValue(GGUFValueType.FLOAT64, float(v))
-
-    @staticmethod
-    def bool_(v: bool) -> "MetaValue":
-        return MetaValue(GGUFValueType.BOOL, bool(v))
-
-    @staticmethod
-    def str_(v: str) -> "MetaValue":
-        return MetaValue(GGUFValueType.STRING, str(v))
-
-    @staticmethod
-    def array(item_type: GGUFValueType, items: Sequence[Any]) -> "MetaValue":
-        return MetaValue(GGUFValueType.ARRAY, list(items), GGUFValueType(item_type))
 
 
 @dataclass(frozen=True)
@@ -128,7 +87,7 @@ def _check_tensor(info: TensorInfo) -> None:
                          f"the {t.name} block ({t.block_elems} elements)")
 
 
-def _alignment(metadata: Mapping[str, MetaValue]) -> int:
+def _alignment(metadata: Mapping[str, GGUFValue]) -> int:
     v = metadata.get(ALIGNMENT_KEY)
     if v is None:
         return GGUF_DEFAULT_ALIGNMENT
@@ -142,11 +101,11 @@ _INT_DTYPES = {GGUFValueType.UINT8: "u1", GGUFValueType.INT8: "i1", GGUFValueTyp
                GGUFValueType.UINT64: "u8", GGUFValueType.INT64: "i8"}
 
 
-def _add_metadata(w: GGUFWriter, metadata: Mapping[str, MetaValue]) -> None:
+def _add_metadata(w: GGUFWriter, metadata: Mapping[str, GGUFValue]) -> None:
     for key, v in metadata.items():
-        if not isinstance(v, MetaValue):
-            raise ValueError(f"metadata {key!r}: expected a MetaValue, got {type(v).__name__}")
-        item_type = v.item_type if v.type == GGUFValueType.ARRAY else v.type
+        if not isinstance(v, GGUFValue):
+            raise ValueError(f"metadata {key!r}: expected a GGUFValue, got {type(v).__name__}")
+        item_type = v.sub_type if v.type == GGUFValueType.ARRAY else v.type
         if item_type in _INT_DTYPES:
             info = np.iinfo(_INT_DTYPES[item_type])
             items = v.value if v.type == GGUFValueType.ARRAY else [v.value]
@@ -155,7 +114,7 @@ def _add_metadata(w: GGUFWriter, metadata: Mapping[str, MetaValue]) -> None:
                 raise ValueError(f"metadata {key!r}: {bad[0]} does not fit {GGUFValueType(item_type).name}")
         if key == ARCH_KEY:
             continue  # written by GGUFWriter itself, first
-        w.add_key_value(key, v.value, GGUFValueType(v.type), sub_type=v.item_type)
+        w.add_key_value(key, v.value, GGUFValueType(v.type), sub_type=v.sub_type)
 
 
 class _ChunkStream:
@@ -179,12 +138,13 @@ class _ChunkStream:
             raise ValueError(f"tensor {self.info.name} got {written} bytes of data, expected {self.nbytes}")
 
 
-def write_gguf(out: str | Path, metadata: Mapping[str, MetaValue],
+def write_gguf(out: str | Path, metadata: Mapping[str, GGUFValue],
                tensors: Sequence[tuple[TensorInfo, ChunkSource]],
                progress: Progress | None = None) -> Path:
     """Write a GGUF v3 file and return its path.
 
-    ``metadata`` maps keys to typed values and must name ``general.architecture``.
+    ``metadata`` maps keys to ``gguf.GGUFValue`` (value, type, array item type) and must
+    name ``general.architecture``.
     ``tensors`` pairs each tensor info with a callable returning an iterable of byte chunks
     (bytes or C-contiguous NumPy arrays) whose total length must be exactly
     ``info.nbytes``. ``progress`` is called with ``(bytes written, total file bytes)``.

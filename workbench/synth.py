@@ -266,16 +266,21 @@ def _q8_0_blocks(nb: int, std: float, bg: np.random.SFC64) -> np.ndarray:
     return blocks
 
 
+def _d_dmin(sc: np.ndarray, q_var: float, std: float, mid: float) -> tuple[np.ndarray, np.ndarray]:
+    """K-quant block scales for sub-block scales ``sc`` [nb, n] and codes of variance
+    ``q_var`` centred on ``mid``: f16 ``d`` (expected block RMS ``std``) and ``dmin = mid·d``
+    (mean 0), each as [nb, 2] bytes."""
+    d16 = (std / np.sqrt(q_var * (sc.astype(np.float32) ** 2).mean(axis=1))).astype("<f2")
+    return d16.view(np.uint8).reshape(-1, 2), _f16_bytes(d16.astype(np.float32) * mid)
+
+
 def _q2_k_blocks(nb: int, std: float, bg: np.random.SFC64) -> np.ndarray:
     """16 sub-blocks with scale sc in 1..15 and min m = sc, dmin = 1.5·d: each sub-block is
     d·sc·(q − 1.5), mean 0; d sets the expected block RMS to ``std``."""
     blocks = _random_bytes(bg, nb * 84).reshape(nb, 84)
     sc = 1 + blocks[:, 0:16] % 15
     blocks[:, 0:16] = sc | (sc << 4)
-    d = std / np.sqrt(_Q2_K_Q_VAR * (sc.astype(np.float32) ** 2).mean(axis=1))
-    d16 = d.astype("<f2")
-    blocks[:, 80:82] = d16.view(np.uint8).reshape(-1, 2)
-    blocks[:, 82:84] = _f16_bytes(d16.astype(np.float32) * 1.5)
+    blocks[:, 80:82], blocks[:, 82:84] = _d_dmin(sc, _Q2_K_Q_VAR, std, 1.5)
     return blocks
 
 
@@ -290,10 +295,7 @@ def _q4_k_blocks(nb: int, std: float, bg: np.random.SFC64) -> np.ndarray:
     packed[:, 4:8] = lo | ((hi >> 4) << 6)
     packed[:, 8:12] = (hi & 15) | ((hi & 15) << 4)
     blocks[:, 4:16] = packed
-    d = std / np.sqrt(_Q4_K_Q_VAR * (sc.astype(np.float32) ** 2).mean(axis=1))
-    d16 = d.astype("<f2")
-    blocks[:, 0:2] = d16.view(np.uint8).reshape(-1, 2)
-    blocks[:, 2:4] = _f16_bytes(d16.astype(np.float32) * 7.5)
+    blocks[:, 0:2], blocks[:, 2:4] = _d_dmin(sc, _Q4_K_Q_VAR, std, 7.5)
     return blocks
 
 

@@ -302,3 +302,25 @@ def test_policy_lab_widget_sweeps_and_shows_a_strip() -> None:
     lab.policies.value = ()
     lab.guarded(lab.sweep)
     assert "tick at least one policy" in lab.error.value
+
+
+def test_import_a_cache_directory_as_a_trace_skeleton(tmp_path, capsys) -> None:
+    from test_kv_format import SMALL
+
+    from workbench.kv.format import SaveReason
+    from workbench.kv.store import KVStore
+    from workbench.state import random_state
+
+    store = KVStore(tmp_path / "kv", budget_mb=None, min_tokens=1, checksum=False)
+    texts = ["<｜User｜>first conversation", "<｜User｜>first conversation, and more"]
+    for i, (text, reason) in enumerate(zip(texts, (SaveReason.COLD, SaveReason.EVICT))):
+        store.save(random_state(SMALL, 40 + 10 * i, 4096, seed=i), text, reason)
+    before = sorted(p.name for p in (tmp_path / "kv").iterdir())
+    out = tmp_path / "skeleton.jsonl"
+    assert cli_main(["lab", "import", str(tmp_path / "kv"), "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["requests"] == 2
+    t = read_trace(out)
+    assert t.header.source == "ds4-cache-dir" and sorted(r.rendered for r in t.requests) == sorted(texts)
+    assert sorted(r.recorded["saves"][0]["tokens"] for r in t.requests) == [40, 50]
+    assert sorted(r.recorded["reason"] for r in t.requests) == ["cold", "evict"]
+    assert sorted(p.name for p in (tmp_path / "kv").iterdir()) == before  # nothing modified

@@ -259,6 +259,8 @@ def test_cli_replay_json_and_ds4_recorded_beside(tmp_path, capsys) -> None:
     assert set(d) == {"requests", "summary"} and d["summary"]["cached_tokens"] == sum(
         r["cached_tokens"] for r in d["requests"])
     assert [r["recorded_cached_tokens"] for r in d["requests"]] == [0, 16]
+    assert 0 <= d["summary"]["fraction_of_optimum"] <= 1
+    assert d["summary"]["cached_tokens"] <= d["summary"]["optimal_cached_tokens"] <= d["summary"]["infinite_cached_tokens"]
     assert d["requests"][1]["source"] == "live"  # the replay serves the follow-up from the live state
 
 

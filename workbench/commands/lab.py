@@ -204,16 +204,19 @@ def _import(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     from workbench.lab.sweep import run_policy
-    from workbench.lab.optimum import infinite
+    from workbench.lab.optimum import infinite, optimal
     trace = read_trace(args.trace)
     policy = trace_policy(trace, args)
     policy = replace(policy, budget_mb=_budget(args.budget_mb, trace.header.budget_mb))
     rates = rates_of(trace, args)
     result = run_policy(trace, policy, args.policy, policy.budget_mb, rates)
     summary = result.summary()
-    if args.policy == "optimal":
-        summary["infinite_cached_tokens"] = max(sum(r.cached_tokens for r in infinite(trace, policy, rates).requests),
-                                                summary["cached_tokens"])
+    best = result if args.policy == "optimal" else optimal(trace, policy, rates, [result])
+    summary["optimal_cached_tokens"] = sum(r.cached_tokens for r in best.requests)
+    summary["fraction_of_optimum"] = (summary["cached_tokens"] / summary["optimal_cached_tokens"]
+                                      if summary["optimal_cached_tokens"] else 1.0)
+    summary["infinite_cached_tokens"] = max(sum(r.cached_tokens for r in infinite(trace, policy, rates).requests),
+                                            summary["optimal_cached_tokens"])
     rows = [_request_row(r) for r in result.requests]
     if args.json:
         print(json.dumps({"requests": rows, "summary": summary}))
@@ -227,7 +230,9 @@ def _replay(args: argparse.Namespace) -> int:
               f"{r['explanation']}")
     print(f"{summary['policy']} ({summary['schedule']}) at {summary['budget_mb']} MiB: cached "
           f"{summary['cached_tokens']}/{summary['prompt_tokens']} tokens ({summary['hit_ratio']:.1%}), "
-          f"{summary['saves']} saves, {summary['evictions']} evictions, TTFT {summary['ttft_s']:.2f} s")
+          f"{summary['saves']} saves, {summary['evictions']} evictions, TTFT {summary['ttft_s']:.2f} s; "
+          f"{summary['fraction_of_optimum']:.1%} of the optimum ({summary['optimal_cached_tokens']}), "
+          f"infinite budget {summary['infinite_cached_tokens']}")
     return 0
 
 

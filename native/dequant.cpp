@@ -20,8 +20,11 @@
 //   affine8_qmv: x [m, in] @ W.T for W in MLX affine 8-bit form (group 32): per group
 //                scale * dot(q, x) + bias * sum(x).
 // Their sums run in a fixed order of their own (float32 accumulators), like any matmul.
+// scan_strings walks a GGUF string array's length fields for the reader (a Python loop
+// over ~260k tokenizer strings dominates opening a small model otherwise).
 
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 
 #include <algorithm>
@@ -344,21 +347,21 @@ void affine8_rows(const float* x, const float* xsum, size_t m, size_t n_in, cons
   }
 }
 
-// Threads for an output of `out_bytes`: 1 below 1 MiB, else half the cores (at most 4; on a
-// two-core machine one thread already writes at memory-copy speed). WORKBENCH_DEQUANT_THREADS
-// overrides.
-int threads_for(size_t out_bytes) {
-  static const int configured = [] {
-    const char* env = std::getenv("WORKBENCH_DEQUANT_THREADS");
-    const int n = env ? std::atoi(env) : int(std::thread::hardware_concurrency()) / 2;
-    return std::clamp(n, 1, env ? 16 : 4);
-  }();
-  return out_bytes < (size_t(1) << 20) ? 1 : configured;
+// Threads for `bytes` of work: 1 below 1 MiB; else, for memory-bound expansion, half the
+// cores (at most 4: on a two-core machine one thread already writes at memory-copy speed),
+// for compute-bound few-row products every core (at most 8). WORKBENCH_DEQUANT_THREADS
+// overrides both.
+int threads_for(size_t bytes, bool compute_bound) {
+  static const int hw = std::max(1, int(std::thread::hardware_concurrency()));
+  static const char* env = std::getenv("WORKBENCH_DEQUANT_THREADS");
+  if (bytes < (size_t(1) << 20)) return 1;
+  if (env) return std::clamp(std::atoi(env), 1, 16);
+  return compute_bound ? std::min(hw, 8) : std::clamp(hw / 2, 1, 4);
 }
 
 template <class F>
-void parallel_blocks(size_t n_blocks, size_t out_bytes, F&& body) {
-  const int n_threads = int(std::min<size_t>(threads_for(out_bytes), std::max<size_t>(n_blocks, 1)));
+void parallel_blocks(size_t n_blocks, size_t bytes, bool compute_bound, F&& body) {
+  const int n_threads = int(std::min<size_t>(threads_for(bytes, compute_bound), std::max<size_t>(n_blocks, 1)));
   if (n_threads <= 1) {
     body(0, n_blocks);
     return;
@@ -392,7 +395,7 @@ class Dequantize : public mx::UnaryPrimitive {
     encoder.set_input_array(blocks);
     encoder.set_output_array(out);
     encoder.dispatch([=]() {
-      parallel_blocks(n_blocks, out_bytes, [&](size_t b0, size_t b1) {
+      parallel_blocks(n_blocks, out_bytes, false, [&](size_t b0, size_t b1) {
         switch (type) {
           case F16: f16_blocks(src, dst, b0, b1); break;
           case BF16: bf16_blocks(src, dst, b0, b1); break;
@@ -438,7 +441,7 @@ class QMatVec : public mx::UnaryPrimitive {
     const int type = type_;
     auto& encoder = mx::cpu::get_command_encoder(stream());
     encoder.dispatch([=]() {
-      parallel_blocks(n_out, n_out * row_bytes, [&](size_t o0, size_t o1) {
+      parallel_blocks(n_out, n_out * row_bytes, true, [&](size_t o0, size_t o1) {
         qmv_rows(type, xp, m, n_in, wp, row_bytes, op, n_out, o0, o1, table);
       });
     });
@@ -482,7 +485,7 @@ class Affine8MatVec : public mx::UnaryPrimitive {
           xsum[r * groups + g] = acc;
         }
       const float* xs = xsum.data();
-      parallel_blocks(n_out, n_out * n_in, [&](size_t o0, size_t o1) {
+      parallel_blocks(n_out, n_out * n_in, true, [&](size_t o0, size_t o1) {
         affine8_rows(xp, xs, m, n_in, wp, sp, bp, op, n_out, o0, o1);
       });
     });
@@ -545,6 +548,26 @@ mx::array dequantize(const mx::array& blocks, int type, std::optional<mx::array>
                    std::move(inputs));
 }
 
+// GGUF string array scan (workbench/gguf/reader.py): item i's u64 length field is at
+// offsets[i]; returns the byte after the last item, or -1 when a length runs past `size`.
+int64_t scan_strings(nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> buf, int64_t start,
+                     nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> offsets) {
+  const uint8_t* p = buf.data();
+  const uint64_t size = buf.shape(0);
+  int64_t* out = offsets.data();
+  uint64_t pos = uint64_t(start);
+  for (size_t i = 0, n = offsets.shape(0); i < n; ++i) {
+    if (pos > size || size - pos < 8) return -1;
+    uint64_t len;
+    std::memcpy(&len, p + pos, 8);
+    out[i] = int64_t(pos);
+    pos += 8;
+    if (len > size - pos) return -1;
+    pos += len;
+  }
+  return int64_t(pos);
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -557,4 +580,6 @@ NB_MODULE(_native, m) {
         "x float32 [m <= 8, in] @ W.T for W as ggml blocks uint8 [out, row_bytes] -> float32 [m, out].");
   m.def("affine8_qmv", &affine8_qmv, "x"_a, "wq"_a, "scales"_a, "biases"_a,
         "x float32 [m <= 8, in] @ W.T for W in MLX affine 8-bit form (group 32) -> float32 [m, out].");
+  m.def("scan_strings", &scan_strings, "buf"_a, "start"_a, "offsets"_a.noconvert(),
+        "Offsets of a GGUF string array's length fields into offsets (int64 [count]); the end, or -1 if truncated.");
 }

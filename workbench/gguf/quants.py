@@ -26,9 +26,7 @@ separate pass over the data). ``WORKBENCH_NATIVE=0`` forces the pure-MLX path.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 from types import ModuleType
 from typing import Callable, Literal, Sequence
 
@@ -37,6 +35,7 @@ import numpy as np
 from gguf.quants import IQ2_XXS as _REF_IQ2_XXS
 
 from workbench.errors import WorkbenchError
+from workbench.gguf import native
 from workbench.spec.ggml import BF16, F16, F32, GGML_TYPES, I32, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0
 
 # the types this workbench can dequantize and run
@@ -196,19 +195,14 @@ NATIVE_TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4)
 
 
 def _load_native() -> ModuleType | None:
-    """The native kernels' module if it is built for this MLX and decodes a block right,
-    else None (not built, built against another MLX, or disabled by WORKBENCH_NATIVE=0)."""
-    if os.environ.get("WORKBENCH_NATIVE", "1") == "0":
+    """The native kernels' module (:mod:`workbench.gguf.native`) if it decodes a block right."""
+    mod = native.load_native()
+    if mod is None:
         return None
     try:
-        mod = importlib.import_module("workbench.gguf._native")
-        if mod.mlx_version != mx.__version__:
-            return None  # C++ ABI of another MLX: never call into it
         probe = mx.array(np.array([[0x00, 0x3C] + [1] * 32], dtype=np.uint8))  # Q8_0: d = 1, q = 1
-        if np.asarray(mod.dequantize(probe, Q8_0)).tolist() != [[1.0] * 32]:
-            return None
-        return mod
-    except (ImportError, TypeError, RuntimeError, ValueError, AttributeError):
+        return mod if np.asarray(mod.dequantize(probe, Q8_0)).tolist() == [[1.0] * 32] else None
+    except (TypeError, RuntimeError, ValueError, AttributeError):
         return None
 
 

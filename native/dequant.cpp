@@ -54,7 +54,7 @@ namespace nb = nanobind;
 
 namespace {
 
-// ggml type ids (workbench/gguf/types.py)
+// ggml type ids (workbench/spec/ggml.py)
 constexpr int F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30, MXFP4 = 39;
 
 struct Format {

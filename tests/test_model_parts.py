@@ -373,7 +373,7 @@ def test_few_token_experts_from_blocks_match_dequantized(monkeypatch) -> None:
     result must match dequantize-then-matmul (the path for experts with many tokens)."""
     from workbench.gguf import quants
     from workbench.gguf.quants import QTensor
-    from workbench.gguf.types import Q8_0
+    from workbench.spec.ggml import Q8_0
     from workbench.model import moe as moe_mod
 
     if not quants.native_available():

@@ -61,8 +61,8 @@ def token_bytes(path: Path, n_context: int) -> dict[str, float]:
     (the used share of the routed experts), ``weights`` (every other tensor but the
     embedding), ``embedding`` (one row) and ``kv`` (the rows attended, float32)."""
     from workbench.gguf.reader import GGUFFile
-    from workbench.model.config import ModelArgs
-    from workbench.state import StateLayout
+    from workbench.spec.args import ModelArgs
+    from workbench.spec.statelayout import StateLayout
 
     with GGUFFile(path) as f:
         args = ModelArgs.from_metadata(f.metadata)

@@ -56,7 +56,7 @@ browser-deps:
 	  echo "warning: chromium could not be installed; the browser test will be skipped"; \
 	fi
 
-# The full suite (synthesizes a 9.5 GB real-dims-4 model under /tmp the first time);
+# The full suite (synthesizes a 9.5 GB real-dims-4 model under build/bench-models the first time);
 # `workbench bench --quick` finishes in a few minutes.
 bench: $(STAMP) native $(TINY)
 	$(VPY) -m pip install -q -e '.[bench]'

@@ -12,8 +12,19 @@
 //   MXFP4 e8m0_half(e) * (2 * e2m1)   (ggml's half scale times the doubled E2M1 value)
 // No step is contracted into a fused multiply-add (-ffp-contract=off; explicit mul/sub).
 // Large outputs are split over a few threads by whole blocks.
+//
+// Two more primitives serve few-row products (decode) without materialising a float32 weight:
+//   qmv:         x [m, in] @ W.T for W given as ggml blocks [out, row_bytes] (any type above):
+//                each block row is expanded into a small L1 buffer by the kernels above and
+//                dotted with the m rows of x;
+//   affine8_qmv: x [m, in] @ W.T for W in MLX affine 8-bit form (group 32): per group
+//                scale * dot(q, x) + bias * sum(x).
+// Their sums run in a fixed order of their own (float32 accumulators), like any matmul.
+// scan_strings walks a GGUF string array's length fields for the reader (a Python loop
+// over ~260k tokenizer strings dominates opening a small model otherwise).
 
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 
 #include <algorithm>
@@ -43,7 +54,7 @@ namespace nb = nanobind;
 
 namespace {
 
-// ggml type ids (workbench/gguf/types.py)
+// ggml type ids (workbench/spec/ggml.py)
 constexpr int F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30, MXFP4 = 39;
 
 struct Format {
@@ -247,21 +258,110 @@ void mxfp4_blocks(const uint8_t* in, float* out, size_t b0, size_t b1) {
   }
 }
 
-// Threads for an output of `out_bytes`: 1 below 1 MiB, else half the cores (at most 4; on a
-// two-core machine one thread already writes at memory-copy speed). WORKBENCH_DEQUANT_THREADS
-// overrides.
-int threads_for(size_t out_bytes) {
-  static const int configured = [] {
-    const char* env = std::getenv("WORKBENCH_DEQUANT_THREADS");
-    const int n = env ? std::atoi(env) : int(std::thread::hardware_concurrency()) / 2;
-    return std::clamp(n, 1, env ? 16 : 4);
-  }();
-  return out_bytes < (size_t(1) << 20) ? 1 : configured;
+// Expand `n` blocks of type `type` at `in` into `out` (float32).
+inline void expand_blocks(int type, const uint8_t* in, float* out, size_t n, const uint64_t* table) {
+  switch (type) {
+    case F16: f16_blocks(in, out, 0, n); break;
+    case BF16: bf16_blocks(in, out, 0, n); break;
+    case Q8_0: q8_0_blocks(in, out, 0, n); break;
+    case Q2_K: q2_k_blocks(in, out, 0, n); break;
+    case Q4_K: q4_k_blocks(in, out, 0, n); break;
+    case IQ2_XXS: iq2_xxs_blocks(in, out, 0, n, table); break;
+    case MXFP4: mxfp4_blocks(in, out, 0, n); break;
+  }
+}
+
+inline float dot(const float* a, const float* b, size_t n) {
+  size_t i = 0;
+  float tail = 0.0f;
+#ifdef WB_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  tail = _mm_cvtss_f32(h);
+#endif
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return tail;
+}
+
+// out[r, o] for o in [o0, o1): rows of blocks expanded 4,096 elements at a time.
+void qmv_rows(int type, const float* x, size_t m, size_t n_in, const uint8_t* w, size_t row_bytes, float* out,
+              size_t n_out, size_t o0, size_t o1, const uint64_t* table) {
+  const Format f = format_of(type);
+  constexpr size_t kSpan = 4096;  // elements expanded at once (16 KiB, L1-resident)
+  alignas(32) float buf[kSpan];
+  for (size_t o = o0; o < o1; ++o) {
+    const uint8_t* row = w + o * row_bytes;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (size_t e0 = 0; e0 < n_in; e0 += kSpan) {
+      const size_t n = std::min(kSpan, n_in - e0);
+      expand_blocks(type, row + (e0 / f.block_elems) * f.block_bytes, buf, n / f.block_elems, table);
+      for (size_t r = 0; r < m; ++r) acc[r] += dot(buf, x + r * n_in + e0, n);
+    }
+    for (size_t r = 0; r < m; ++r) out[r * n_out + o] = acc[r];
+  }
+}
+
+void affine8_rows(const float* x, const float* xsum, size_t m, size_t n_in, const uint8_t* wq, const float* scales,
+                  const float* biases, float* out, size_t n_out, size_t o0, size_t o1) {
+  const size_t groups = n_in / 32;
+  for (size_t o = o0; o < o1; ++o) {
+    const uint8_t* q = wq + o * n_in;
+    const float* sc = scales + o * groups;
+    const float* bi = biases + o * groups;
+    for (size_t r = 0; r < m; ++r) {
+      const float* xr = x + r * n_in;
+      const float* xs = xsum + r * groups;
+      float total = 0.0f;
+#ifdef WB_AVX2
+      __m256 acc = _mm256_setzero_ps();
+      for (size_t g = 0; g < groups; ++g) {
+        const uint8_t* qg = q + g * 32;
+        const float* xg = xr + g * 32;
+        __m256 d = _mm256_mul_ps(u8x8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qg))), _mm256_loadu_ps(xg));
+        d = _mm256_fmadd_ps(u8x8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qg + 8))), _mm256_loadu_ps(xg + 8), d);
+        d = _mm256_fmadd_ps(u8x8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qg + 16))), _mm256_loadu_ps(xg + 16), d);
+        d = _mm256_fmadd_ps(u8x8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qg + 24))), _mm256_loadu_ps(xg + 24), d);
+        acc = _mm256_fmadd_ps(d, _mm256_set1_ps(sc[g]), acc);
+        total += bi[g] * xs[g];
+      }
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+      total += _mm_cvtss_f32(h);
+#else
+      for (size_t g = 0; g < groups; ++g) {
+        float d = 0.0f;
+        for (int j = 0; j < 32; ++j) d += float(q[g * 32 + j]) * xr[g * 32 + j];
+        total += sc[g] * d + bi[g] * xs[g];
+      }
+#endif
+      out[r * n_out + o] = total;
+    }
+  }
+}
+
+// Threads for `bytes` of work: 1 below 1 MiB; else, for memory-bound expansion, half the
+// cores (at most 4: on a two-core machine one thread already writes at memory-copy speed),
+// for compute-bound few-row products every core (at most 8). WORKBENCH_DEQUANT_THREADS
+// overrides both.
+int threads_for(size_t bytes, bool compute_bound) {
+  static const int hw = std::max(1, int(std::thread::hardware_concurrency()));
+  static const char* env = std::getenv("WORKBENCH_DEQUANT_THREADS");
+  if (bytes < (size_t(1) << 20)) return 1;
+  if (env) return std::clamp(std::atoi(env), 1, 16);
+  return compute_bound ? std::min(hw, 8) : std::clamp(hw / 2, 1, 4);
 }
 
 template <class F>
-void parallel_blocks(size_t n_blocks, size_t out_bytes, F&& body) {
-  const int n_threads = int(std::min<size_t>(threads_for(out_bytes), std::max<size_t>(n_blocks, 1)));
+void parallel_blocks(size_t n_blocks, size_t bytes, bool compute_bound, F&& body) {
+  const int n_threads = int(std::min<size_t>(threads_for(bytes, compute_bound), std::max<size_t>(n_blocks, 1)));
   if (n_threads <= 1) {
     body(0, n_blocks);
     return;
@@ -295,7 +395,7 @@ class Dequantize : public mx::UnaryPrimitive {
     encoder.set_input_array(blocks);
     encoder.set_output_array(out);
     encoder.dispatch([=]() {
-      parallel_blocks(n_blocks, out_bytes, [&](size_t b0, size_t b1) {
+      parallel_blocks(n_blocks, out_bytes, false, [&](size_t b0, size_t b1) {
         switch (type) {
           case F16: f16_blocks(src, dst, b0, b1); break;
           case BF16: bf16_blocks(src, dst, b0, b1); break;
@@ -323,6 +423,114 @@ class Dequantize : public mx::UnaryPrimitive {
   int type_;
 };
 
+constexpr size_t kMaxRows = 8;  // rows of x a qmv call takes
+
+// x [m, in] float32 @ W.T, W ggml blocks uint8 [out, row_bytes] (+ IQ2_XXS table) -> [m, out]
+class QMatVec : public mx::UnaryPrimitive {
+ public:
+  QMatVec(mx::Stream stream, int type) : mx::UnaryPrimitive(stream), type_(type) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array &x = inputs[0], &w = inputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const size_t m = x.shape(0), n_in = x.shape(1), n_out = w.shape(0), row_bytes = w.shape(1);
+    const float* xp = x.data<float>();
+    const uint8_t* wp = w.data<uint8_t>();
+    const uint64_t* table = inputs.size() > 2 ? inputs[2].data<uint64_t>() : nullptr;
+    float* op = out.data<float>();
+    const int type = type_;
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.dispatch([=]() {
+      parallel_blocks(n_out, n_out * row_bytes, true, [&](size_t o0, size_t o1) {
+        qmv_rows(type, xp, m, n_in, wp, row_bytes, op, n_out, o0, o1, table);
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("workbench native qmv runs on the CPU stream only");
+  }
+
+  const char* name() const override { return "WorkbenchQMatVec"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return type_ == static_cast<const QMatVec&>(other).type_;
+  }
+
+ private:
+  int type_;
+};
+
+// x [m, in] float32 @ W.T, W affine 8-bit (wq uint32 [out, in/4], scales/biases [out, in/32])
+class Affine8MatVec : public mx::UnaryPrimitive {
+ public:
+  explicit Affine8MatVec(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array &x = inputs[0], &wq = inputs[1], &sc = inputs[2], &bi = inputs[3];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const size_t m = x.shape(0), n_in = x.shape(1), n_out = wq.shape(0);
+    const float* xp = x.data<float>();
+    const uint8_t* wp = wq.data<uint8_t>();
+    const float *sp = sc.data<float>(), *bp = bi.data<float>();
+    float* op = out.data<float>();
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.dispatch([=]() {
+      const size_t groups = n_in / 32;
+      std::vector<float> xsum(m * groups);
+      for (size_t r = 0; r < m; ++r)
+        for (size_t g = 0; g < groups; ++g) {
+          float acc = 0.0f;
+          for (int j = 0; j < 32; ++j) acc += xp[r * n_in + g * 32 + j];
+          xsum[r * groups + g] = acc;
+        }
+      const float* xs = xsum.data();
+      parallel_blocks(n_out, n_out * n_in, true, [&](size_t o0, size_t o1) {
+        affine8_rows(xp, xs, m, n_in, wp, sp, bp, op, n_out, o0, o1);
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("workbench native affine8_qmv runs on the CPU stream only");
+  }
+
+  const char* name() const override { return "WorkbenchAffine8MatVec"; }
+
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+mx::array qmv(const mx::array& x, const mx::array& w, int type, std::optional<mx::array> table) {
+  const Format f = format_of(type);
+  if (x.dtype() != mx::float32 || x.ndim() != 2 || size_t(x.shape(0)) > kMaxRows || x.shape(0) < 1)
+    throw std::invalid_argument("workbench native qmv: x must be float32 [m, in] with 1 <= m <= 8");
+  if (w.dtype() != mx::uint8 || w.ndim() != 2 || x.shape(1) % f.block_elems ||
+      size_t(w.shape(1)) != size_t(x.shape(1)) / f.block_elems * f.block_bytes)
+    throw std::invalid_argument("workbench native qmv: w must be uint8 [out, in / block_elems * block_bytes]");
+  const mx::Stream s = mx::default_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs = {mx::contiguous(x, false, s), mx::contiguous(w, false, s)};
+  if (type == IQ2_XXS) {
+    if (!table || table->dtype() != mx::uint64 || table->size() != 256 * 128)
+      throw std::invalid_argument("workbench native qmv: IQ2_XXS needs the uint64 [32768] signed-grid table");
+    inputs.push_back(mx::contiguous(*table, false, s));
+  }
+  return mx::array({x.shape(0), w.shape(0)}, mx::float32, std::make_shared<QMatVec>(s, type), std::move(inputs));
+}
+
+mx::array affine8_qmv(const mx::array& x, const mx::array& wq, const mx::array& scales, const mx::array& biases) {
+  if (x.dtype() != mx::float32 || x.ndim() != 2 || size_t(x.shape(0)) > kMaxRows || x.shape(0) < 1 ||
+      x.shape(1) % 32)
+    throw std::invalid_argument("workbench native affine8_qmv: x must be float32 [m, in], 1 <= m <= 8, in % 32 == 0");
+  if (wq.dtype() != mx::uint32 || wq.ndim() != 2 || wq.shape(1) * 4 != x.shape(1) ||
+      scales.dtype() != mx::float32 || biases.dtype() != mx::float32 || scales.shape() != biases.shape() ||
+      scales.ndim() != 2 || scales.shape(0) != wq.shape(0) || scales.shape(1) * 32 != x.shape(1))
+    throw std::invalid_argument("workbench native affine8_qmv: wq uint32 [out, in/4], float32 scales/biases [out, in/32]");
+  const mx::Stream s = mx::default_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs = {mx::contiguous(x, false, s), mx::contiguous(wq, false, s),
+                                   mx::contiguous(scales, false, s), mx::contiguous(biases, false, s)};
+  return mx::array({x.shape(0), wq.shape(0)}, mx::float32, std::make_shared<Affine8MatVec>(s), std::move(inputs));
+}
+
 // blocks: uint8 [n, block_bytes] -> float32 [n, block_elems]; table: IQ2_XXS's uint64 [32768].
 mx::array dequantize(const mx::array& blocks, int type, std::optional<mx::array> table) {
   const Format f = format_of(type);
@@ -340,6 +548,26 @@ mx::array dequantize(const mx::array& blocks, int type, std::optional<mx::array>
                    std::move(inputs));
 }
 
+// GGUF string array scan (workbench/gguf/reader.py): item i's u64 length field is at
+// offsets[i]; returns the byte after the last item, or -1 when a length runs past `size`.
+int64_t scan_strings(nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> buf, int64_t start,
+                     nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> offsets) {
+  const uint8_t* p = buf.data();
+  const uint64_t size = buf.shape(0);
+  int64_t* out = offsets.data();
+  uint64_t pos = uint64_t(start);
+  for (size_t i = 0, n = offsets.shape(0); i < n; ++i) {
+    if (pos > size || size - pos < 8) return -1;
+    uint64_t len;
+    std::memcpy(&len, p + pos, 8);
+    out[i] = int64_t(pos);
+    pos += 8;
+    if (len > size - pos) return -1;
+    pos += len;
+  }
+  return int64_t(pos);
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -348,4 +576,10 @@ NB_MODULE(_native, m) {
   m.attr("mlx_version") = WORKBENCH_MLX_VERSION;
   m.def("dequantize", &dequantize, "blocks"_a, "ggml_type"_a, "table"_a = nb::none(),
         "ggml blocks uint8 [n, block_bytes] -> float32 [n, block_elems] (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4).");
+  m.def("qmv", &qmv, "x"_a, "w"_a, "ggml_type"_a, "table"_a = nb::none(),
+        "x float32 [m <= 8, in] @ W.T for W as ggml blocks uint8 [out, row_bytes] -> float32 [m, out].");
+  m.def("affine8_qmv", &affine8_qmv, "x"_a, "wq"_a, "scales"_a, "biases"_a,
+        "x float32 [m <= 8, in] @ W.T for W in MLX affine 8-bit form (group 32) -> float32 [m, out].");
+  m.def("scan_strings", &scan_strings, "buf"_a, "start"_a, "offsets"_a.noconvert(),
+        "Offsets of a GGUF string array's length fields into offsets (int64 [count]); the end, or -1 if truncated.");
 }

@@ -366,3 +366,36 @@ def test_routed_experts_match_the_per_token_formula() -> None:
 def test_softplus_regimes() -> None:
     x = mx.array([-30.0, 0.0, 30.0])
     np.testing.assert_allclose(np.array(softplus(x)), [math.exp(-30), math.log(2), 30.0], rtol=1e-5)
+
+
+def test_few_token_experts_from_blocks_match_dequantized(monkeypatch) -> None:
+    """Experts with few tokens go through the native few-row kernel on their blocks; the
+    result must match dequantize-then-matmul (the path for experts with many tokens)."""
+    from workbench.gguf import quants
+    from workbench.gguf.quants import QTensor
+    from workbench.spec.ggml import Q8_0
+    from workbench.model import moe as moe_mod
+
+    if not quants.native_available():
+        pytest.skip("native kernels not built (make native)")
+    rng = np.random.default_rng(23)
+    e, ff, d = 4, 64, 96
+
+    def bank(out: int, n_in: int) -> QTensor:
+        blocks = rng.integers(0, 256, (e * out * n_in // 32, 34), dtype=np.uint8)
+        blocks[:, :2] = rng.uniform(0.01, 0.05, (blocks.shape[0], 1)).astype("<f2").view(np.uint8)
+        return QTensor(blocks.reshape(e, out, -1), Q8_0, (e, out, n_in))
+
+    f = lambda *s: (rng.normal(size=s) * 0.3).astype(np.float32)  # noqa: E731
+    w = MoEWeights(mx.array(f(e, d)), None, None, bank(ff, d), bank(ff, d), bank(d, ff),
+                   mx.array(f(ff, d)), mx.array(f(ff, d)), mx.array(f(d, ff)))
+    m = MoE(2, False, 1.5, 10.0, w)
+    g = mx.array(rng.normal(size=(6, d)).astype(np.float32))
+    sel, wt = m.route(g, mx.arange(6))
+    assert m._blocks_direct()
+    direct = np.array(m.routed(g, sel, wt))
+    monkeypatch.setattr(moe_mod, "QMV_MAX_TOKENS", 0)
+    dequantized = np.array(m.routed(g, sel, wt))
+    scale = np.abs(dequantized).max()  # float32 sums in another order: relative to the output's size
+    assert scale > 1
+    np.testing.assert_allclose(direct, dequantized, rtol=1e-4, atol=1e-5 * scale)

@@ -362,3 +362,37 @@ def test_bench_q8_0_matmul_auto_picks_a_fast_path(rows: int) -> None:
                for mode in ("dequant", "affine", "auto")}
     best = min(seconds["dequant"], seconds["affine"])
     assert seconds["auto"] <= 2 * best, seconds
+
+
+@pytest.mark.parametrize("ggml_type", QUANTS + [F16, BF16], ids=lambda t: GGML_TYPES[t].name)
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_native_qmv_matches_float64(ggml_type: int, m: int) -> None:
+    """The few-row kernel on blocks: x @ W.T within float32 rounding of the float64 product."""
+    if not quants.native_available():
+        pytest.skip("native kernels not built (make native)")
+    rng = np.random.default_rng(200 + ggml_type + m)
+    t = GGML_TYPES[ggml_type]
+    n_in, n_out = 2 * 4096 + 512, 40  # more than one 4,096-element span per row
+    if t.block_elems == 1:
+        raw = rng.standard_normal((n_out, n_in)).astype(np.float16 if ggml_type == F16 else np.float32)
+        raw = raw.view(np.uint8) if ggml_type == F16 else (raw.view("<u4") >> 16).astype("<u2").view(np.uint8)
+    else:
+        raw = random_blocks(ggml_type, n_out * n_in // t.block_elems, rng, True).reshape(n_out, -1)
+    x = rng.standard_normal((m, n_in)).astype(np.float32)
+    w = reference(raw, ggml_type).astype(np.float64)
+    want = x.astype(np.float64) @ w.T
+    got = np.asarray(quants.qmv(mx.array(x), QTensor(raw, ggml_type, (n_out, n_in))))
+    assert got.shape == (m, n_out)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_native_affine8_qmv_matches_float64() -> None:
+    if not quants.native_available():
+        pytest.skip("native kernels not built (make native)")
+    rng = np.random.default_rng(300)
+    raw = random_blocks(Q8_0, 24 * 4096 // 32, rng, True).reshape(24, -1)
+    wq, scales, biases = q8_0_to_affine(QTensor(raw, Q8_0, (24, 4096)))
+    x = rng.standard_normal((2, 4096)).astype(np.float32)
+    want = x.astype(np.float64) @ reference(raw, Q8_0).astype(np.float64).T
+    got = np.asarray(quants.affine8_qmv(mx.array(x), wq, scales, biases))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -86,8 +86,9 @@ class BenchContext:
     default sizes) or "full" (standard plus the real-width model ``real-dims-4``).
     ``model`` is the tiny ds4 GGUF (when the path does not exist, synthesized on first
     use next to ``work_dir``, where the other benchmarks of the run find it);
-    ``work_dir`` holds this benchmark's scratch files; ``real_dir`` is where
-    ``real-dims-4.gguf`` is kept between runs.
+    ``work_dir`` holds this benchmark's scratch files; ``real_dir`` is where the
+    synthesized real-width models (``real-dims-1.gguf``, ``real-dims-4.gguf``) are kept
+    between runs.
     """
 
     mode: str

@@ -20,11 +20,12 @@ BENCHMARKS: dict[str, str] = {
     "gguf_load": "workbench.bench.loading",
     "tokenizer": "workbench.bench.tokenization",
     "prefill": "workbench.bench.prefill",
+    "real_width": "workbench.bench.realwidth",
     "ttft": "workbench.bench.ttft",
 }
 DEFAULT_OUT = Path("build/bench")
 DEFAULT_MODEL = Path("data/tiny.gguf")
-DEFAULT_REAL_DIR = Path(tempfile.gettempdir()) / "workbench-bench"
+DEFAULT_REAL_DIR = Path("build/bench-models")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``workbench bench``: the benchmark suite (every figure a ratio to a same-run baseline).
 
-    workbench bench --quick                 # under 5 minutes on two cores
+    workbench bench --quick                 # a few minutes on two cores (real-dims-1 synthesized once)
     workbench bench                         # standard sizes
     workbench bench --full                  # plus real-dims-4 (synthesized once, ~9.5 GB)
     workbench bench --only dequant --json   # one benchmark, figures as JSON
@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"tiny ds4 GGUF (default {DEFAULT_MODEL}; synthesized for the run when absent)")
     parser.add_argument("--real-dir", type=Path, default=DEFAULT_REAL_DIR,
-                        help=f"where --full keeps real-dims-4.gguf (default {DEFAULT_REAL_DIR})")
+                        help=f"where the synthesized real-width models (real-dims-1, and real-dims-4 for --full) are kept (default {DEFAULT_REAL_DIR})")
 
 
 def command_line(args: argparse.Namespace) -> str:

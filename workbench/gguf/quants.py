@@ -26,9 +26,7 @@ separate pass over the data). ``WORKBENCH_NATIVE=0`` forces the pure-MLX path.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 from types import ModuleType
 from typing import Callable, Literal, Sequence
 
@@ -37,6 +35,7 @@ import numpy as np
 from gguf.quants import IQ2_XXS as _REF_IQ2_XXS
 
 from workbench.errors import WorkbenchError
+from workbench.gguf import native
 from workbench.spec.ggml import BF16, F16, F32, GGML_TYPES, I32, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0
 
 # the types this workbench can dequantize and run
@@ -196,19 +195,14 @@ NATIVE_TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4)
 
 
 def _load_native() -> ModuleType | None:
-    """The native kernels' module if it is built for this MLX and decodes a block right,
-    else None (not built, built against another MLX, or disabled by WORKBENCH_NATIVE=0)."""
-    if os.environ.get("WORKBENCH_NATIVE", "1") == "0":
+    """The native kernels' module (:mod:`workbench.gguf.native`) if it decodes a block right."""
+    mod = native.load_native()
+    if mod is None:
         return None
     try:
-        mod = importlib.import_module("workbench.gguf._native")
-        if mod.mlx_version != mx.__version__:
-            return None  # C++ ABI of another MLX: never call into it
         probe = mx.array(np.array([[0x00, 0x3C] + [1] * 32], dtype=np.uint8))  # Q8_0: d = 1, q = 1
-        if np.asarray(mod.dequantize(probe, Q8_0)).tolist() != [[1.0] * 32]:
-            return None
-        return mod
-    except (ImportError, TypeError, RuntimeError, ValueError, AttributeError):
+        return mod if np.asarray(mod.dequantize(probe, Q8_0)).tolist() == [[1.0] * 32] else None
+    except (TypeError, RuntimeError, ValueError, AttributeError):
         return None
 
 
@@ -218,6 +212,24 @@ _NATIVE = _load_native()
 def native_available() -> bool:
     """Whether :func:`dequantize` uses the native kernels (see the module docstring)."""
     return _NATIVE is not None
+
+
+def qmv(x: mx.array, w: QTensor) -> mx.array:
+    """``x @ W.T`` for a few rows, straight from W's blocks (native kernels only: check
+    :func:`native_available` first). x float32 ``[m, in]`` with ``1 <= m <= 8``, W a 2-D
+    QTensor ``[out, in]`` of a type in ``NATIVE_TYPES`` → float32 ``[m, out]``. Each block row
+    is expanded in L1 and dotted with x, so no float32 weight is materialised; the sums run
+    in the kernel's own order (float32), as any matmul's."""
+    raw = w.raw if isinstance(w.raw, mx.array) else mx.array(np.ascontiguousarray(w.raw))
+    return _NATIVE.qmv(x, raw, w.ggml_type, _IQ2XXS_SIGNED if w.ggml_type == IQ2_XXS else None)
+
+
+def affine8_qmv(x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+    """``x @ W.T`` for a few rows of x (float32 ``[m <= 8, in]``) and W in MLX affine 8-bit form
+    (group 32; :func:`q8_0_to_affine`'s output) with the native kernel (check
+    :func:`native_available`): per group ``scale·dot(q, x) + bias·sum(x)``. ~10x MLX's CPU
+    ``quantized_matmul`` for one row."""
+    return _NATIVE.affine8_qmv(x, wq, scales, biases)
 
 
 def _decode(blocks: mx.array, ggml_type: int) -> mx.array:

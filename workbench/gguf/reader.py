@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
+from workbench.gguf.native import NATIVE
 from workbench.safeopen import open_regular
 from workbench.spec.ggml import GGML_TYPES
 
@@ -170,13 +171,19 @@ class _Cursor:
         built on first use (:class:`LazyStrings`)."""
         buf, start, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
         pos = start
-        offsets = [0] * count
-        try:  # fast pass: the mapping's own bounds stop a runaway length
-            for i in range(count):
-                offsets[i] = pos
-                pos += 8 + unpack(buf, pos)[0]
-        except (struct.error, OverflowError):
-            pos = size + 1
+        offsets: list[int] | np.ndarray
+        if NATIVE is not None:  # the same walk in C (-1: a length runs past the end)
+            offsets = np.empty(count, dtype=np.int64)
+            end = NATIVE.scan_strings(np.frombuffer(buf, dtype=np.uint8), start, offsets)
+            pos = end if end >= 0 else size + 1
+        else:
+            offsets = [0] * count
+            try:  # fast pass: the mapping's own bounds stop a runaway length
+                for i in range(count):
+                    offsets[i] = pos
+                    pos += 8 + unpack(buf, pos)[0]
+            except (struct.error, OverflowError):
+                pos = size + 1
         if pos > size:  # truncated: find the item and say what is missing
             pos = start
             for i in range(count):

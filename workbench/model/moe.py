@@ -12,6 +12,11 @@ Routed experts stay quantized. Two ways to apply an expert to the rows routed to
   blocks are taken as MLX's own quantized layout (``mxfp4`` as they are, with the inputs
   permuted; affine 8-bit and 4-bit after a repacking pass; group 32; the same weights, see
   that module) and applied with ``mx.gather_qmm``, every native expert of a batch in one call;
+* **from blocks** (CPU, any type the native kernels decode): an expert with at most
+  ``QMV_MAX_TOKENS`` rows is applied straight from its raw blocks by the native few-row
+  kernel (``quants.qmv``: each block row expanded in L1 and dotted with the rows, no float32
+  weight written; ~10x MLX's CPU quantized matmul), when the native kernels are built;
+  it takes precedence over the native path on the CPU;
 * **dequantized**: the expert is dequantized to float32 once and its rows go through a
   float32 BLAS matmul.
 
@@ -36,13 +41,18 @@ import mlx.core as mx
 import numpy as np
 
 from workbench.gguf.mlxquant import NATIVE_MODES, to_mlx
-from workbench.gguf.quants import QTensor, stacked_experts
+from workbench.gguf.quants import NATIVE_TYPES, QTensor, native_available, qmv, stacked_experts
 from workbench.spec.ggml import MXFP4, Q4_K, Q8_0
 from workbench.model.ops import Weight, compute_dtype, linear, topk_indices
 
 WEIGHT_SUM_FLOOR = 6.103515625e-5
-# float32 bytes of dequantized expert weights materialised at once
-EXPERT_BATCH_BYTES = 384 << 20
+# float32 bytes of dequantized expert weights materialised at once: one real-width expert
+# (gate+up 64 MiB, down 32 MiB), so every batch has the same buffer sizes and MLX's buffer
+# cache recycles them (3 experts per batch page-faulted 2x more memory in at real widths)
+EXPERT_BATCH_BYTES = 128 << 20
+# CPU: an expert with at most this many rows in a chunk is applied from its blocks by the
+# native few-row kernel when the native kernels are built (every expert in decode)
+QMV_MAX_TOKENS = 8
 # raw bytes of natively applied experts repacked at once
 NATIVE_BATCH_BYTES = 256 << 20
 # CPU: the most rows an expert of this ggml type may have and still be applied natively.
@@ -134,20 +144,43 @@ class MoE:
         tok = order // k  # token of each (sorted) assignment
         xs = g[mx.array(tok.astype(np.int32))]  # [T·k, n_embd] grouped by expert
         ws = wt.reshape(-1)[mx.array(order.astype(np.int32))][:, None]
-        native = counts <= self.native_max_rows()
+        direct = counts <= QMV_MAX_TOKENS if self._blocks_direct() else np.zeros(len(experts), dtype=bool)
+        native = ~direct & (counts <= self.native_max_rows())
         ys: list[mx.array] = []
         rows: list[np.ndarray] = []  # the sorted assignments each entry of ys holds
+        for e, a, n in zip(experts[direct], starts[direct], counts[direct]):
+            ys.append(self._from_blocks(int(e), xs[int(a) : int(a + n)], ws[int(a) : int(a + n)]))
+            rows.append(np.arange(a, a + n))
         if native.any():
             r = np.concatenate([np.arange(a, a + n) for a, n in zip(starts[native], counts[native])])
             ys += self._native(experts[native], counts[native], xs[mx.array(r.astype(np.int32))],
                                ws[mx.array(r.astype(np.int32))])
             rows.append(r)
-        if not native.all():
-            ys += self._dequantized(experts[~native], starts[~native], counts[~native], xs, ws)
-            rows += [np.arange(a, a + n) for a, n in zip(starts[~native], counts[~native])]
+        rest = ~native & ~direct
+        if rest.any():
+            ys += self._dequantized(experts[rest], starts[rest], counts[rest], xs, ws)
+            rows += [np.arange(a, a + n) for a, n in zip(starts[rest], counts[rest])]
         y = mx.concatenate(ys)
         dest = mx.array(tok[np.concatenate(rows)].astype(np.int32))
         return mx.zeros((t, g.shape[1]), mx.float32).at[dest].add(y)
+
+    def _blocks_direct(self) -> bool:
+        """Whether experts with few rows can be applied from their blocks: native kernels
+        built, QTensor banks of types they decode, float32 compute (the CPU)."""
+        banks = (self.w.gate_exps, self.w.up_exps, self.w.down_exps)
+        return (native_available() and compute_dtype() == mx.float32
+                and all(isinstance(b, QTensor) and b.ggml_type in NATIVE_TYPES for b in banks))
+
+    def _from_blocks(self, e: int, x: mx.array, w: mx.array) -> mx.array:
+        """Expert ``e`` on its few rows x ``[n, n_embd]`` (n <= QMV_MAX_TOKENS) weighted by w
+        ``[n, 1]``, with the native few-row kernel on its blocks → float32 ``[n, n_embd]``."""
+        gate, up, down = self.w.gate_exps, self.w.up_exps, self.w.down_exps
+
+        def one(bank: QTensor) -> QTensor:
+            return QTensor(bank.raw[e], bank.ggml_type, bank.shape[1:])
+
+        hmid = swiglu(qmv(x, one(gate)), qmv(x, one(up)), self.clamp)
+        return qmv(hmid * w, one(down))
 
     def _native(self, ids: np.ndarray, counts: np.ndarray, xs: mx.array, ws: mx.array) -> list[mx.array]:
         """Experts ``ids`` applied with ``mx.gather_qmm`` to their rows ``xs`` ``[Σcounts, n_embd]``

@@ -6,7 +6,8 @@ Weights reach the model in one of two forms (see :mod:`workbench.model.weights`)
 * a float ``mx.array`` ``[out, in]`` (F16/F32 tensors of the GGUF, widened to float32);
 * an :class:`AffineQ8` — a Q8_0 matrix re-expressed in MLX's affine 8-bit format
   (group 32, scale ``d``, bias ``-128·d``): as compact as the file, usable directly by
-  ``mx.quantized_matmul`` for one-row decode, and dequantized to float32 in a single fast
+  the native few-row kernel (``quants.affine8_qmv``; ``mx.quantized_matmul`` when the
+  native kernels are not built) for decode, and dequantized to float32 in a single fast
   pass for a prefill chunk, where a BLAS matmul is ~40x faster than the quantized kernel
   on CPU.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+from workbench.gguf.quants import affine8_qmv, native_available
 
 # rows of x up to which a quantized weight is used as is (matvec is memory bound there)
 QMM_MAX_ROWS = 4
@@ -70,6 +73,9 @@ def linear(x: mx.array, w: Weight) -> mx.array:
     dt = compute_dtype()
     if isinstance(w, AffineQ8):
         rows = x.size // x.shape[-1]
+        if rows <= QMM_MAX_ROWS and dt == mx.float32 and native_available():
+            y = affine8_qmv(x.reshape(rows, x.shape[-1]).astype(dt), w.wq, w.scales, w.biases)
+            return y.reshape(*x.shape[:-1], w.shape[0])
         if rows <= QMM_MAX_ROWS:
             y = mx.quantized_matmul(x.astype(dt), w.wq, w.scales.astype(dt), w.biases.astype(dt),
                                     transpose=True, group_size=32, bits=8)

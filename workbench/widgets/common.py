@@ -3,14 +3,25 @@ scrollable HTML tables and the tokenizer of a session's file.
 
 A button's handler never lets an exception escape into the kernel: the panel catches
 it (``KeyboardInterrupt`` included, so an interrupted prefill says so) and shows it in
-its :class:`ErrorBox`. A :class:`~workbench.errors.WorkbenchError` shows as its own
-message, which names the file and the problem; anything else shows its type and
-message with the traceback folded underneath.
+its :class:`ErrorBox`, and clears the status line and the result lines it names as stale
+(no "✓ valid" beside the error of the next file). A
+:class:`~workbench.errors.WorkbenchError` shows as its own message, which names the file
+and the problem; anything else shows its type and message with the traceback folded
+underneath.
+
+Long actions (prefill, decode, workloads) can be stopped cooperatively: :meth:`Panel.stop`
+(callable from another thread or a progress callback) sets the session's ``stop`` flag,
+which ends a prefill at the next layer or chunk and a decode at the next token
+(:mod:`workbench.session`). They run on the kernel's own thread: MLX 0.32 ties lazy
+arrays to the stream of the thread that made them, so a worker thread cannot continue a
+session built on the main one. Number boxes are plain text boxes validated by the
+action: a value out of range is an error that says the range, never silently clamped.
 """
 
 from __future__ import annotations
 
 import html
+import threading
 import traceback
 from typing import Any, Callable
 
@@ -93,15 +104,43 @@ class ErrorBox(widgets.HTML):
         self.layout.display = "none"
 
 
+def int_value(box: widgets.Widget, name: str, lo: int, hi: int) -> int:
+    """The integer in a text box, checked against ``lo..hi`` (a WidgetError saying the
+    range otherwise: a value is never clamped silently)."""
+    try:
+        value = int(box.value)
+    except (TypeError, ValueError):
+        raise WidgetError(f"{name}: {box.value!r} is not a whole number") from None
+    if not lo <= value <= hi:
+        raise WidgetError(f"{name}: {value:,} is outside {lo:,}..{hi:,}")
+    return value
+
+
+def float_value(box: widgets.Widget, name: str, lo: float, hi: float) -> float:
+    """The finite number in a box, checked against ``lo..hi`` (WidgetError otherwise)."""
+    try:
+        value = float(box.value)
+    except (TypeError, ValueError):
+        raise WidgetError(f"{name}: {box.value!r} is not a number") from None
+    if not lo <= value <= hi:  # also refuses nan
+        raise WidgetError(f"{name}: {value:g} is outside {lo:g}..{hi:g}")
+    return value
+
+
 class Panel(widgets.VBox):
     """Base of the workbench widgets: a VBox with a status line, an error box and buttons
-    whose handlers run guarded (buttons disabled while one runs, errors shown, not raised)."""
+    whose handlers run guarded (buttons disabled while one runs, errors shown, not raised).
+
+    ``stale`` lists result widgets cleared when an action fails; ``stopping`` is set by
+    :meth:`stop` until the next long action starts."""
 
     def __init__(self, title: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.title = widgets.HTML(f"<b style='font-size:14px'>{html.escape(title)}</b>")
         self.status = widgets.HTML("")
         self.error = ErrorBox()
+        self.stale: list[widgets.HTML] = []
+        self.stopping = threading.Event()
         self._buttons: list[widgets.Button] = []
         self.add_class("ds4wb-panel")
         self.layout.border = "1px solid #ddd"
@@ -109,13 +148,30 @@ class Panel(widgets.VBox):
         self.layout.margin = "4px 0"
 
     def button(self, description: str, action: Callable[[], None], icon: str = "", tooltip: str = "",
-               style: str = "") -> widgets.Button:
-        """A button that runs ``action()`` guarded (see :meth:`guarded`)."""
+               style: str = "", long: bool = False) -> widgets.Button:
+        """A button that runs ``action()`` guarded (see :meth:`guarded`); a ``long`` one
+        through :meth:`start`, so that :meth:`stop` can end it."""
         b = widgets.Button(description=description, icon=icon, tooltip=tooltip or description, button_style=style,
                            layout=widgets.Layout(width="auto"))
-        b.on_click(lambda _b: self.guarded(action))
+        b.on_click(lambda _b: self.start(action) if long else self.guarded(action))
         self._buttons.append(b)
         return b
+
+    def start(self, action: Callable[[], None]) -> None:
+        """Run a long action guarded, with the stop request of an earlier one cleared."""
+        self.stopping.clear()
+        self.guarded(action)
+
+    def stop(self) -> None:
+        """Ask the running long action to stop (at the next layer, chunk, token or request)."""
+        self.stopping.set()
+        self.set_status("stopping …")
+        for session in self.sessions():
+            session.stop.set()
+
+    def sessions(self) -> list[Any]:
+        """The sessions Stop signals (panels that run one override this)."""
+        return []
 
     def guarded(self, action: Callable[[], None]) -> bool:
         """Run ``action()`` with the buttons disabled; show any exception in the error box.
@@ -128,6 +184,9 @@ class Panel(widgets.VBox):
             action()
             return True
         except (Exception, KeyboardInterrupt) as err:  # a UI handler must not die: show it
+            self.status.value = ""
+            for w in self.stale:
+                w.value = ""
             self.error.show(err)
             return False
         finally:

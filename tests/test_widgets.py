@@ -366,3 +366,43 @@ def test_stop_ends_a_prefill_and_a_decode(fresh, tokenizer):
     panel.decode_button.click()
     assert not panel.error.shown, panel.error.message
     assert len(panel.generated) == 2 and "stopped" in panel.output.value
+
+
+STOP_SCRIPT = """
+import sys, time
+from workbench import mlxthreads
+assert mlxthreads.share_default_stream()  # what the ds4-workbench kernel does at start
+from workbench.session import load
+from workbench.widgets import PrefillPanel
+s = load(sys.argv[1], ctx=4096)
+p = PrefillPanel(s)
+p.background = True  # as in the kernel: long actions on the worker thread
+p.prompt.value, p.chunk.value = sys.argv[2], 64
+p.prefill_button.click()
+while p.progress.value == 0 and not p.idle.is_set():  # the user watches the bar move, then clicks Stop
+    time.sleep(0.005)
+assert not p.stop_button.disabled
+p.stop_button.click()
+assert p.idle.wait(300)
+assert p.error.shown and "stopped" in p.error.message and s.n_tokens == 0, p.error.message
+p.prompt.value = "hi"
+p.prefill_button.click()
+assert p.idle.wait(300) and not p.error.shown, p.error.message
+s.prefill([5, 6])  # the main thread continues the state the worker built
+p.n_decode.value = 3
+p.decode_button.click()
+assert p.idle.wait(300) and not p.error.shown, p.error.message
+print("OK", s.n_tokens)
+"""
+
+
+def test_stop_button_ends_a_prefill_running_on_the_worker_thread(tiny_gguf):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-c", STOP_SCRIPT, str(tiny_gguf), PROMPT * 3], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

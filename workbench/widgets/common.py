@@ -9,18 +9,21 @@ its :class:`ErrorBox`, and clears the status line and the result lines it names 
 and the problem; anything else shows its type and message with the traceback folded
 underneath.
 
-Long actions (prefill, decode, workloads) can be stopped cooperatively: :meth:`Panel.stop`
-(callable from another thread or a progress callback) sets the session's ``stop`` flag,
-which ends a prefill at the next layer or chunk and a decode at the next token
-(:mod:`workbench.session`). They run on the kernel's own thread: MLX 0.32 ties lazy
-arrays to the stream of the thread that made them, so a worker thread cannot continue a
-session built on the main one. Number boxes are plain text boxes validated by the
-action: a value out of range is an error that says the range, never silently clamped.
+Long actions (prefill, decode, workloads) run, in the ``ds4-workbench`` kernel, on one
+background worker thread, so the panel's **Stop** button can be clicked meanwhile: it
+sets the session's ``stop`` flag, which ends a prefill at the next layer or chunk and a
+decode at the next token (:mod:`workbench.session`). That needs the notebook's MLX
+arrays on a stream the worker may use (:mod:`workbench.mlxthreads`, set up by the
+kernel at start); elsewhere (scripts, tests, other kernels) they run at once and
+:meth:`Panel.stop` still works from a callback or another thread. Number boxes are plain
+text boxes validated by the action: a value out of range is an error that says the
+range, never silently clamped.
 """
 
 from __future__ import annotations
 
 import html
+import queue
 import threading
 import traceback
 from typing import Any, Callable
@@ -29,6 +32,7 @@ import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 
+from workbench import mlxthreads
 from workbench.errors import WorkbenchError
 from workbench.gguf.reader import GGUFFile
 from workbench.tokenizer import Tokenizer
@@ -104,6 +108,42 @@ class ErrorBox(widgets.HTML):
         self.layout.display = "none"
 
 
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (where a busy handler blocks every other click)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class _Worker:
+    """One daemon thread running the panels' long actions in order. One long-lived
+    thread, not one per action: MLX aborts the process at exit when a thread that ran
+    MLX work ended before it."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="workbench-widgets", daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _loop(self) -> None:
+        mlxthreads.adopt_shared_stream()
+        while True:
+            self._jobs.get()()  # jobs are guarded: they never raise
+
+
+WORKER = _Worker()
+
+
 def int_value(box: widgets.Widget, name: str, lo: int, hi: int) -> int:
     """The integer in a text box, checked against ``lo..hi`` (a WidgetError saying the
     range otherwise: a value is never clamped silently)."""
@@ -131,8 +171,10 @@ class Panel(widgets.VBox):
     """Base of the workbench widgets: a VBox with a status line, an error box and buttons
     whose handlers run guarded (buttons disabled while one runs, errors shown, not raised).
 
-    ``stale`` lists result widgets cleared when an action fails; ``stopping`` is set by
-    :meth:`stop` until the next long action starts."""
+    ``stale`` lists result widgets cleared when an action fails; ``background`` (default:
+    in a kernel whose MLX stream is shared) runs long actions on the worker thread;
+    ``idle`` is set while no long action runs; ``stopping`` is set by Stop until the next
+    long action starts."""
 
     def __init__(self, title: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -140,7 +182,14 @@ class Panel(widgets.VBox):
         self.status = widgets.HTML("")
         self.error = ErrorBox()
         self.stale: list[widgets.HTML] = []
+        self.background = in_kernel() and mlxthreads.shared()
+        self.idle = threading.Event()
+        self.idle.set()
         self.stopping = threading.Event()
+        self.stop_button = widgets.Button(description="Stop", icon="stop", disabled=True, button_style="danger",
+                                          tooltip="stop the running prefill, decode or workload at the next "
+                                                  "layer, chunk or token", layout=widgets.Layout(width="auto"))
+        self.stop_button.on_click(lambda _b: self.stop())
         self._buttons: list[widgets.Button] = []
         self.add_class("ds4wb-panel")
         self.layout.border = "1px solid #ddd"
@@ -158,9 +207,22 @@ class Panel(widgets.VBox):
         return b
 
     def start(self, action: Callable[[], None]) -> None:
-        """Run a long action guarded, with the stop request of an earlier one cleared."""
+        """Run a long action with Stop enabled: on the worker thread when ``background``,
+        else now."""
+        self.idle.clear()
         self.stopping.clear()
-        self.guarded(action)
+        if self.background:
+            WORKER.submit(lambda: self._run_long(action))
+        else:
+            self._run_long(action)
+
+    def _run_long(self, action: Callable[[], None]) -> None:
+        self.stop_button.disabled = False
+        try:
+            self.guarded(action)
+        finally:
+            self.stop_button.disabled = True
+            self.idle.set()
 
     def stop(self) -> None:
         """Ask the running long action to stop (at the next layer, chunk, token or request)."""

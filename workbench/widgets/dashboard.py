@@ -178,7 +178,8 @@ class CacheDashboard(Panel):
         self.children = [
             self.title,
             self.summary,
-            widgets.HBox([self.workload, self.length, self.seed, self.run_button, self.redraw_button]),
+            widgets.HBox([self.workload, self.length, self.seed, self.run_button, self.stop_button,
+                          self.redraw_button]),
             widgets.HBox([self.requests_bar, self.prefill_bar, self.status]),
             self.last,
             self.error,

@@ -106,7 +106,7 @@ class PrefillPanel(Panel):
             self.title,
             widgets.HBox([self.source, self.chunk]),
             self.prompt,
-            widgets.HBox([self.prefill_button, self.progress, self.rate]),
+            widgets.HBox([self.prefill_button, self.stop_button, self.progress, self.rate]),
             self.error,
             self.top_table,
             widgets.HBox([self.n_decode, self.temperature, self.whole_chars, self.decode_button, self.reset_button]),

@@ -10,10 +10,14 @@ TINY    := data/tiny.gguf
 
 venv: $(STAMP)
 
+# PYTHONWARNINGS=ignore: setuptools' informational box about editable installs is not for users.
 $(STAMP): pyproject.toml
+	@echo "make: creating $(VENV)/ and installing ds4-workbench with its dependencies (MLX, NumPy, pandas,"
+	@echo "      plotly, ipywidgets, JupyterLab, tokenizers, pytest, nanobind; see pyproject.toml): a minute or two, once"
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test,native]'
+	PYTHONWARNINGS=ignore $(VPY) -m pip install -q -e '.[test,native]'
+	@echo "make: OpenBLAS for MLX's CPU backend (Linux)"
 	$(MAKE) --no-print-directory blas
 	touch $(STAMP)
 
@@ -32,14 +36,17 @@ blas:
 # The native dequantization kernels (native/dequant.cpp, an MLX primitive; ~30 s on two
 # cores). Optional: without a compiler or cmake the pure-MLX decoders are used (same bits).
 native: $(STAMP)
+	@echo "make: building the native dequantization kernels (log: build/native.log)"
 	@mkdir -p build
 	@(cmake -S native -B build/native -DPython_EXECUTABLE=$(abspath $(VPY)) -DOUTPUT_DIR=$(CURDIR)/workbench/gguf \
 	  && cmake --build build/native -j2) >build/native.log 2>&1 \
 	  || echo "warning: native kernels not built (see build/native.log); using the pure-MLX dequantizers"
 
 $(TINY): $(STAMP)
+	@echo "make: synthesizing the tiny test model (random weights, the real tokenizer) -> $(TINY)"
 	$(VBIN)/workbench synth --preset tiny --out $(TINY)
 
+# The demo keeps its cache in build/demo-kv (list it with `workbench kv ls build/demo-kv`).
 demo: $(STAMP) native $(TINY)
 	$(VBIN)/workbench demo --model $(TINY)
 
@@ -62,9 +69,10 @@ bench: $(STAMP) native $(TINY)
 	$(VPY) -m pip install -q -e '.[bench]'
 	$(VBIN)/workbench bench --full
 
+# Jupyter refuses to run as root without --allow-root (containers often run as root).
 lab: $(STAMP) native $(TINY)
 	$(VPY) -m workbench.kernelspec --prefix $(VENV)
-	$(VBIN)/jupyter lab --notebook-dir=notebooks
+	$(VBIN)/jupyter lab --notebook-dir=notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean:
 	rm -rf build data/*.gguf workbench/gguf/_native*.so

@@ -123,3 +123,16 @@ def test_chat_stdin_that_is_not_utf8(model: str) -> None:
 def test_context_overflow_says_how_to_raise_ctx(model: str) -> None:
     res = workbench(["run", "--model", model, "--prompt", "a b c d e f g h", "--ctx", "4", "--json"])
     assert_one_line_error(res, "ctx 4", "--ctx")
+
+
+# ---- GGUF metadata out of its sane range (the ranges live in workbench.spec.keys) -------------------------
+@pytest.mark.parametrize("key,value", [("attention.indexer.top_k", 0),
+                                       ("hyper_connection.sinkhorn_iterations", 10**9),
+                                       ("block_count", 0), ("expert_used_count", 10**6)])
+def test_gguf_metadata_out_of_range(tmp_path: Path, key: str, value: int) -> None:
+    from gguf import GGUFValueType as V
+    from gguf_helpers import write_tiny
+
+    path = write_tiny(tmp_path / "bad.gguf", set_keys={f"deepseek4.{key}": (value, V.UINT32, None)})
+    res = workbench(["run", "--model", str(path), "--prompt", "hi", "--json"])
+    assert_one_line_error(res, key)

@@ -51,21 +51,24 @@ def test_the_installed_kernel_runs_this_environment(installed):
     try:
         kc.wait_for_ready(timeout=60)
         code = (
-            "import os, sys, json, workbench._blas as b\n"
-            "print(json.dumps([sys.executable, os.environ['PATH'].split(os.pathsep)[0], b.loaded]))"
+            "import os, sys, json, workbench._blas as b, workbench.mlxthreads as m\n"
+            "print(json.dumps([sys.executable, os.environ['PATH'].split(os.pathsep)[0], b.loaded, m.shared(),\n"
+            "                  '_mlxthreads' in globals()]))"
         )
         lines: list[str] = []
         reply = kc.execute_interactive(
             code, timeout=60, output_hook=lambda msg: lines.append(msg["content"].get("text", ""))
         )
         assert reply["content"]["status"] == "ok"
-        executable, first_on_path, loaded = json.loads("".join(lines))
+        executable, first_on_path, loaded, shared_stream, leaked = json.loads("".join(lines))
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
     assert executable == sys.executable
     assert first_on_path == os.path.dirname(sys.executable)
     assert loaded == _blas.loaded
+    # the start-up file ran: the widgets' worker thread may continue the notebook's arrays
+    assert shared_stream and not leaked
 
 
 def test_main_installs_into_a_prefix(tmp_path, capsys):

@@ -270,3 +270,25 @@ def test_prefill_on_a_truncated_model_is_an_error_not_sigbus(tiny_gguf: Path, tm
         assert s.tokens == [1, 2]
     finally:
         s.close()
+
+
+def test_kv_ls_and_show_survive_timestamps_no_calendar_holds(session, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import struct
+
+    from workbench.kv.format import SaveReason
+    from workbench.kv.store import KVStore
+
+    session.reset()
+    session.prefill([1, 2, 3])
+    store = KVStore(tmp_path / "kv", min_tokens=1)
+    path = store.save(session.snapshot(), b"abc", SaveReason.COLD).path
+    raw = bytearray(path.read_bytes())
+    raw[24:40] = struct.pack("<QQ", 2**62, 2**63)  # created_at, last_used beyond year 9999
+    path.write_bytes(bytes(raw))
+    assert main(["kv", "ls", str(tmp_path / "kv"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["entries"][0]
+    assert row["last_used"] == f"out of range ({2**63})"
+    assert main(["kv", "show", str(path)]) == 0
+    assert "out of range" in capsys.readouterr().out

@@ -33,9 +33,15 @@ def test_tokens_per_request_stacks_sources():
 def test_ttft_and_timeline_and_disk():
     df = _records()
     fig = viz.ttft_breakdown(df)
-    assert list(next(t for t in fig.data if t.name == "full prefill (estimate)").y) == [1.0, 1.3]
-    lanes = {t.name for t in viz.event_timeline(df).data}
-    assert {"save: cold", "hit: disk", "miss", "evict"} <= lanes
+    assert list(next(t for t in fig.data if t.name == "full prefill (estimate)").y) == [1000.0, 1300.0]
+    by_name = {t.name: list(t.y) for t in fig.data}
+    assert by_name["lookup"] == [1.0, 1.0] and by_name["restore"][1] == 5.0  # ms: every part has a bar
+    assert fig.layout.yaxis.type == "log" and fig.layout.barmode == "group"
+    assert all("ms" in t.hovertemplate for t in fig.data)
+    timeline = viz.event_timeline(df)
+    lanes = {t.name: len(t.x) for t in timeline.data}
+    assert {"save: cold", "hit: disk", "miss (prefilled cold)", "evict"} <= set(lanes)
+    assert lanes["miss (prefilled cold)"] == 1  # request 0 only: request 1 was a disk hit
     du = viz.disk_usage(df)
     assert list(du.data[0].y) == [3_000_000 / viz.MIB, 0.0]
     sr = viz.save_restore_vs_size(df, raw_write_bps=1e9, raw_read_bps=2e9)
@@ -65,10 +71,38 @@ def test_report_html_is_self_contained(tmp_path):
     assert text.count("plotly.js v") <= 2 and "Tokens per request" in text and len(text) > 1_000_000
 
 
+def test_a_disk_hit_is_not_drawn_as_a_miss():
+    rec = Recorder()
+    rec.record("miss", request=0, source="live", reason="text-mismatch", tokens=10)
+    rec.record("hit", request=0, source="disk", tokens=512, bytes=1.0, path="/c/a.kv")
+    rec.record("request", request=0, source="disk", prompt_tokens=600, cached_tokens=512, suffix_tokens=88)
+    lanes = {t.name for t in viz.event_timeline(rec.frame()).data}
+    assert lanes == {"hit: disk"}
+
+
+def test_disk_use_scales_to_the_data_and_names_a_far_budget():
+    rec = Recorder()
+    rec.record("save", request=0, reason="cold", disk_bytes=2 * viz.MIB, budget_bytes=4096 * viz.MIB)
+    fig = viz.disk_usage(rec.frame())
+    assert fig.layout.yaxis.range[1] < 3 and "4,096 MiB" in fig.layout.annotations[0].text
+    rec.record("save", request=1, reason="cold", disk_bytes=3000 * viz.MIB, budget_bytes=4096 * viz.MIB)
+    fig = viz.disk_usage(rec.frame())
+    assert fig.layout.yaxis.range is None and fig.layout.shapes  # near: the budget line is drawn
+
+
+def test_prefix_tree_colours_by_reason_and_marks_hits():
+    entries = pd.DataFrame({"name": ["a", "b"], "tokens": [10, 20], "text": ["sys", "sys more"],
+                            "reason": ["cold", "evict"], "hits": [2, 0]})
+    t = viz.prefix_tree(entries).data[0]
+    assert list(t.marker.colors)[1:] == [viz.REASON_COLORS["cold"], viz.REASON_COLORS["evict"]]
+    assert "2 hits" in t.labels[1] and "evict" in t.labels[2]
+
+
 def test_event_timeline_sizes_are_finite_without_token_counts():
     import math
 
     rec = Recorder()
     rec.record("miss", request=0, reason="no-live-checkpoint")
+    rec.record("request", request=0, source="none")
     fig = viz.event_timeline(rec.frame())
-    assert all(math.isfinite(s) for t in fig.data for s in t.marker.size)
+    assert fig.data and all(math.isfinite(s) for t in fig.data for s in t.marker.size)

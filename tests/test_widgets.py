@@ -258,7 +258,10 @@ def test_cache_dashboard_follows_the_engine_live(fresh, tokenizer, tmp_path):
         assert all(len(t.x) == n for t in dash.figures[name].data), name
     assert list(dash.figures["tokens"].data[2].y) == list(req["suffix_tokens"])
     events = df[~df["event"].isin(["request", "progress"])]
-    assert sum(len(t.x) for t in dash.figures["timeline"].data) == len(events)
+    cold = set(req.loc[req["source"] == "none", "request"])  # only their misses are drawn
+    drawn = events[(events["event"] != "miss") | events["request"].isin(cold)]
+    drawn = drawn[~((drawn["event"] == "miss") & drawn.duplicated(["event", "request"], keep="last"))]
+    assert sum(len(t.x) for t in dash.figures["timeline"].data) == len(drawn)
     strip = dash.figures["strip"]
     assert all(len(t.y) == n for t in strip.data[:4])  # disk, live, prefilled, generated per request
     saved = (df["event"] == "save") & df["reason"].isin(["cold", "continued", "evict"]) & (df["request"] >= 0)
@@ -298,3 +301,108 @@ def test_a_failing_redraw_shows_in_the_dashboard_not_in_the_engine(fresh, tokeni
     assert dash.error.shown and "deliberately broken figure" in dash.error.message
     assert len(dash.figures["ttft"].data[0].x) == 1  # the other figures still drew
     dash.close()
+
+
+# ---- issue 15: values refused not clamped, no stale lines, Stop ---------------------------------------------
+def test_out_of_range_values_are_refused_with_the_range_not_clamped(fresh, tokenizer, tmp_path):
+    panel = PrefillPanel(fresh, tokenizer)
+    panel.prompt.value = "hi"
+    panel.prefill_button.click()
+    panel.n_decode.value = 100_000
+    panel.decode_button.click()
+    assert panel.error.shown and "tokens: 100,000 is outside 1..4,096" in panel.error.message
+    assert panel.n_decode.value == 100_000 and panel.generated == []
+    panel.n_decode.value, panel.temperature.value = 4, 9.0
+    panel.decode_button.click()
+    assert panel.error.shown and "temperature" in panel.error.message
+    dash = CacheDashboard(Engine(fresh, KVStore.from_policy(tmp_path / "kv", POLICY), POLICY, tokenizer=tokenizer))
+    dash.length.value = 1000
+    dash.run_button.click()
+    assert dash.error.shown and "turns: 1,000 is outside 1..64" in dash.error.message
+    assert dash.length.value == 1000 and dash.stats["requests"] == 0
+
+
+def test_an_error_clears_the_stale_result_lines(tiny_gguf, tmp_path, fresh, tokenizer):
+    loader = ModelLoader(str(tiny_gguf))
+    loader.validate_button.click()
+    assert "✓ valid" in loader.verdict.value
+    loader.path_text.value = str(tmp_path / "missing.gguf")
+    loader.validate_button.click()
+    assert loader.error.shown and loader.verdict.value == "" and loader.summary.value == ""
+    assert loader.status.value == ""
+    panel = PrefillPanel(fresh, tokenizer)
+    panel.prompt.value = "hi"
+    panel.prefill_button.click()
+    panel.n_decode.value = 2
+    panel.decode_button.click()
+    assert "generated" in panel.output.value
+    panel.n_decode.value = 0
+    panel.decode_button.click()
+    assert panel.error.shown and panel.output.value == ""
+
+
+def test_stop_ends_a_prefill_and_a_decode(fresh, tokenizer):
+    panel = PrefillPanel(fresh, tokenizer)
+    panel.prompt.value = PROMPT
+    panel.chunk.value = 64
+    pressed = []
+
+    def stop_once(change):  # as another thread would, while the bar moves
+        if not pressed:
+            pressed.append(change["new"])
+            panel.stop()
+
+    panel.progress.observe(stop_once, names="value")
+    panel.prefill_button.click()
+    assert panel.error.shown and "stopped" in panel.error.message
+    assert fresh.n_tokens == 0 and not panel.prefill_button.disabled
+    panel.progress.unobserve(stop_once, names="value")
+
+    panel.prompt.value = "hi"
+    panel.prefill_button.click()  # the next action starts afresh
+    assert not panel.error.shown, panel.error.message
+    panel.n_decode.value = 50
+    panel.output.observe(lambda c: panel.stop() if "generated 2 tokens" in c["new"] else None, names="value")
+    panel.decode_button.click()
+    assert not panel.error.shown, panel.error.message
+    assert len(panel.generated) == 2 and "stopped" in panel.output.value
+
+
+STOP_SCRIPT = """
+import sys, time
+from workbench import mlxthreads
+assert mlxthreads.share_default_stream()  # what the ds4-workbench kernel does at start
+from workbench.session import load
+from workbench.widgets import PrefillPanel
+s = load(sys.argv[1], ctx=4096)
+p = PrefillPanel(s)
+p.background = True  # as in the kernel: long actions on the worker thread
+p.prompt.value, p.chunk.value = sys.argv[2], 64
+p.prefill_button.click()
+while p.progress.value == 0 and not p.idle.is_set():  # the user watches the bar move, then clicks Stop
+    time.sleep(0.005)
+assert not p.stop_button.disabled
+p.stop_button.click()
+assert p.idle.wait(300)
+assert p.error.shown and "stopped" in p.error.message and s.n_tokens == 0, p.error.message
+p.prompt.value = "hi"
+p.prefill_button.click()
+assert p.idle.wait(300) and not p.error.shown, p.error.message
+s.prefill([5, 6])  # the main thread continues the state the worker built
+p.n_decode.value = 3
+p.decode_button.click()
+assert p.idle.wait(300) and not p.error.shown, p.error.message
+print("OK", s.n_tokens)
+"""
+
+
+def test_stop_button_ends_a_prefill_running_on_the_worker_thread(tiny_gguf):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-c", STOP_SCRIPT, str(tiny_gguf), PROMPT * 3], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

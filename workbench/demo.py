@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import html
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from workbench.session import load
 from workbench.spec.statelayout import StateLayout
 from workbench.workloads import agent_session
 
+DEMO_KV_DIR = "demo-kv"  # the default cache folder, beside the report
 # A policy scaled to a synthetic model's short prompts (ds4's defaults are for 10k+ tokens).
 DEMO_POLICY = KVPolicy(min_tokens=256, boundary_align=256, continued_interval=2048, budget_mb=512)
 
@@ -38,6 +37,7 @@ class DemoResult:
     records: pd.DataFrame  # the engine's telemetry
     report: Path
     seconds: float
+    kv_dir: Path  # where the checkpoints are (kept)
 
 
 def request_table(records: pd.DataFrame) -> pd.DataFrame:
@@ -53,7 +53,8 @@ def request_table(records: pd.DataFrame) -> pd.DataFrame:
         "generated": req["generated_tokens"].astype(int),
         "ttft_ms": (req["ttft_s"] * 1000).round(1),
         "full_prefill_ms": (req["full_prefill_s"] * 1000).round(1),
-        "speedup": (req["full_prefill_s"] / req["ttft_s"]).round(2),
+        # a miss prefills everything: its "speedup" would only measure noise
+        "speedup": (req["full_prefill_s"] / req["ttft_s"]).round(2).where(req["source"] != "none"),
     }).reset_index(drop=True)
 
 
@@ -80,18 +81,21 @@ def run_demo(model: str | Path, out: str | Path = "build/demo.html", kv_dir: str
              progress: Callable[[str], None] | None = None) -> DemoResult:
     """Run the agent workload through an Engine with a disk cache; write the HTML report.
 
-    ``kv_dir`` None uses a fresh temporary directory (removed afterwards); a given
-    directory is used as it is (a warm cache) and kept. ``progress`` gets one line per
-    request.
+    ``kv_dir`` None uses ``<out's folder>/demo-kv``, emptied of its checkpoints first (a
+    cold cache) and kept afterwards, so ``workbench kv ls build/demo-kv`` shows what the
+    demo stored; a given directory is used as it is (a warm cache) and kept. ``progress``
+    gets one line per request.
     """
     t0 = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None if kv_dir is not None else tempfile.mkdtemp(prefix="demo-kv-", dir=out.parent)
-    directory = Path(kv_dir if kv_dir is not None else tmp)
+    directory = Path(kv_dir) if kv_dir is not None else out.parent / DEMO_KV_DIR
+    session = load(model, ctx=ctx)
     try:
-        session = load(model, ctx=ctx)
         store = KVStore.from_policy(directory, DEMO_POLICY, quant_bits=routed_quant_bits(session.file))
+        if kv_dir is None:  # a cold start: only the checkpoints the store owns are removed
+            for e in store.entries():
+                store.remove(e)
         engine = Engine(session, store, DEMO_POLICY)
         sampler = restrict(engine.tokenizer.text_token_mask())
         workload = agent_session(seed=seed, turns=turns, file_chars=file_chars, max_tokens=max_tokens)
@@ -118,7 +122,8 @@ def run_demo(model: str | Path, out: str | Path = "build/demo.html", kv_dir: str
             viz.tokens_per_request(records), viz.ttft_breakdown(records), viz.event_timeline(records),
             viz.save_restore_vs_size(records, write_bps, read_bps), viz.disk_usage(records),
             viz.kv_bytes_by_layer(session.state.layer_bytes()),
-            viz.kv_bytes_vs_context(StateLayout.ds4(), [2048 * k for k in range(1, 65)]),
+            viz.kv_bytes_vs_context(StateLayout.ds4(), [2048 * k for k in range(1, 65)],
+                                    model="the real DeepSeek V4 Flash layout, not this demo's model"),
         ]
         if len(entries):
             figures.append(viz.prefix_tree(entries))
@@ -130,11 +135,9 @@ def run_demo(model: str | Path, out: str | Path = "build/demo.html", kv_dir: str
                  + table.to_html(index=False))
         report = viz.report_html(figures, out, title="ds4-workbench demo: KV cache reuse on an agent workload",
                                  intro_html=intro)
-        session.close()
-        return DemoResult(table, records, report, time.perf_counter() - t0)
+        return DemoResult(table, records, report, time.perf_counter() - t0, directory)
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        session.close()
 
 
 def _stored_text(path: Path) -> bytes:

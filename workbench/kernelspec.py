@@ -7,6 +7,9 @@ the OpenBLAS ``.pth`` hook of that venv (:mod:`workbench._blas`). The installed
 environment also puts the venv's ``bin`` first on ``PATH`` (``!workbench ...`` in a
 cell finds the CLI of the same venv) and sets ``VIRTUAL_ENV``; jupyter_client
 expands ``${PATH}`` from the server's environment when it starts the kernel.
+``PYTHONSTARTUP`` names :mod:`workbench.kernel_startup`, which IPython runs when the
+kernel starts: it puts the notebook's MLX arrays on a stream the widgets' worker thread
+may use (their Stop button needs the work off the kernel's main thread).
 
     python -m workbench.kernelspec --prefix .venv     # into .venv/share/jupyter/kernels
 """
@@ -36,7 +39,8 @@ def kernel_spec(spec_dir: Path = SPEC_DIR) -> dict:
 
     ``argv[0]`` becomes ``sys.executable``; ``env`` gains ``VIRTUAL_ENV``
     (``sys.prefix``) and ``PATH`` with the interpreter's directory first, followed by
-    ``${PATH}`` for jupyter_client to expand at kernel start.
+    ``${PATH}`` for jupyter_client to expand at kernel start, and ``PYTHONSTARTUP``
+    the kernel start-up file (:mod:`workbench.kernel_startup`).
     """
     path = spec_dir / "kernel.json"
     try:
@@ -51,6 +55,7 @@ def kernel_spec(spec_dir: Path = SPEC_DIR) -> dict:
     env = dict(spec.get("env", {}))
     env["VIRTUAL_ENV"] = sys.prefix
     env["PATH"] = os.path.dirname(os.path.abspath(sys.executable)) + os.pathsep + "${PATH}"
+    env["PYTHONSTARTUP"] = str(Path(__file__).resolve().with_name("kernel_startup.py"))
     return {**spec, "argv": [sys.executable, *argv[1:]], "env": env}
 
 

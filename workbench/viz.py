@@ -84,22 +84,34 @@ def token_strip(df: pd.DataFrame) -> go.Figure:
 
 
 def ttft_breakdown(df: pd.DataFrame) -> go.Figure:
-    """Time to first token split into lookup / restore / suffix prefill / saves, vs full prefill."""
+    """Time to first token split into lookup / restore / suffix prefill / saves, vs full prefill.
+
+    The parts differ by orders of magnitude (a lookup takes microseconds, a prefill
+    seconds), so they stand side by side on a log axis in milliseconds: stacked on a
+    linear axis, only the prefill would be visible. Zero parts are left out."""
     req = _requests(df)
     fig = go.Figure()
     for col, name, color in (("lookup_s", "lookup", "#7f7f7f"), ("restore_s", "restore", "#1f77b4"),
                              ("prefill_s", "suffix prefill", "#ff7f0e"), ("save_s", "saves on the path", "#d62728")):
-        fig.add_bar(x=req["label"], y=req[col].fillna(0), name=name, marker_color=color)
-    fig.add_scatter(x=req["label"], y=req["full_prefill_s"], mode="markers", name="full prefill (estimate)",
+        ms = (req[col].astype(float) * 1000).where(req[col] > 0)
+        fig.add_bar(x=req["label"], y=ms, name=name, marker_color=color,
+                    hovertemplate="%{x}<br>" + name + ": %{y:.2f} ms<extra></extra>")
+    fig.add_scatter(x=req["label"], y=req["full_prefill_s"].astype(float) * 1000, mode="markers",
+                    name="full prefill (estimate)", hovertemplate="%{x}<br>full prefill: %{y:.1f} ms<extra></extra>",
                     marker=dict(symbol="line-ew-open", size=28, color="black", line=dict(width=3)))
-    fig.update_layout(barmode="stack")
-    return _layout(fig, "Time to first token vs a full prefill", "request", "seconds")
+    fig.update_layout(barmode="group", yaxis_type="log")
+    return _layout(fig, "Time to first token by part vs a full prefill (log scale)", "request", "milliseconds")
 
 
 def event_timeline(df: pd.DataFrame) -> go.Figure:
-    """Cache events over time: saves by reason, hits by source, misses, evictions, failures."""
-    ev = df[~df["event"].isin(["request", "progress"])].copy()
-    ev["lane"] = [f"{e}: {r or s}" if e in ("save", "hit") else e
+    """Cache events over time: saves by reason, hits by source, misses, evictions, failures.
+
+    A request that missed the live state but hit the disk is a disk hit, not a miss: the
+    "miss" lane shows only requests that found no prefix anywhere (prefilled cold)."""
+    cold = set(df.loc[(df["event"] == "request") & (df["source"] == "none"), "request"])
+    ev = df[~df["event"].isin(["request", "progress"]) & ((df["event"] != "miss") | df["request"].isin(cold))].copy()
+    ev = ev[~((ev["event"] == "miss") & ev.duplicated(["event", "request"], keep="last"))]
+    ev["lane"] = [f"{e}: {r or s}" if e in ("save", "hit") else "miss (prefilled cold)" if e == "miss" else e
                   for e, r, s in zip(ev["event"], ev["reason"], ev["source"])]
     ev["tokens"] = ev["tokens"].fillna(0)
     biggest = max(float(ev["tokens"].max()) if len(ev) else 0.0, 1.0)
@@ -110,9 +122,10 @@ def event_timeline(df: pd.DataFrame) -> go.Figure:
         size = 8 + 12 * part["tokens"] / biggest
         fig.add_scatter(x=part["time_s"], y=[lane] * len(part), mode="markers", name=lane,
                         marker=dict(size=size, color=color),
-                        text=[f"request {r}<br>{t:.0f} tokens<br>{Path(p).name}" if p else f"request {r}"
-                              for r, t, p in zip(part["request"], part["tokens"], part["path"])],
-                        hoverinfo="text+x")
+                        text=[f"request {r}<br>{t:,.0f} tokens" + (f", {b / MIB:,.2f} MiB" if b == b and b else "")
+                              + (f"<br>{Path(p).name}" if p else "")
+                              for r, t, b, p in zip(part["request"], part["tokens"], part["bytes"], part["path"])],
+                        hovertemplate="%{text}<br>at %{x:.2f} s<extra></extra>")
     return _layout(fig, "Cache events", "seconds since start", "")
 
 
@@ -122,9 +135,10 @@ def save_restore_vs_size(df: pd.DataFrame, raw_write_bps: float | None = None,
     saves = df[(df["event"] == "save") & df["save_s"].notna()]
     hits = df[(df["event"] == "hit") & df["restore_s"].notna()]
     fig = go.Figure()
-    fig.add_scatter(x=saves["bytes"] / MIB, y=saves["save_s"], mode="markers", name="save")
+    fig.add_scatter(x=saves["bytes"] / MIB, y=saves["save_s"], mode="markers", name="save",
+                    hovertemplate="save: %{x:.2f} MiB in %{y:.4f} s<extra></extra>")
     fig.add_scatter(x=hits["bytes"] / MIB, y=hits["restore_s"], mode="markers", name="restore",
-                    marker_symbol="diamond")
+                    marker_symbol="diamond", hovertemplate="restore: %{x:.2f} MiB in %{y:.4f} s<extra></extra>")
     top = float(pd.concat([saves["bytes"], hits["bytes"]]).max() or 0) / MIB
     for bps, name in ((raw_write_bps, "raw sequential write"), (raw_read_bps, "raw sequential read")):
         if bps and top:
@@ -136,11 +150,19 @@ def disk_usage(df: pd.DataFrame) -> go.Figure:
     """Bytes in the cache directory over time, against the budget."""
     d = df[df["disk_bytes"].notna()]
     fig = go.Figure()
-    fig.add_scatter(x=d["time_s"], y=d["disk_bytes"] / MIB, mode="lines+markers", line_shape="hv", name="on disk")
+    fig.add_scatter(x=d["time_s"], y=d["disk_bytes"] / MIB, mode="lines+markers", line_shape="hv", name="on disk",
+                    hovertemplate="%{y:,.2f} MiB at %{x:.2f} s<extra></extra>")
+    top = float(d["disk_bytes"].max()) / MIB if len(d) else 0.0
     budget = df["budget_bytes"].dropna()
-    if len(budget):
-        fig.add_hline(y=float(budget.iloc[-1]) / MIB, line_dash="dash", line_color="#d62728",
-                      annotation_text="budget")
+    if len(budget):  # the axis follows the data; a far budget is named, not drawn at scale
+        b = float(budget.iloc[-1]) / MIB
+        if b <= 2 * top or not top:
+            fig.add_hline(y=b, line_dash="dash", line_color="#d62728", annotation_text=f"budget {b:,.0f} MiB")
+        else:
+            fig.add_annotation(xref="paper", yref="paper", x=1, y=1, showarrow=False, xanchor="right",
+                               text=f"budget {b:,.0f} MiB ({b / top:,.0f}x the peak use, off the scale)",
+                               font=dict(color="#d62728"))
+            fig.update_yaxes(range=[0, top * 1.15])
     return _layout(fig, "Disk cache use", "seconds since start", "MiB")
 
 
@@ -155,8 +177,9 @@ def kv_bytes_by_layer(rows: Iterable[dict]) -> go.Figure:
     return _layout(fig, "KV state per layer", "layer (compression ratio)", "MiB")
 
 
-def kv_bytes_vs_context(layout: StateLayout, lengths: Sequence[int]) -> go.Figure:
-    """KV bytes by kind (summed over layers) as the context grows, from the layout alone."""
+def kv_bytes_vs_context(layout: StateLayout, lengths: Sequence[int], model: str = "") -> go.Figure:
+    """KV bytes by kind (summed over layers) as the context grows, from the layout alone.
+    ``model`` names whose layout it is in the title (say so when it is not the model at hand)."""
     recs = []
     for T in lengths:
         for row in layout.layer_bytes_at(T):
@@ -166,7 +189,10 @@ def kv_bytes_vs_context(layout: StateLayout, lengths: Sequence[int]) -> go.Figur
     for kind, part in df.groupby("kind", sort=False):
         fig.add_scatter(x=part["tokens"], y=part["bytes"] / MIB, stackgroup="kv", name=kind,
                         line_color=KIND_COLORS.get(kind))
-    return _layout(fig, f"KV state vs context length ({layout.n_layer} layers)", "tokens", "MiB")
+    for tr in fig.data:
+        tr.hovertemplate = f"{tr.name}: %{{y:,.1f}} MiB at %{{x:,}} tokens<extra></extra>"
+    whose = f"{model}, " if model else ""
+    return _layout(fig, f"KV state vs context length ({whose}{layout.n_layer} layers)", "tokens", "MiB")
 
 
 def prefix_tree(entries: pd.DataFrame) -> go.Figure:
@@ -188,10 +214,19 @@ def prefix_tree(entries: pd.DataFrame) -> go.Figure:
         extra = "".join(f"<br>{c}: {rows[c][i]}" for c in ("reason", "hits") if c in rows)
         preview = html.escape(texts[i][-80:].decode("utf-8", "replace"))
         hover.append(f"{rows['name'][i]}<br>{int(rows['tokens'][i])} tokens{extra}<br>…{preview}")
+    reasons = [str(rows["reason"][i]) if "reason" in rows else "" for i in range(len(rows))]
+    hits = [int(rows["hits"][i]) if "hits" in rows else 0 for i in range(len(rows))]
+    labels = [f"{lab}<br>{r}{f' · {h} hits' if h else ''}" if r or h else lab
+              for lab, r, h in zip(labels, reasons, hits)]
+    colors = ["#ffffff"] + [REASON_COLORS.get(r, "#bbbbbb") for r in reasons]
+    edges = ["#444"] + ["#2ca02c" if h else "#ffffff" for h in hits]  # a green frame: it served a hit
     fig = go.Figure(go.Icicle(ids=["cache"] + ids, parents=[""] + parents, values=[0] + values,
                               labels=["cache"] + labels, branchvalues="remainder",
+                              marker=dict(colors=colors, line=dict(color=edges, width=[1] + [3 if h else 1 for h in hits])),
                               hovertext=["all checkpoints"] + hover, hoverinfo="text"))
-    fig.update_layout(title="Cached prefixes (a child extends its parent's text)", margin=dict(l=10, r=10, t=50, b=10))
+    legend = " · ".join(f"<span style='color:{c}'>■</span> {r}" for r, c in REASON_COLORS.items())
+    fig.update_layout(title=f"Cached prefixes (a child extends its parent's text): colour = save reason ({legend}), "
+                            "green frame = served a hit", title_font_size=13, margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
 

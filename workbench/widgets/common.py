@@ -3,14 +3,28 @@ scrollable HTML tables and the tokenizer of a session's file.
 
 A button's handler never lets an exception escape into the kernel: the panel catches
 it (``KeyboardInterrupt`` included, so an interrupted prefill says so) and shows it in
-its :class:`ErrorBox`. A :class:`~workbench.errors.WorkbenchError` shows as its own
-message, which names the file and the problem; anything else shows its type and
-message with the traceback folded underneath.
+its :class:`ErrorBox`, and clears the status line and the result lines it names as stale
+(no "✓ valid" beside the error of the next file). A
+:class:`~workbench.errors.WorkbenchError` shows as its own message, which names the file
+and the problem; anything else shows its type and message with the traceback folded
+underneath.
+
+Long actions (prefill, decode, workloads) run, in the ``ds4-workbench`` kernel, on one
+background worker thread, so the panel's **Stop** button can be clicked meanwhile: it
+sets the session's ``stop`` flag, which ends a prefill at the next layer or chunk and a
+decode at the next token (:mod:`workbench.session`). That needs the notebook's MLX
+arrays on a stream the worker may use (:mod:`workbench.mlxthreads`, set up by the
+kernel at start); elsewhere (scripts, tests, other kernels) they run at once and
+:meth:`Panel.stop` still works from a callback or another thread. Number boxes are plain
+text boxes validated by the action: a value out of range is an error that says the
+range, never silently clamped.
 """
 
 from __future__ import annotations
 
 import html
+import queue
+import threading
 import traceback
 from typing import Any, Callable
 
@@ -18,6 +32,7 @@ import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 
+from workbench import mlxthreads
 from workbench.errors import WorkbenchError
 from workbench.gguf.reader import GGUFFile
 from workbench.tokenizer import Tokenizer
@@ -93,15 +108,88 @@ class ErrorBox(widgets.HTML):
         self.layout.display = "none"
 
 
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (where a busy handler blocks every other click)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class _Worker:
+    """One daemon thread running the panels' long actions in order. One long-lived
+    thread, not one per action: MLX aborts the process at exit when a thread that ran
+    MLX work ended before it."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="workbench-widgets", daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _loop(self) -> None:
+        mlxthreads.adopt_shared_stream()
+        while True:
+            self._jobs.get()()  # jobs are guarded: they never raise
+
+
+WORKER = _Worker()
+
+
+def int_value(box: widgets.Widget, name: str, lo: int, hi: int) -> int:
+    """The integer in a text box, checked against ``lo..hi`` (a WidgetError saying the
+    range otherwise: a value is never clamped silently)."""
+    try:
+        value = int(box.value)
+    except (TypeError, ValueError):
+        raise WidgetError(f"{name}: {box.value!r} is not a whole number") from None
+    if not lo <= value <= hi:
+        raise WidgetError(f"{name}: {value:,} is outside {lo:,}..{hi:,}")
+    return value
+
+
+def float_value(box: widgets.Widget, name: str, lo: float, hi: float) -> float:
+    """The finite number in a box, checked against ``lo..hi`` (WidgetError otherwise)."""
+    try:
+        value = float(box.value)
+    except (TypeError, ValueError):
+        raise WidgetError(f"{name}: {box.value!r} is not a number") from None
+    if not lo <= value <= hi:  # also refuses nan
+        raise WidgetError(f"{name}: {value:g} is outside {lo:g}..{hi:g}")
+    return value
+
+
 class Panel(widgets.VBox):
     """Base of the workbench widgets: a VBox with a status line, an error box and buttons
-    whose handlers run guarded (buttons disabled while one runs, errors shown, not raised)."""
+    whose handlers run guarded (buttons disabled while one runs, errors shown, not raised).
+
+    ``stale`` lists result widgets cleared when an action fails; ``background`` (default:
+    in a kernel whose MLX stream is shared) runs long actions on the worker thread;
+    ``idle`` is set while no long action runs; ``stopping`` is set by Stop until the next
+    long action starts."""
 
     def __init__(self, title: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.title = widgets.HTML(f"<b style='font-size:14px'>{html.escape(title)}</b>")
         self.status = widgets.HTML("")
         self.error = ErrorBox()
+        self.stale: list[widgets.HTML] = []
+        self.background = in_kernel() and mlxthreads.shared()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.stopping = threading.Event()
+        self.stop_button = widgets.Button(description="Stop", icon="stop", disabled=True, button_style="danger",
+                                          tooltip="stop the running prefill, decode or workload at the next "
+                                                  "layer, chunk or token", layout=widgets.Layout(width="auto"))
+        self.stop_button.on_click(lambda _b: self.stop())
         self._buttons: list[widgets.Button] = []
         self.add_class("ds4wb-panel")
         self.layout.border = "1px solid #ddd"
@@ -109,13 +197,43 @@ class Panel(widgets.VBox):
         self.layout.margin = "4px 0"
 
     def button(self, description: str, action: Callable[[], None], icon: str = "", tooltip: str = "",
-               style: str = "") -> widgets.Button:
-        """A button that runs ``action()`` guarded (see :meth:`guarded`)."""
+               style: str = "", long: bool = False) -> widgets.Button:
+        """A button that runs ``action()`` guarded (see :meth:`guarded`); a ``long`` one
+        through :meth:`start`, so that :meth:`stop` can end it."""
         b = widgets.Button(description=description, icon=icon, tooltip=tooltip or description, button_style=style,
                            layout=widgets.Layout(width="auto"))
-        b.on_click(lambda _b: self.guarded(action))
+        b.on_click(lambda _b: self.start(action) if long else self.guarded(action))
         self._buttons.append(b)
         return b
+
+    def start(self, action: Callable[[], None]) -> None:
+        """Run a long action with Stop enabled: on the worker thread when ``background``,
+        else now."""
+        self.idle.clear()
+        self.stopping.clear()
+        if self.background:
+            WORKER.submit(lambda: self._run_long(action))
+        else:
+            self._run_long(action)
+
+    def _run_long(self, action: Callable[[], None]) -> None:
+        self.stop_button.disabled = False
+        try:
+            self.guarded(action)
+        finally:
+            self.stop_button.disabled = True
+            self.idle.set()
+
+    def stop(self) -> None:
+        """Ask the running long action to stop (at the next layer, chunk, token or request)."""
+        self.stopping.set()
+        self.set_status("stopping …")
+        for session in self.sessions():
+            session.stop.set()
+
+    def sessions(self) -> list[Any]:
+        """The sessions Stop signals (panels that run one override this)."""
+        return []
 
     def guarded(self, action: Callable[[], None]) -> bool:
         """Run ``action()`` with the buttons disabled; show any exception in the error box.
@@ -128,6 +246,9 @@ class Panel(widgets.VBox):
             action()
             return True
         except (Exception, KeyboardInterrupt) as err:  # a UI handler must not die: show it
+            self.status.value = ""
+            for w in self.stale:
+                w.value = ""
             self.error.show(err)
             return False
         finally:

@@ -27,11 +27,13 @@ import plotly.graph_objects as go
 
 from workbench import viz
 from workbench.engine import Completion, Engine, restrict
-from workbench.session import Progress
-from workbench.widgets.common import LEGEND_BELOW, MIB, Panel, refit
+from workbench.session import Cancelled, Progress
+from workbench.widgets.common import LEGEND_BELOW, MIB, Panel, int_value, refit
 from workbench.workloads import WORKLOADS, Workload
 
 FIGURE_HEIGHT = 370
+MAX_LENGTH = 64  # turns (or chunks) of one workload run
+MAX_SEED = 10**6
 # the keyword that sets a workload's length: its turns, or a document's chunks
 LENGTH_PARAMETER = {"agent": "turns", "multi-user": "turns", "long-document": "chunks", "coding-agent": "turns"}
 
@@ -152,11 +154,11 @@ class CacheDashboard(Panel):
         self.summary = widgets.HTML("")
         self.workload = widgets.Dropdown(options=list(WORKLOADS), value="agent", description="workload",
                                          layout=widgets.Layout(width="18em"))
-        self.length = widgets.BoundedIntText(value=4, min=1, max=64, description="turns",
-                                             layout=widgets.Layout(width="10em"))
-        self.seed = widgets.BoundedIntText(value=0, min=0, max=10**6, description="seed",
-                                           layout=widgets.Layout(width="10em"))
-        self.run_button = self.button("Run workload", self.run_selected, icon="play", style="primary",
+        self.length = widgets.IntText(value=4, description="turns", tooltip=f"1..{MAX_LENGTH}",
+                                      layout=widgets.Layout(width="10em"))
+        self.seed = widgets.IntText(value=0, description="seed", tooltip=f"0..{MAX_SEED:,}",
+                                    layout=widgets.Layout(width="10em"))
+        self.run_button = self.button("Run workload", self.run_selected, icon="play", style="primary", long=True,
                                       tooltip="send the workload's requests through engine.complete")
         self.redraw_button = self.button("Redraw", self.redraw, icon="refresh",
                                          tooltip="rebuild the plots from engine.records and fit them to the page")
@@ -176,7 +178,8 @@ class CacheDashboard(Panel):
         self.children = [
             self.title,
             self.summary,
-            widgets.HBox([self.workload, self.length, self.seed, self.run_button, self.redraw_button]),
+            widgets.HBox([self.workload, self.length, self.seed, self.run_button, self.stop_button,
+                          self.redraw_button]),
             widgets.HBox([self.requests_bar, self.prefill_bar, self.status]),
             self.last,
             self.error,
@@ -189,9 +192,13 @@ class CacheDashboard(Panel):
         return f"CacheDashboard(requests={self.stats['requests']})"
 
     # ---- actions -------------------------------------------------------------------------------
+    def sessions(self) -> list[Any]:
+        return [self.engine.session]
+
     def run_selected(self) -> list[Completion]:
-        """Run the workload chosen in the controls."""
-        return self.run(build_workload(self.workload.value, int(self.length.value), int(self.seed.value)))
+        """Run the workload chosen in the controls (their values checked, not clamped)."""
+        length = int_value(self.length, self.length.description, 1, MAX_LENGTH)
+        return self.run(build_workload(self.workload.value, length, int_value(self.seed, "seed", 0, MAX_SEED)))
 
     def run(self, workload: Workload) -> list[Completion]:
         """Send every request of ``workload`` through ``engine.complete``; the plots follow
@@ -207,6 +214,8 @@ class CacheDashboard(Panel):
                 outer(p)
 
         def complete(request: Any) -> str:
+            if self.stopping.is_set():
+                raise Cancelled(f"stopped: {workload.name} after {len(done)} of {len(workload)} requests")
             self.set_status(f"{workload.name}: {request.conversation} turn {request.turn} …")
             out = self.engine.complete(messages=request.messages, tools=request.tools, max_tokens=request.max_tokens,
                                        sampler=sample, conversation=request.conversation)

@@ -24,7 +24,7 @@ from workbench.gguf.layout import ds4_compat_problems, validate_ds4
 from workbench.gguf.reader import GGUFFile
 from workbench.spec.args import ModelArgs
 from workbench.session import Progress, Session, load
-from workbench.widgets.common import MIB, Panel, size_text, table_html
+from workbench.widgets.common import MIB, Panel, int_value, size_text, table_html
 
 SORTS = {"file order": None, "name": ("name", True), "type": ("type", True), "MiB (largest first)": ("MiB", False)}
 
@@ -77,8 +77,9 @@ class ModelLoader(Panel):
         self._callbacks: list[Callable[[Session], None]] = []
         self.path_text = widgets.Text(value=str(path), description="GGUF file", placeholder="path/to/model.gguf",
                                       layout=widgets.Layout(width="32em"))
-        self.ctx_input = widgets.BoundedIntText(value=ctx, min=1, max=1 << 24, step=1024, description="ctx",
-                                                layout=widgets.Layout(width="13em"))
+        self.ctx_input = widgets.IntText(value=ctx, step=1024, description="ctx",
+                                         tooltip="context limit in tokens, at most the model's context length",
+                                         layout=widgets.Layout(width="13em"))
         self.validate_button = self.button("Validate", self.validate, icon="check",
                                            tooltip="check the file against the ds4 layout")
         self.load_button = self.button("Load", self.load, icon="upload", style="primary",
@@ -104,6 +105,7 @@ class ModelLoader(Panel):
             self.tensor_controls,
             self.tensor_table,
         ]
+        self.stale = [self.verdict, self.summary, self.tensor_table]
 
     def __repr__(self) -> str:
         return f"ModelLoader(path={self.path_text.value!r}, loaded={self.session is not None})"
@@ -131,7 +133,7 @@ class ModelLoader(Panel):
         self.set_status(f"loading {path} …")
         t0 = time.perf_counter()
         try:
-            session = load(path, ctx=int(self.ctx_input.value), progress=self._on_progress)
+            session = load(path, ctx=int_value(self.ctx_input, "ctx", 1, 1 << 30), progress=self._on_progress)
         except BaseException:
             self.progress.bar_style = "danger"
             self.set_status("load failed")

@@ -25,10 +25,14 @@ from workbench.engine import restrict
 from workbench.sampling import Sampler, greedy, top_tokens
 from workbench.session import PrefillStats, Progress, Session
 from workbench.tokenizer import Tokenizer
-from workbench.widgets.common import Panel, WidgetError, pre_html, table_html, tokenizer_of, visible_text
+from workbench.widgets.common import (
+    Panel, WidgetError, float_value, int_value, pre_html, table_html, tokenizer_of, visible_text,
+)
 from workbench.workloads import WORKLOADS
 
 CHUNKS = (64, 256, 1024, 2048)
+MAX_DECODE = 4096  # tokens one Decode click may generate
+MAX_TEMPERATURE = 5.0
 TOP_K = 8
 TAIL_CHARS = 1200  # characters of the session text shown
 SOURCES = {
@@ -73,35 +77,36 @@ class PrefillPanel(Panel):
         chunk = session.state.prefill_chunk if session.state.prefill_chunk in CHUNKS else CHUNKS[-1]
         self.chunk = widgets.Dropdown(options=list(CHUNKS), value=chunk, description="chunk",
                                       layout=widgets.Layout(width="12em"))
-        self.prefill_button = self.button("Prefill", self.prefill, icon="play", style="primary",
+        self.prefill_button = self.button("Prefill", self.prefill, icon="play", style="primary", long=True,
                                           tooltip="append the prompt's tokens to the session")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="prefill",
                                             layout=widgets.Layout(width="24em"))
         self.rate = widgets.HTML("")
         self.top_table = widgets.HTML("")
-        self.n_decode = widgets.BoundedIntText(value=16, min=1, max=4096, description="tokens",
-                                               layout=widgets.Layout(width="11em"))
-        self.temperature = widgets.BoundedFloatText(value=0.0, min=0.0, max=5.0, step=0.1,
-                                                    description="temperature", tooltip="0 = greedy",
-                                                    style={"description_width": "initial"},
-                                                    layout=widgets.Layout(width="11em"))
+        self.n_decode = widgets.IntText(value=16, description="tokens", tooltip=f"1..{MAX_DECODE}",
+                                        layout=widgets.Layout(width="11em"))
+        self.temperature = widgets.FloatText(value=0.0, step=0.1, description="temperature",
+                                             tooltip=f"0 = greedy, at most {MAX_TEMPERATURE:g}",
+                                             style={"description_width": "initial"},
+                                             layout=widgets.Layout(width="11em"))
         self.whole_chars = widgets.Checkbox(value=True, description="whole characters only", indent=False,
                                             tooltip="sample only tokens that are whole UTF-8 characters "
                                                     "(random synthetic models otherwise emit broken bytes)",
                                             layout=widgets.Layout(width="auto"))
-        self.decode_button = self.button("Decode", lambda: self.decode(), icon="forward",
+        self.decode_button = self.button("Decode", lambda: self.decode(), icon="forward", long=True,
                                          tooltip="generate tokens from the current logits")
         self.reset_button = self.button("Reset", self.reset, icon="trash", style="warning",
                                         tooltip="forget every token of the session")
         self.output = widgets.HTML("")
         self.tokens_label = widgets.HTML("")
         self.session_text = widgets.HTML("")
+        self.stale = [self.rate, self.output]
         self.source.observe(lambda _c: self.guarded(self._fill_from_source), names="value")
         self.children = [
             self.title,
             widgets.HBox([self.source, self.chunk]),
             self.prompt,
-            widgets.HBox([self.prefill_button, self.progress, self.rate]),
+            widgets.HBox([self.prefill_button, self.stop_button, self.progress, self.rate]),
             self.error,
             self.top_table,
             widgets.HBox([self.n_decode, self.temperature, self.whole_chars, self.decode_button, self.reset_button]),
@@ -113,6 +118,9 @@ class PrefillPanel(Panel):
 
     def __repr__(self) -> str:
         return f"PrefillPanel(tokens={self.session.n_tokens}, ctx={self.session.ctx})"
+
+    def sessions(self) -> list[Session]:
+        return [self.session]
 
     # ---- actions -----------------------------------------------------------------------------
     def prompt_tokens(self) -> list[int]:
@@ -145,11 +153,16 @@ class PrefillPanel(Panel):
     def decode(self, n: int | None = None) -> list[int]:
         """Generate up to ``n`` (default: the tokens box) tokens, stopping at EOS; the text
         appears as it is generated."""
-        n = int(self.n_decode.value) if n is None else n
+        n = int_value(self.n_decode, "tokens", 1, MAX_DECODE) if n is None else n
+        sample = self._sampler()
         room = self.session.ctx - self.session.n_tokens
         if room <= 0:
             raise WidgetError(f"decode: the context is full ({self.session.n_tokens:,} of {self.session.ctx:,} "
-                              "tokens); Reset first")
+                              "tokens); Reset, or load the model with a larger ctx")
+        if n > room:
+            raise WidgetError(f"tokens: {n:,} would overflow the context ({self.session.n_tokens:,} of "
+                              f"{self.session.ctx:,} tokens used, room for {room:,}); ask for fewer, Reset, "
+                              "or load the model with a larger ctx")
         self.generated = []
         t0 = time.perf_counter()
 
@@ -157,8 +170,9 @@ class PrefillPanel(Panel):
             self.generated.append(token)
             self._show_generated(time.perf_counter() - t0)
 
-        self.session.decode(min(n, room), self._sampler(), stop=[self.tokenizer.eos], on_token=shown)
-        self._show_generated(time.perf_counter() - t0, done=True)
+        self.session.decode(n, sample, stop=[self.tokenizer.eos], on_token=shown)
+        self._show_generated(time.perf_counter() - t0, done=True, stopped=len(self.generated) < n
+                             and self.generated[-1:] != [self.tokenizer.eos])
         self._show_top()
         self._show_session()
         return self.generated
@@ -173,7 +187,7 @@ class PrefillPanel(Panel):
 
     # ---- helpers --------------------------------------------------------------------------------
     def _sampler(self) -> Callable:
-        temperature = float(self.temperature.value)
+        temperature = float_value(self.temperature, "temperature", 0.0, MAX_TEMPERATURE)
         pick = greedy if temperature <= 0 else Sampler(temperature=temperature)
         if not self.whole_chars.value:
             return pick
@@ -205,13 +219,14 @@ class PrefillPanel(Panel):
         self.top_table.value = ("<div style='font-size:12px;color:#555;margin-top:4px'>most likely next tokens</div>"
                                 + table_html(df, max_height="none", float_format="{:.4f}"))
 
-    def _show_generated(self, seconds: float, done: bool = False) -> None:
+    def _show_generated(self, seconds: float, done: bool = False, stopped: bool = False) -> None:
         ids = [t for t in self.generated if t != self.tokenizer.eos]
         text = self.tokenizer.decode_text(ids)
         stop = " + EOS" if self.generated and self.generated[-1] == self.tokenizer.eos else ""
         rate = len(self.generated) / seconds if seconds > 0 else 0.0
         head = (f"<div style='font-size:12px;color:#555'>generated {len(self.generated)} token"
-                f"{'s' if len(self.generated) != 1 else ''}{stop} · {rate:,.1f} tok/s{'' if done else ' …'}</div>")
+                f"{'s' if len(self.generated) != 1 else ''}{stop} · {rate:,.1f} tok/s"
+                f"{' · stopped' if stopped else '' if done else ' …'}</div>")
         self.output.value = head + pre_html(text)
 
     def _show_session(self) -> None:

@@ -20,7 +20,7 @@ from workbench.bench.kvio import CTX
 from workbench.bench.lookup import SMALL_LAYOUT
 from workbench.bench.report import fmt_value, read_figures
 from workbench.cli import main
-from workbench.kv.format import payload_bytes
+from workbench.kv.dsv4 import payload_bytes
 from workbench.spec.statelayout import StateLayout
 from workbench.state import random_state
 from workbench.synth import resolve_preset
@@ -130,7 +130,7 @@ def test_kv_io_tables_and_figures(ctx: BenchContext) -> None:
 
 def test_restore_returns_the_saved_state_in_mlx(tmp_path: Path) -> None:
     from workbench.bench.kvio import restore
-    from workbench.kv.format import SaveReason
+    from workbench.kv.header import SaveReason
     from workbench.kv.store import KVStore
 
     state = random_state(SMALL_LAYOUT, 40, CTX, seed=3)

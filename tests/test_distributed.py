@@ -34,7 +34,10 @@ import pytest
 from workbench import distributed
 from workbench.kv import shards as S
 from workbench.gguf.reader import GGUFFile
-from workbench.kv.format import SaveReason, comp_cap, raw_cap, read_kv_file, write_kv_file
+from workbench.kv import dsvl
+from workbench.kv.dsv4 import comp_cap, raw_cap
+from workbench.kv.header import SaveReason
+from workbench.kv.kvfile import read_kv_file, write_kv_file
 from workbench.session import Session, load
 from workbench.spec.args import ModelArgs
 from workbench.spec.statelayout import LAYER_FIELDS
@@ -111,7 +114,7 @@ def test_dsvl_shard_layout_and_partial_reads(reference: dict, tmp_path: Path) ->
     assert [(e.start, e.stop) for e in m.shards] == [(0, 1), (1, 4), (4, 6)]
     e = m.shards[1]
     raw = (tmp_path / "c" / e.file).read_bytes()
-    assert e.file == f"{m.save_id}.L1-3.dsvl" and len(raw) == e.bytes == S.shard_file_bytes(lay, 160, CTX, 1, 4)
+    assert e.file == f"{m.save_id}.L1-3.dsvl" and len(raw) == e.bytes == dsvl.shard_file_bytes(lay, 160, CTX, 1, 4)
     assert zlib.crc32(raw) == e.crc32
     head = np.frombuffer(raw[:56], "<u4").tolist()
     # magic, version, ctx, chunk, raw_cap, raw_window, comp_cap, T, n_layer, head_dim, idx_dim, first, last, raw_live
@@ -141,7 +144,7 @@ def test_corrupt_or_truncated_shards_are_named(reference: dict, tmp_path: Path) 
     p = d / e.file
     data = bytearray(p.read_bytes())
     lay = st.layout
-    spans = S.layer_spans(lay, S.DSVLHeader.for_shard(st.layer_slice(3, 6)))
+    spans = dsvl.layer_spans(lay, dsvl.DSVLHeader.for_shard(st.layer_slice(3, 6)))
     at = spans[1].offset + 100  # inside layer 4
     data[at] ^= 0x40
     p.write_bytes(bytes(data))

@@ -114,3 +114,30 @@ def test_corrupt_checkpoint_falls_back_and_is_kept(session, tmp_path):
     assert out.usage.source == "none"
     assert (eng.records.event == "load_failed").sum() >= 1
     assert all(f.exists() for f in files)  # reported, never deleted
+
+
+def test_records_come_from_the_store_events(session, tmp_path):
+    """One event path: every save, eviction, disk load and disk miss row is one store event
+    of this engine's calls, tagged with its request; the store's own use outside adds none."""
+    from workbench.kv.events import Evicted, Loaded, Miss, Saved, SaveFailed, SaveSkipped
+
+    eng = _engine(session, tmp_path)
+    first = eng.complete(prompt="Quel ramo del lago di Como. " * 40, max_tokens=1)
+    size = first.saves[0].bytes
+    eng.store.budget_mb = 2.5 * size / 2**20  # room for two checkpoints: the next saves evict
+    for i in range(3):  # three more conversations, each an evict and a cold save
+        eng.complete(prompt=f"Conversation {i}. " + "Il lago di Como e le sue montagne. " * 40, max_tokens=1)
+    eng.close()
+    ev, df = list(eng.store.events), eng.records
+    count = lambda *kinds: sum(isinstance(e, kinds) for e in ev)  # noqa: E731
+    assert count(Evicted) >= 1 and (df.event == "evict").sum() == count(Evicted)
+    assert (df.event == "save").sum() == count(Saved, SaveSkipped, SaveFailed)
+    assert ((df.event == "hit") & (df.source == "disk")).sum() == count(Loaded)
+    assert ((df.event == "miss") & (df.source == "disk")).sum() == count(Miss)
+    evicts = df[df.event == "evict"]
+    # each eviction is tagged with the request whose save made room (-1: the shutdown save)
+    assert evicts.request.isin(df[df.event == "save"].request).all()
+    assert (evicts.disk_bytes <= eng.store.budget_bytes).all()
+    rows = len(df)
+    eng.store.lookup("nothing stored starts like this", session.ctx)  # not the engine's call
+    assert len(eng.records) == rows

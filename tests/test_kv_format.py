@@ -15,8 +15,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from workbench.kv import format as F
-from workbench.kv.format import ExtFlag, KVFormatError, SaveReason
+from workbench.kv import checksum, dsv4, header, inspection, kvfile
+from workbench.kv.errors import KVFormatError
+from workbench.kv.header import ExtFlag, SaveReason
 from workbench.spec.statelayout import StateLayout
 from workbench.state import SessionState, random_state
 
@@ -27,8 +28,8 @@ NOW = 1_780_000_000
 def kv_bytes(state: SessionState, text: bytes = b"<|User|>hello", *, checksum: bool = True,
              reason: SaveReason = SaveReason.COLD, ext: int = 0) -> bytes:
     buf = io.BytesIO()
-    _, n = F.write_kv_file(buf, state, text, quant_bits=2, reason=reason, ext_flags=ext, checksum=checksum, now=NOW)
-    assert n == len(buf.getvalue()) == F.kv_file_bytes(state, len(text), checksum)
+    _, n = kvfile.write_kv_file(buf, state, text, quant_bits=2, reason=reason, ext_flags=ext, checksum=checksum, now=NOW)
+    assert n == len(buf.getvalue()) == kvfile.kv_file_bytes(state, len(text), checksum)
     return buf.getvalue()
 
 
@@ -51,7 +52,7 @@ def spec_payload(T: int) -> int:
 def test_ds4_payload_size_offsets_and_round_trip(T: int) -> None:
     lay = StateLayout.ds4()
     state = random_state(lay, T, 32768, seed=T)
-    assert F.payload_bytes(state) == 23_995_788 + 13_764 * T == spec_payload(T)
+    assert dsv4.payload_bytes(state) == 23_995_788 + 13_764 * T == spec_payload(T)
     text = "<｜User｜>héllo".encode()
     blob = kv_bytes(state, text)
     # KVC header, read with struct at the spec's offsets
@@ -73,9 +74,9 @@ def test_ds4_payload_size_offsets_and_round_trip(T: int) -> None:
     assert np.array_equal(np.frombuffer(blob, "<f4", 128 * 512, layer0).reshape(128, 512), state.layers[0].raw)
     comp2 = layer0 + 3 * 128 * 512 * 4  # after the raw rows of layers 0, 1, 2
     assert np.array_equal(np.frombuffer(blob, "<f4", 512, comp2), state.layers[2].comp[0])
-    trailer = p + F.payload_bytes(state)
-    assert blob[trailer:trailer + 3] == b"KCS" and len(blob) - trailer == F.checksum_trailer_bytes(F.payload_bytes(state))
-    back = F.read_payload(io.BytesIO(blob[p:trailer]), trailer - p, lay, 32768, name="mem")
+    trailer = p + dsv4.payload_bytes(state)
+    assert blob[trailer:trailer + 3] == b"KCS" and len(blob) - trailer == checksum.checksum_trailer_bytes(dsv4.payload_bytes(state))
+    back = dsv4.read_payload(io.BytesIO(blob[p:trailer]), trailer - p, lay, 32768, name="mem")
     assert back.ctx == 32768 and back.prefill_chunk == 2048
     assert_same_state(state, back)
 
@@ -85,26 +86,26 @@ def test_payload_size_below_128_tokens_and_unaligned() -> None:
     # below the raw window the raw part holds T rows (§1.4), so the fixed part shrinks
     for T in (1, 100):
         raw_short = 43 * (128 - T) * 2048
-        assert F.payload_size(lay, T) == spec_payload(T) - raw_short
-    assert F.payload_size(lay, 300) == spec_payload(300)
+        assert dsv4.payload_size(lay, T) == spec_payload(T) - raw_short
+    assert dsv4.payload_size(lay, 300) == spec_payload(300)
     # the spec's confirmed bench sizes (§7)
-    assert F.payload_size(lay, 2048) == 52_184_460 and F.payload_size(lay, 65536) == 926_033_292
+    assert dsv4.payload_size(lay, 2048) == 52_184_460 and dsv4.payload_size(lay, 65536) == 926_033_292
 
 
 def test_capacity_rules() -> None:
     lay = StateLayout.ds4()
-    assert F.raw_cap(lay, 32768, 2048) == 2304  # §1.4 example
-    assert F.raw_cap(lay, 1_000_000, 8192) == 8192  # capped (ROCm prefill chunk 8192)
-    assert F.raw_cap(lay, 1000, 1000) == 1024  # min(ctx, 128 + chunk) rounded up to 256
-    assert F.raw_cap(lay, 100, 100) == 256 and F.raw_window(lay, 100) == 100
-    assert F.comp_cap(32768) == 8194 and F.default_prefill_chunk(1000) == 1000
+    assert dsv4.raw_cap(lay, 32768, 2048) == 2304  # §1.4 example
+    assert dsv4.raw_cap(lay, 1_000_000, 8192) == 8192  # capped (ROCm prefill chunk 8192)
+    assert dsv4.raw_cap(lay, 1000, 1000) == 1024  # min(ctx, 128 + chunk) rounded up to 256
+    assert dsv4.raw_cap(lay, 100, 100) == 256 and dsv4.raw_window(lay, 100) == 100
+    assert dsv4.comp_cap(32768) == 8194 and dsv4.default_prefill_chunk(1000) == 1000
 
 
 @pytest.mark.parametrize("T", [1, 3, 100, 127, 128, 300])
 def test_small_layout_round_trip_at_short_lengths(T: int) -> None:
     state = random_state(SMALL, T, 4096, seed=T)
     blob = _payload(state)
-    assert len(blob) == F.payload_size(SMALL, T)
+    assert len(blob) == dsv4.payload_size(SMALL, T)
     assert_same_state(state, _read(blob))
 
 
@@ -116,7 +117,7 @@ def test_mlx_and_numpy_states_serialize_identically() -> None:
         for name, arr in list(ls.tensors()):
             setattr(ls, name, mx.array(arr))
     a, b = io.BytesIO(), io.BytesIO()
-    assert F.write_payload(a, np_state) == F.write_payload(b, mx_state) == F.payload_bytes(np_state)
+    assert dsv4.write_payload(a, np_state) == dsv4.write_payload(b, mx_state) == dsv4.payload_bytes(np_state)
     assert a.getvalue() == b.getvalue()
 
 
@@ -124,21 +125,21 @@ def test_writer_refuses_inconsistent_states() -> None:
     s = random_state(SMALL, 300, 4096)
     s.layers[3].comp = s.layers[3].comp[:1]
     with pytest.raises(KVFormatError, match="layer 3: comp shape"):
-        F.write_payload(io.BytesIO(), s)
+        dsv4.write_payload(io.BytesIO(), s)
     with pytest.raises(KVFormatError, match="do not fit context"):
-        F.write_payload(io.BytesIO(), random_state(SMALL, 300, 300))
+        dsv4.write_payload(io.BytesIO(), random_state(SMALL, 300, 300))
     with pytest.raises(KVFormatError, match="bit0"):
         kv_bytes(random_state(SMALL, 10, 64), ext=ExtFlag.TOOL_MAP)
 
 
 def _payload(state: SessionState) -> bytes:
     buf = io.BytesIO()
-    F.write_payload(buf, state)
+    dsv4.write_payload(buf, state)
     return buf.getvalue()
 
 
 def _read(blob: bytes, layout: StateLayout = SMALL, ctx: int | None = None, budget: int | None = None, **kw):
-    return F.read_payload(io.BytesIO(blob), len(blob) if budget is None else budget, layout, ctx, name="f.kv", **kw)
+    return dsv4.read_payload(io.BytesIO(blob), len(blob) if budget is None else budget, layout, ctx, name="f.kv", **kw)
 
 
 def test_payload_validation_errors_name_file_and_field() -> None:
@@ -187,32 +188,32 @@ def test_read_header_fields_and_errors(tmp_path) -> None:
     blob = kv_bytes(state, b"abc", reason=SaveReason.SHUTDOWN, ext=ExtFlag.THINKING_VISIBLE)
     path = tmp_path / "x.kv"
     path.write_bytes(blob)
-    h = F.read_header(path)
+    h = header.read_header(path)
     assert (h.quant_bits, h.reason, h.tokens, h.hits, h.ctx, h.text_bytes, h.file_size) == \
         (2, SaveReason.SHUTDOWN, 300, 0, 4096, 3, len(blob))
     assert h.ext_flags == ExtFlag.THINKING_VISIBLE | ExtFlag.CHECKSUM and h.has_checksum
-    assert h.payload_bytes == F.payload_bytes(state) and h.payload_offset == 55
+    assert h.payload_bytes == dsv4.payload_bytes(state) and h.payload_offset == 55
     for offset, value, message in [(0, b"KVX", "magic"), (3, b"\x02", "version 2"), (4, b"\x03", "quant bits 3"),
                                    (8, b"\0\0\0\0", "token count")]:
         bad = bytearray(blob)
         bad[offset:offset + len(value)] = value
         path.write_bytes(bytes(bad))
         with pytest.raises(KVFormatError, match=message):
-            F.read_header(path)
+            header.read_header(path)
     path.write_bytes(blob[:1000])
     with pytest.raises(KVFormatError, match=r"x\.kv: truncated file"):
-        F.read_header(path)
+        header.read_header(path)
     bad = bytearray(blob)
     bad[5] = 9  # ds4 maps unknown reasons to 0
     path.write_bytes(bytes(bad))
-    assert F.read_header(path).reason == SaveReason.UNKNOWN
+    assert header.read_header(path).reason == SaveReason.UNKNOWN
 
 
 def _read_file(tmp_path, blob: bytes, layout: StateLayout | None = SMALL, ctx: int | None = None):
     path = tmp_path / "f.kv"
     path.write_bytes(blob)
     with open(path, "rb") as f:
-        return F.read_kv_file(f, layout, ctx, name="f.kv")
+        return kvfile.read_kv_file(f, layout, ctx, name="f.kv")
 
 
 def _chunk_sum(algorithm: int, data: bytes) -> int:
@@ -236,7 +237,7 @@ def test_crc32_trailers_still_load_and_check(tmp_path) -> None:
     still caught; an unknown algorithm is rejected."""
     state = random_state(SMALL, 300, 4096)
     blob = kv_bytes(state, b"abc")
-    p_end = 55 + F.payload_bytes(state)
+    p_end = 55 + dsv4.payload_bytes(state)
     v1 = _with_trailer(blob, p_end, 1, [zlib.crc32(blob[55:p_end])])
     header, _, back, trailer = _read_file(tmp_path, v1)
     assert trailer.checksums.algorithm == 1 and header.tokens == 300
@@ -253,7 +254,7 @@ def test_xxh3_trailer_checks_the_low_32_bits(tmp_path) -> None:
     xxhash = pytest.importorskip("xxhash")
     state = random_state(SMALL, 300, 4096)
     blob = kv_bytes(state, b"abc")
-    p_end = 55 + F.payload_bytes(state)
+    p_end = 55 + dsv4.payload_bytes(state)
     digest = xxhash.xxh3_64_intdigest(blob[55:p_end])
     assert blob[p_end + 4] == 2 and struct.unpack_from("<I", blob, p_end + 24)[0] == digest & 0xFFFFFFFF
     _read_file(tmp_path, _with_trailer(blob, p_end, 2, [digest & 0xFFFFFFFF]))
@@ -278,9 +279,9 @@ def test_checksum_trailer_layout_and_ds4_view(tmp_path) -> None:
     state = random_state(SMALL, 300, 4096)
     text = b"abc"
     blob = kv_bytes(state, text)
-    p_end = 55 + F.payload_bytes(state)
+    p_end = 55 + dsv4.payload_bytes(state)
     t = blob[p_end:]
-    assert t[:3] == b"KCS" and t[3] == 1 and t[4] == F.DEFAULT_ALGORITHM
+    assert t[:3] == b"KCS" and t[3] == 1 and t[4] == checksum.DEFAULT_ALGORITHM
     chunk, n = struct.unpack_from("<II", t, 8)
     assert chunk == 16 << 20 and n == 1 and len(t) == 28 + 4 * n
     assert struct.unpack_from("<I", t, 24)[0] == _chunk_sum(t[4], blob[55:p_end])
@@ -292,7 +293,7 @@ def test_checksum_trailer_layout_and_ds4_view(tmp_path) -> None:
     assert struct.unpack_from("<I", t, 16)[0] == zlib.crc32(bytes(masked))
     # what ds4 does: header, text, then exactly payload_bytes of payload; bit0 clear so no trailer read
     assert blob[6] & 1 == 0
-    assert_same_state(state, F.read_payload(io.BytesIO(blob[55:]), F.payload_bytes(state), SMALL, 4096))
+    assert_same_state(state, dsv4.read_payload(io.BytesIO(blob[55:]), dsv4.payload_bytes(state), SMALL, 4096))
     header, got_text, back, trailer = _read_file(tmp_path, blob)
     assert got_text == text and trailer.kind == "checksum" and header.tokens == 300
     assert_same_state(state, back)
@@ -324,20 +325,20 @@ def test_infer_layout_and_breakdown_without_a_model(tmp_path) -> None:
     state = random_state(SMALL, 300, 4096)
     path = tmp_path / "a.kv"
     path.write_bytes(kv_bytes(state))
-    h = F.read_header(path)
+    h = header.read_header(path)
     with open(path, "rb") as f:
-        summary = F.read_payload_summary(f, h, str(path))
-    lay, note = F.infer_layout(summary)
+        summary = dsv4.read_payload_summary(f, h, str(path))
+    lay, note = inspection.infer_layout(summary)
     assert lay == SMALL and "inferred" in note
-    rows = F.payload_breakdown(lay, summary)
+    rows = inspection.payload_breakdown(lay, summary)
     assert sum(r["bytes"] for r in rows) == h.payload_bytes
     assert [r for r in rows if r["layer"] >= 0] == SMALL.layer_bytes_at(300)
     # a layout whose ratios are not ds4's schedule is read off the row counts
     odd = StateLayout(4, 128, 128, 1024, 64, (0, 128, 4, 0))
     path.write_bytes(kv_bytes(random_state(odd, 300, 4096)))
     with open(path, "rb") as f:
-        lay2, note2 = F.infer_layout(F.read_payload_summary(f, F.read_header(path), str(path)))
+        lay2, note2 = inspection.infer_layout(dsv4.read_payload_summary(f, header.read_header(path), str(path)))
     assert lay2 == odd and "row counts" in note2
     big = StateLayout.ds4()
-    assert F.infer_layout(F.PayloadSummary(F.PayloadHeader(F.DSV4_MAGIC, 1, 32768, 2048, 2304, 128, 8194, 256,
+    assert inspection.infer_layout(dsv4.PayloadSummary(dsv4.PayloadHeader(dsv4.DSV4_MAGIC, 1, 32768, 2048, 2304, 128, 8194, 256,
                                                            43, 512, 128, 129280, 128), [0] * 43, [0] * 43))[0] == big

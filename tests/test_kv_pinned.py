@@ -17,9 +17,10 @@ import pytest
 
 pytest.importorskip("xxhash")  # the default chunk checksum (algorithm 2) needs it
 
-from workbench.kv import format as F  # noqa: E402
+from workbench.bench.staged import write_staged  # noqa: E402
+from workbench.kv import kvfile  # noqa: E402
 from workbench.kv import shards as S  # noqa: E402
-from workbench.kv.format import ExtFlag, SaveReason  # noqa: E402
+from workbench.kv.header import ExtFlag, SaveReason  # noqa: E402
 from workbench.kv.store import KVStore  # noqa: E402
 from workbench.spec.statelayout import StateLayout  # noqa: E402
 from workbench.state import SessionState, random_state  # noqa: E402
@@ -51,7 +52,7 @@ KV_FILES = {
 def test_kv_file_bytes_pinned(key: tuple) -> None:
     T, checksum, reason, ext = key
     buf = io.BytesIO()
-    _, n = F.write_kv_file(buf, det_state(T), TEXT, quant_bits=2, reason=reason, ext_flags=ext, checksum=checksum,
+    _, n = kvfile.write_kv_file(buf, det_state(T), TEXT, quant_bits=2, reason=reason, ext_flags=ext, checksum=checksum,
                            now=NOW)
     assert n == len(buf.getvalue())
     assert digest(buf.getvalue()) == KV_FILES[key]
@@ -60,16 +61,17 @@ def test_kv_file_bytes_pinned(key: tuple) -> None:
 STORE_FILE = "f50103e7b759f3847911cb0854e35077"  # KVStore.save of det_state(300) under TEXT at NOW
 
 
-@pytest.mark.parametrize("mode", ["direct", "staged"])
-def test_store_save_bytes_pinned(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("writer", [None, write_staged], ids=["direct", "staged"])
+def test_store_save_bytes_pinned(tmp_path: Path, writer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("time.time", lambda: float(NOW))  # created_at is covered by the header checksum
     store = KVStore(tmp_path, budget_mb=None, min_tokens=1, maintain=False)
-    res = store.save(det_state(300), TEXT, SaveReason.COLD, mode=mode)
+    res = store.save(det_state(300), TEXT, SaveReason.COLD, writer=writer)
     assert res.saved and res.path.name == hashlib.sha1(TEXT).hexdigest() + ".kv"
     assert digest(res.path.read_bytes()) == STORE_FILE
 
 
-SHARDS = {"L0-1": "497ae19ded81256b97db922d3a07275b", "L2-5": "2ed140bbdbcaddd1e3b14ac6bd091235"}  # DSVL shard files of det_state(300) split 0-1 / 2-5
+# the DSVL shard files of det_state(300) split 0-1 / 2-5
+SHARDS = {"L0-1": "497ae19ded81256b97db922d3a07275b", "L2-5": "2ed140bbdbcaddd1e3b14ac6bd091235"}
 MANIFEST = "9c85c4d9ce34fca6b380abdb58cda0dc"  # its manifest.json, save id replaced by 16 zeros
 ROUND_TRIP = "f317cecb1d42d0b958c5542a6cb19192"  # checkpoint_to_kv of kv_to_checkpoint of the pinned T=300 file
 
@@ -84,7 +86,7 @@ def test_sharded_checkpoint_bytes_pinned(tmp_path: Path) -> None:
     assert digest(manifest.encode()) == MANIFEST
     kv = tmp_path / "one.kv"
     with open(kv, "wb") as f:
-        F.write_kv_file(f, state, TEXT, quant_bits=4, reason=SaveReason.COLD, now=NOW, hits=2)
+        kvfile.write_kv_file(f, state, TEXT, quant_bits=4, reason=SaveReason.COLD, now=NOW, hits=2)
     S.kv_to_checkpoint(kv, tmp_path / "d", 3)
     out = S.checkpoint_to_kv(tmp_path / "d", tmp_path / "back.kv")
     assert out.read_bytes() == kv.read_bytes()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workbench.kv.format import SaveReason
+from workbench.kv.header import SaveReason
 from workbench.kv.policy import (
     ContinuedSchedule, KVPolicy, KVPolicyError, chat_anchor, effective_hits, eviction_score,
 )

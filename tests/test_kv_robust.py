@@ -16,10 +16,14 @@ import pytest
 from test_kv_format import SMALL
 
 from workbench.cli import main as cli_main
-from workbench.kv import format as F
+from workbench.bench import staged
+from workbench.bench.staged import write_staged
+from workbench.kv import header, kvfile, stream
 from workbench.kv import store as S
-from workbench.kv.format import SaveReason
-from workbench.kv.store import KVLoadError, KVSaveError, KVStore, verify_file
+from workbench.kv.errors import KVLoadError, KVSaveError
+from workbench.kv.header import SaveReason
+from workbench.kv.maintenance import verify_file
+from workbench.kv.store import KVStore
 from workbench.state import random_state
 
 CTX = 4096
@@ -39,7 +43,7 @@ def saved(tmp_path_factory):
     d = tmp_path_factory.mktemp("orig")
     res = store(d).save(random_state(SMALL, 300, CTX), "<｜User｜>robust text", SaveReason.COLD)
     blob = res.path.read_bytes()
-    h = F.read_header(res.path)
+    h = header.read_header(res.path)
     p = h.payload_offset
     counts = p + 52 + 4 * 300 + 4 * SMALL.n_vocab
     layer0 = counts + 8 * SMALL.n_layer
@@ -114,7 +118,7 @@ def test_file_from_larger_context_is_skipped_and_refused(tmp_path) -> None:
 
 
 def test_foreign_files_are_counted_and_never_deleted(tmp_path) -> None:
-    one = F.kv_file_bytes(random_state(SMALL, 300, CTX), 10)
+    one = kvfile.kv_file_bytes(random_state(SMALL, 300, CTX), 10)
     (tmp_path / "README.md").write_text("mine")
     (tmp_path / ("a" * 40 + ".kv")).write_bytes(b"KVC\x01" + b"\0" * 60)  # invalid header (quant 0)
     (tmp_path / "sysprompt.kv").write_bytes(b"agent file")
@@ -134,7 +138,7 @@ def test_foreign_files_are_counted_and_never_deleted(tmp_path) -> None:
 
 
 def _failing_writer(limit: int, exc: BaseException):
-    real = F.write_all
+    real = stream.write_all
     written = [0]
 
     def write_all(f, data):
@@ -147,15 +151,16 @@ def _failing_writer(limit: int, exc: BaseException):
     return write_all
 
 
-@pytest.mark.parametrize("mode", ["direct", "staged"])
-def test_disk_full_mid_stream_leaves_nothing_behind(tmp_path, monkeypatch, mode) -> None:
+@pytest.mark.parametrize("writer", [None, write_staged], ids=["direct", "staged"])
+def test_disk_full_mid_stream_leaves_nothing_behind(tmp_path, monkeypatch, writer) -> None:
     st = store(tmp_path)
     keep = st.save(random_state(SMALL, 300, CTX), "existing " * 5, SaveReason.COLD).path
     before = keep.read_bytes()
-    monkeypatch.setattr(F, "write_all", _failing_writer(300_000, OSError(errno.ENOSPC, "No space left on device")))
-    monkeypatch.setattr(S, "write_all", F.write_all)
+    failing = _failing_writer(300_000, OSError(errno.ENOSPC, "No space left on device"))
+    for module in (stream, kvfile, staged):
+        monkeypatch.setattr(module, "write_all", failing)
     with pytest.raises(KVSaveError, match="disk full"):
-        st.save(random_state(SMALL, 300, CTX, seed=1), "new one " * 5, SaveReason.EVICT, mode=mode)
+        st.save(random_state(SMALL, 300, CTX, seed=1), "new one " * 5, SaveReason.EVICT, writer=writer)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == [keep.name]
     assert keep.read_bytes() == before
     assert st.events[-1].kind == "save-failed" and "disk full" in st.events[-1].error
@@ -166,13 +171,13 @@ def test_interrupt_and_serializer_bugs_never_publish(tmp_path, monkeypatch) -> N
     text = "same key " * 5
     old = st.save(random_state(SMALL, 300, 8192), text, SaveReason.COLD).path  # incompatible at ctx 4096
     before = old.read_bytes()
-    monkeypatch.setattr(F, "write_all", _failing_writer(100_000, KeyboardInterrupt()))
+    monkeypatch.setattr(stream, "write_all", _failing_writer(100_000, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         st.save(random_state(SMALL, 300, CTX), text, SaveReason.EVICT)
     monkeypatch.undo()
     assert old.read_bytes() == before and len(list(tmp_path.glob("*.tmp.*"))) == 0
     # a prediction that disagrees with the bytes written is refused before the rename
-    monkeypatch.setattr(S, "kv_file_bytes", lambda state, n, c: F.kv_file_bytes(state, n, c) + 4)
+    monkeypatch.setattr(S, "kv_file_bytes", lambda state, n, c: kvfile.kv_file_bytes(state, n, c) + 4)
     with pytest.raises(KVSaveError, match="predicted"):
         st.save(random_state(SMALL, 300, CTX), text, SaveReason.EVICT)
     assert old.read_bytes() == before and len(list(tmp_path.glob("*.tmp.*"))) == 0
@@ -199,17 +204,17 @@ SLOW_SAVER = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
 from test_kv_format import SMALL
-from workbench.kv import format as F
-from workbench.kv.format import SaveReason
+from workbench.kv import stream
+from workbench.kv.header import SaveReason
 from workbench.kv.store import KVStore
 from workbench.state import random_state
-real = F.write_all
+real = stream.write_all
 def slow(f, data):
     n = real(f, data)
     open({flag!r}, "a").close()
     time.sleep(0.05)
     return n
-F.write_all = slow
+stream.write_all = slow
 KVStore({d!r}, budget_mb=None, min_tokens=1).save(random_state(SMALL, 3000, 4096), "killed" * 10, SaveReason.COLD)
 """
 
@@ -230,7 +235,7 @@ def test_killed_mid_save_never_publishes_and_tmp_is_swept(tmp_path) -> None:
     assert proc.returncode == -signal.SIGKILL
     tmps = list(d.glob("*.kv.tmp.%d" % proc.pid))
     assert len(tmps) == 1 and not list(d.glob("*.kv"))
-    assert tmps[0].stat().st_size < F.kv_file_bytes(random_state(SMALL, 3000, 4096), 60)
+    assert tmps[0].stat().st_size < kvfile.kv_file_bytes(random_state(SMALL, 3000, 4096), 60)
     st = store(d)  # default grace: the fresh orphan stays
     assert tmps[0].exists() and any(o.kind == "tmp" for o in st.others())
     st = store(d, tmp_grace_s=0.0)
@@ -243,8 +248,9 @@ import os, sys, time
 sys.path.insert(0, {tests!r})
 from test_kv_format import SMALL
 from workbench.state import random_state
-from workbench.kv.format import SaveReason
-from workbench.kv.store import KVLoadError, KVStore
+from workbench.kv.errors import KVLoadError
+from workbench.kv.header import SaveReason
+from workbench.kv.store import KVStore
 open(os.path.join({sync!r}, "ready-{who}"), "w").close()
 while not os.path.exists(os.path.join({sync!r}, "go")):  # start together
     time.sleep(0.005)
@@ -267,7 +273,7 @@ print("ok", gone)
 def test_two_processes_save_and_evict_in_one_directory(tmp_path) -> None:
     d = tmp_path / "shared"
     d.mkdir()
-    budget = 4 * F.kv_file_bytes(random_state(SMALL, 300, CTX), 40) / 2**20
+    budget = 4 * kvfile.kv_file_bytes(random_state(SMALL, 300, CTX), 40) / 2**20
     procs = [subprocess.Popen([sys.executable, "-c", WORKER.format(tests=str(TESTS), d=str(d), budget=budget,
                                                                    who=who, sync=str(tmp_path))],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for who in "AB"]

@@ -15,10 +15,15 @@ import pytest
 from test_kv_format import SMALL, assert_same_state
 
 from workbench.cli import main as cli_main
+from workbench.bench.staged import write_staged
+from workbench.kv import events, index
 from workbench.kv import store as S
+from workbench.kv.errors import KVLoadError
 from workbench.kv.eviction import EvictionRules
-from workbench.kv.format import ExtFlag, SaveReason, kv_file_bytes, read_header
-from workbench.kv.store import KVLoadError, KVStore, verify_file
+from workbench.kv.header import ExtFlag, SaveReason, read_header
+from workbench.kv.kvfile import kv_file_bytes
+from workbench.kv.maintenance import verify_file
+from workbench.kv.store import KVStore
 from workbench.state import random_state
 
 CTX = 4096
@@ -87,8 +92,8 @@ def test_lookup_hashes_only_index_lengths_and_rereads_no_headers(tmp_path, monke
     st = make_store(tmp_path)
     st.save(random_state(SMALL, 200, CTX), "a" * 100, SaveReason.COLD)
     calls = []
-    real = S.read_header
-    monkeypatch.setattr(S, "read_header", lambda p: calls.append(p) or real(p))
+    real = index.read_header
+    monkeypatch.setattr(index, "read_header", lambda p: calls.append(p) or real(p))
     for _ in range(5):
         assert st.lookup("a" * 150, CTX) is not None
     assert calls == []  # index reused: no header re-read for an unchanged file
@@ -109,7 +114,7 @@ def test_text_mismatch_guard_and_prompt_prefix_check(tmp_path) -> None:
     os.link(res.path, wrong)
     with pytest.raises(KVLoadError, match="hash mismatch"):
         st.load(wrong, SMALL, CTX)
-    assert wrong.exists() and isinstance(st.events[-1], S.LoadFailed)
+    assert wrong.exists() and isinstance(st.events[-1], events.LoadFailed)
 
 
 def test_consume_only_when_configured(tmp_path) -> None:
@@ -119,7 +124,7 @@ def test_consume_only_when_configured(tmp_path) -> None:
     st.load(small, SMALL, CTX)
     st.load(big, SMALL, CTX)
     assert small.exists() and not big.exists()
-    assert any(isinstance(e, S.Consumed) for e in st.events)
+    assert any(isinstance(e, events.Consumed) for e in st.events)
 
 
 def test_same_key_save_keeps_compatible_file_and_replaces_incompatible(tmp_path) -> None:
@@ -134,14 +139,14 @@ def test_same_key_save_keeps_compatible_file_and_replaces_incompatible(tmp_path)
     st.save(random_state(SMALL, 200, 1024), text, SaveReason.EVICT)
     h = read_header(first.path)
     assert h.ctx == 1024 and h.hits == 0 and h.reason == SaveReason.EVICT
-    assert any(isinstance(e, S.Replaced) for e in st.events)
+    assert any(isinstance(e, events.Replaced) for e in st.events)
 
 
 def test_staged_and_direct_write_identical_files(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(S.time, "time", lambda: 1_800_000_000.0)
     state = random_state(SMALL, 300, CTX)
-    a = make_store(tmp_path / "a").save(state, "t" * 90, SaveReason.COLD, mode="direct")
-    b = make_store(tmp_path / "b").save(state, "t" * 90, SaveReason.COLD, mode="staged")
+    a = make_store(tmp_path / "a").save(state, "t" * 90, SaveReason.COLD)
+    b = make_store(tmp_path / "b").save(state, "t" * 90, SaveReason.COLD, writer=write_staged)
     assert a.path.read_bytes() == b.path.read_bytes()
     plain = make_store(tmp_path / "c", checksum=False).save(state, "t" * 90, SaveReason.COLD)
     full, bare = a.path.read_bytes(), plain.path.read_bytes()
@@ -385,7 +390,8 @@ def test_cli_reads_a_ds4_server_directory_without_a_model(tmp_path, capsys) -> N
 
 
 def test_remove_deletes_only_checkpoints_of_this_directory(tmp_path):
-    from workbench.kv.store import KVStore, KVStoreError
+    from workbench.kv.errors import KVStoreError
+    from workbench.kv.store import KVStore
 
     store = KVStore(tmp_path / "kv", budget_mb=None, min_tokens=1)
     foreign = tmp_path / "kv" / "notes.txt"

@@ -309,7 +309,7 @@ def test_policy_lab_widget_sweeps_and_shows_a_strip() -> None:
 def test_import_a_cache_directory_as_a_trace_skeleton(tmp_path, capsys) -> None:
     from test_kv_format import SMALL
 
-    from workbench.kv.format import SaveReason
+    from workbench.kv.header import SaveReason
     from workbench.kv.store import KVStore
     from workbench.state import random_state
 

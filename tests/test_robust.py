@@ -277,7 +277,7 @@ def test_kv_ls_and_show_survive_timestamps_no_calendar_holds(session, tmp_path: 
     import json
     import struct
 
-    from workbench.kv.format import SaveReason
+    from workbench.kv.header import SaveReason
     from workbench.kv.store import KVStore
 
     session.reset()

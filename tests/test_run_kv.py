@@ -3,7 +3,7 @@
 import json
 
 from workbench.cli import main
-from workbench.kv.format import SaveReason, read_header
+from workbench.kv.header import SaveReason, read_header
 
 
 def _run(capsys, *argv):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.kv.format import PAYLOAD_HEADER_BYTES, payload_size
+from workbench.kv.dsv4 import PAYLOAD_HEADER_BYTES, payload_size
 from workbench.spec.args import ConfigError, ModelArgs, ds4_ratio_schedule
 from workbench.spec.ggml import F16, GGML_TYPES, IQ2_XXS, Q2_K, Q4_K, Q8_0
 from workbench.spec.keys import BY_FIELD, METADATA_KEYS, PREFIX

@@ -17,7 +17,7 @@ from workbench import workloads as wl
 from workbench.chat import BOS_TEXT
 from workbench.engine import Engine
 from workbench.gguf.reader import GGUFFile
-from workbench.kv.format import SaveReason, read_header
+from workbench.kv.header import SaveReason, read_header
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
 from workbench.sampling import top_tokens

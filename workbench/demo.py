@@ -19,7 +19,7 @@ import pandas as pd
 from workbench import viz
 from workbench.engine import Engine, restrict
 from workbench.gguf.layout import routed_quant_bits
-from workbench.kv.format import read_header, read_text
+from workbench.kv.inspection import stored_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
 from workbench.session import load
@@ -114,7 +114,7 @@ def run_demo(model: str | Path, out: str | Path = "build/demo.html", kv_dir: str
         engine.close()
         records = engine.records
         table = request_table(records)
-        entries = pd.DataFrame([{"name": e.sha, "tokens": e.tokens, "text": _stored_text(e.path),
+        entries = pd.DataFrame([{"name": e.sha, "tokens": e.tokens, "text": stored_text(e.path, e.header),
                                  "reason": e.header.reason.name.lower(), "hits": e.header.hits}
                                 for e in store.entries()])
         write_bps, read_bps = raw_disk_rates(directory)
@@ -139,7 +139,3 @@ def run_demo(model: str | Path, out: str | Path = "build/demo.html", kv_dir: str
     finally:
         session.close()
 
-
-def _stored_text(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return read_text(f, read_header(path), str(path))

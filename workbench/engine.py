@@ -16,21 +16,29 @@ complete miss is prefilled from token 0 and saved ``cold`` at the policy's bound
 ``continued`` saves land on absolute multiples of the policy's step. Every save stops
 the prefill at exactly the saved length, so a checkpoint never slices a longer state.
 Continued saves are checked during prefill only, not between decoded tokens.
+
+Telemetry: the engine records its requests and live-state hits and misses itself; what
+the disk store does (saves, evictions, loads, lookup misses) reaches ``records`` only as
+the store's own typed events, which the engine subscribes to and tags with the request
+(and conversation) being served; store events outside the engine's calls are not its.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
 from workbench.chat import render_messages, render_single
-from workbench.kv.format import SaveReason
+from workbench.kv.errors import KVLoadError, KVSaveError
+from workbench.kv.events import KVEvent
+from workbench.kv.header import SaveReason
 from workbench.kv.policy import ContinuedSchedule, KVPolicy, plan_saves
-from workbench.kv.store import KVLoadError, KVSaveError, KVStore
+from workbench.kv.store import KVStore
 from workbench.sampling import Sampler, greedy, top_tokens
 from workbench.session import Progress, Session
 from workbench.telemetry import Recorder
@@ -138,6 +146,9 @@ class Engine:
         self._saved_len = -1  # live length of the last successful save (skip a duplicate shutdown save)
         self._rate_tokens = 0
         self._rate_seconds = 0.0
+        self._context: dict[str, Any] | None = None  # the telemetry tags of the store call under way
+        if store is not None:
+            store.subscribe(self._on_store_event)
 
     # ---- public -------------------------------------------------------------------------
     @property
@@ -231,35 +242,35 @@ class Engine:
         if live_n:
             self._record("miss", request=req, source="live", reason=why, tokens=live_n)
         protect = self.policy.protect_hit
-        hit = self.store.lookup(rendered, self.session.ctx) if self.store is not None and protect else None
+        if self.store is not None and protect:
+            with self._tagged(request=req):
+                hit = self.store.lookup(rendered, self.session.ctx)
+        else:
+            hit = None
         save_s = 0.0
         if live_n and self.store is not None and self.policy.evict_due(live_n) and live_n != self._saved_len:
             t = time.perf_counter()
             saves.append(self._save("evict", req, "", protect=[hit] if hit is not None else []))
             save_s = time.perf_counter() - t
         if self.store is not None and not protect:  # ds4's order: the evict save, then the lookup
-            hit = self.store.lookup(rendered, self.session.ctx)
-        if hit is not None:
+            with self._tagged(request=req):
+                hit = self.store.lookup(rendered, self.session.ctx)
+        suffix = None if hit is None else self._suffix_tokens(rendered, hit.text_bytes)
+        if suffix is not None:  # a stored text ending inside a UTF-8 character is not loaded
             t = time.perf_counter()
             try:
-                state, text = self.store.load(hit, self.session.layout, self.session.ctx, prompt=rendered,
-                                              prefill_chunk=self.session.state.prefill_chunk)
-            except KVLoadError as err:  # unusable: say why and prefill cold
-                self._record("load_failed", request=req, reason=str(err), path=str(hit.path))
+                with self._tagged(request=req):
+                    state, text = self.store.load(hit, self.session.layout, self.session.ctx, prompt=rendered,
+                                                  prefill_chunk=self.session.state.prefill_chunk)
+            except KVLoadError as err:  # unusable (recorded as load_failed by its event): say why, prefill cold
                 why = f"{why}; disk checkpoint {hit.path.name} unusable ({err}), prefilled cold"
             else:
-                suffix = self._suffix_tokens(rendered, len(text))
-                if suffix is not None:
-                    self.session.restore(state)
-                    self._live_text = text
-                    self._saved_len = state.n_tokens
-                    self.schedule.loaded(state.n_tokens)
-                    restore_s = time.perf_counter() - t
-                    self._record("hit", request=req, source="disk", tokens=state.n_tokens, bytes=hit.file_size,
-                                 restore_s=restore_s, path=str(hit.path))
-                    return state.tokens + suffix, "disk", f"live {why}; disk prefix", restore_s, save_s
-        elif self.store is not None:
-            self._record("miss", request=req, source="disk", reason="no-disk-prefix")
+                self.session.restore(state)
+                self._live_text = text
+                self._saved_len = state.n_tokens
+                self.schedule.loaded(state.n_tokens)
+                restore_s = time.perf_counter() - t
+                return state.tokens + suffix, "disk", f"live {why}; disk prefix", restore_s, save_s
         self.session.reset()
         self._live_text = b""
         self._saved_len = -1
@@ -318,36 +329,37 @@ class Engine:
         self._live_text = self.tokenizer.decode(self.session.tokens)
 
     def _save(self, reason: str, req: int, conversation: str, protect: Sequence = ()) -> SaveRecord:
-        """Save the live state as it is now; record the save and its evictions."""
+        """Save the live state as it is now (the save and its evictions are recorded
+        through the store's events)."""
         assert self.store is not None
         state = self.session.snapshot()
         try:
-            result = self.store.save(state, self._live_text, SaveReason[reason.upper()], durable=self.durable,
-                                     protect=protect)
+            with self._tagged(request=req, conversation=conversation):
+                result = self.store.save(state, self._live_text, SaveReason[reason.upper()], durable=self.durable,
+                                         protect=protect)
         except KVSaveError as err:  # reported, not raised: the request itself is served
             if reason == "cold":
                 self.schedule.rollback(getattr(self, "_cold_claim", None))
-            self._record("save", request=req, conversation=conversation, reason=f"{reason} failed: {err}",
-                         tokens=state.n_tokens)
             return SaveRecord(reason, "", "failed", 0, 0.0, state.n_tokens, str(err))
-        for ev in result.evicted:
-            self._record("evict", request=req, reason=ev.save_reason, tokens=ev.tokens, bytes=ev.bytes,
-                         path=str(ev.path), **self._disk())
         if result.saved or result.status == "exists":
             self._saved_len = state.n_tokens
             if reason in ("cold", "continued"):
                 self.schedule.stored(state.n_tokens)
-        self._record("save", request=req, conversation=conversation,
-                     reason=reason if result.saved else f"{reason} {result.status}: {result.detail}",
-                     tokens=state.n_tokens, bytes=result.bytes, save_s=result.seconds, path=str(result.path),
-                     **self._disk())
         return SaveRecord(reason, str(result.path), result.status, result.bytes, result.seconds, state.n_tokens,
                           "" if result.saved else result.detail)
 
-    def _disk(self) -> dict:
-        assert self.store is not None
-        budget = self.store.budget_bytes
-        return {"disk_bytes": self.store.total_bytes(), "budget_bytes": float("nan") if budget is None else budget}
+    @contextmanager
+    def _tagged(self, **context: Any) -> Iterator[None]:
+        """Store events during the block are this engine's, recorded with ``context``."""
+        self._context = context
+        try:
+            yield
+        finally:
+            self._context = None
+
+    def _on_store_event(self, event: KVEvent) -> None:
+        if self._context is not None:
+            self.recorder.record_event(event, self.store.budget_bytes, **self._context)
 
     def _record(self, event: str, **fields: Any) -> None:
         self.recorder.record(event, **fields)

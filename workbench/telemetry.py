@@ -1,5 +1,12 @@
 """Engine telemetry: one row per request and per cache event, as a pandas DataFrame.
 
+The engine records its own facts (requests, live-state hits and misses) with
+``Recorder.record``; everything the disk store did reaches the rows through one path:
+the store's typed events (``workbench.kv.events``), which the engine subscribes to and
+hands to ``Recorder.record_event``, mapped by ``kv_row`` (saved / skipped / failed
+saves -> ``save``, evictions -> ``evict``, loads -> disk ``hit``, lookup misses -> disk
+``miss``, failed loads -> ``load_failed``). The dashboard and the demo read these rows.
+
 Columns (missing values are NaN / empty):
 
 ==================== ===========================================================================
@@ -9,9 +16,10 @@ Columns (missing values are NaN / empty):
 ``request``          number of the request the event belongs to (-1: none, e.g. a shutdown save)
 ``conversation``     workload conversation id (empty outside workloads)
 ``source``           request / hit: where the reused prefix came from: ``live`` | ``disk`` | ``none``
-``reason``           save: ``cold`` | ``continued`` | ``evict`` | ``shutdown``; miss: why the live state
-                     or the disk could not serve (``no-live-checkpoint``, ``token-mismatch``, ...);
-                     load_failed: the error
+``reason``           save: ``cold`` | ``continued`` | ``evict`` | ``shutdown`` (else ``<reason> exists|skipped|
+                     failed: <why>``); evict: the evicted file's save reason; miss: why the live state or
+                     the disk could not serve (``text-mismatch``, ``no-prefix-match``, ...); load_failed: the
+                     error
 ``prompt_tokens``    request: tokens of the effective prompt (reused + prefilled)
 ``cached_tokens``    request: tokens reused from the live state or a disk checkpoint
 ``suffix_tokens``    request: tokens actually prefilled (ds4's ``cache_write_tokens``)
@@ -43,6 +51,8 @@ from typing import Any
 
 import pandas as pd
 
+from workbench.kv.events import Evicted, KVEvent, LoadFailed, Loaded, Miss, Saved, SaveFailed, SaveSkipped
+
 COLUMNS = [
     "seq", "time_s", "event", "request", "conversation", "source", "reason",
     "prompt_tokens", "cached_tokens", "suffix_tokens", "generated_tokens",
@@ -51,6 +61,31 @@ COLUMNS = [
 ]
 EVENTS = ("request", "hit", "miss", "save", "evict", "load_failed", "progress")
 _TEXT = {"event", "conversation", "source", "reason", "path"}
+
+
+def kv_row(event: KVEvent) -> tuple[str, dict[str, Any]] | None:
+    """The telemetry row of a store event: (row event, columns); None for events that make
+    no row (lookup hits: the load that follows does; renames, sweeps, quarantines)."""
+    if isinstance(event, Saved):
+        return "save", dict(reason=event.reason, tokens=event.tokens, bytes=event.bytes, save_s=event.seconds,
+                            path=str(event.path), disk_bytes=event.disk_bytes)
+    if isinstance(event, SaveSkipped):
+        status = "exists" if event.why == "already-stored" else "skipped"
+        return "save", dict(reason=f"{event.reason} {status}: {event.detail}", tokens=event.tokens, bytes=0,
+                            save_s=event.seconds, path=str(event.path), disk_bytes=event.disk_bytes)
+    if isinstance(event, SaveFailed):
+        return "save", dict(reason=f"{event.reason} failed: {event.error}", tokens=event.tokens)
+    if isinstance(event, Evicted):
+        return "evict", dict(reason=event.save_reason, tokens=event.tokens, bytes=event.bytes, path=str(event.path),
+                             disk_bytes=event.disk_bytes)
+    if isinstance(event, Loaded):
+        return "hit", dict(source="disk", tokens=event.tokens, bytes=event.bytes, restore_s=event.seconds,
+                           path=str(event.path))
+    if isinstance(event, LoadFailed):
+        return "load_failed", dict(reason=event.error, path=str(event.path))
+    if isinstance(event, Miss):
+        return "miss", dict(source="disk", reason=event.reason)
+    return None
 
 
 class Recorder:
@@ -72,6 +107,17 @@ class Recorder:
         for listener in list(self.listeners):
             listener(row)
         return row
+
+    def record_event(self, event: KVEvent, budget_bytes: int | None = None, **context: Any) -> dict[str, Any] | None:
+        """Record a store event's row (``kv_row``) with ``context`` (e.g. request,
+        conversation); rows with a disk size also get ``budget_bytes`` (NaN: unlimited)."""
+        mapped = kv_row(event)
+        if mapped is None:
+            return None
+        kind, fields = mapped
+        if "disk_bytes" in fields:
+            fields["budget_bytes"] = float("nan") if budget_bytes is None else budget_bytes
+        return self.record(kind, **context, **fields)
 
     def frame(self) -> pd.DataFrame:
         return to_frame(self.rows)

@@ -16,10 +16,11 @@ head_dim 512, payload 23,995,788 + 13,764·T bytes) are saved and restored with
   tensors (one ``ArraysCache`` per layer plus one for the logits), when mlx-lm is
   installed.
 
-Direct vs staged save (ds4 PR #353's table): ``KVStore.save(mode="staged")`` serializes
-the payload to a file under the system temp dir, then copies it in; the two phases are
-timed inside the real save from its progress callback (the last per-layer call ends the
-serialization; everything after it is the copy and the rename).
+Direct vs staged save (ds4 PR #353's table): ``KVStore.save(writer=write_staged)``
+(``workbench.bench.staged``) serializes the payload to a file under the system temp dir,
+then copies it in; the two phases are timed inside the real save from its progress
+callback (the last per-layer call ends the serialization; everything after it is the
+copy and the rename).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ import mlx.core as mx
 import numpy as np
 
 from workbench.bench.core import BenchContext, BenchResult, Figure, best, best_pair, fmt_tokens, mib, timed
-from workbench.kv.format import SaveReason, kv_file_bytes, payload_bytes
+from workbench.bench.staged import write_staged
+from workbench.kv.dsv4 import payload_bytes
+from workbench.kv.header import SaveReason
+from workbench.kv.kvfile import kv_file_bytes
 from workbench.kv.store import KVStore
 from workbench.spec.statelayout import StateLayout
 from workbench.state import SessionState, random_state
@@ -109,7 +113,7 @@ def staged_phases(store: KVStore, state: SessionState, text: bytes) -> tuple[flo
             marks.append(time.perf_counter())
 
     t0 = time.perf_counter()
-    res = store.save(state, text, SaveReason.COLD, mode="staged", progress=progress)
+    res = store.save(state, text, SaveReason.COLD, progress=progress, writer=write_staged)
     t1 = time.perf_counter()
     os.unlink(res.path)
     serialize = marks[-1] - t0

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from workbench.bench.core import BenchContext, BenchError, BenchResult, Figure, best_pair
-from workbench.kv.format import TEXT_OFFSET, SaveReason
-from workbench.kv.store import Entry, KVStore
+from workbench.kv.header import TEXT_OFFSET, SaveReason
+from workbench.kv.index import Entry
+from workbench.kv.store import KVStore
 from workbench.spec.statelayout import StateLayout
 from workbench.state import random_state
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from workbench.bench.core import BenchContext, BenchError, BenchResult, Figure, timed
 from workbench.bench.prefill import prompt_tokens
-from workbench.kv.format import SaveReason
+from workbench.kv.header import SaveReason
 from workbench.kv.store import KVStore
 
 NAME = "ttft"

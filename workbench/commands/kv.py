@@ -20,11 +20,11 @@ from typing import Any
 
 from workbench.commands.common import number
 from workbench.errors import WorkbenchError
-from workbench.kv.format import (
-    ExtFlag, KVFormatError, KVHeader, Trailer, infer_layout, payload_breakdown, read_header, read_payload_summary,
-    read_text, read_trailer,
-)
-from workbench.kv.store import MiB, KVStore, verify_file
+from workbench.kv.errors import KVFormatError
+from workbench.kv.header import ExtFlag, KVHeader
+from workbench.kv.inspection import inspect_file, stored_text
+from workbench.kv.maintenance import MiB, verify_file
+from workbench.kv.store import KVStore
 from workbench.spec.statelayout import StateLayout
 
 HELP = "list, show, verify and garbage-collect KV checkpoint (.kv) files"
@@ -135,9 +135,8 @@ def _ls(args: argparse.Namespace) -> int:
     rows = []
     for e in entries:
         try:
-            with open(e.path, "rb") as f:
-                text = read_text(f, e.header, str(e.path))
-        except (OSError, KVFormatError) as err:  # removed or unreadable since the listing
+            text = stored_text(e.path, e.header)
+        except KVFormatError as err:  # removed or unreadable since the listing
             text = f"({err})".encode()
         rows.append({"sha": e.sha, "path": str(e.path), "tokens": e.tokens, "ctx": e.ctx,
                      "reason": e.header.reason.name.lower(), "hits": e.header.hits, "bytes": e.file_size,
@@ -165,30 +164,14 @@ def _ls(args: argparse.Namespace) -> int:
 # ---- show -----------------------------------------------------------------------------------
 def _show(args: argparse.Namespace) -> int:
     path: Path = args.file
-    header = read_header(path)
     layout, note = _model_layout(args.model)
-    with open(path, "rb") as f:
-        text = read_text(f, header, str(path))
-        try:
-            trailer = read_trailer(f, header, str(path))
-        except KVFormatError as err:  # show the rest; `kv verify` reports it as a failure
-            trailer = Trailer("invalid", header.file_size - header.payload_end, notes=(str(err),))
-        summary = read_payload_summary(f, header, str(path))
-    if layout is None:
-        layout, note = infer_layout(summary)
-    if (layout.n_layer, layout.head_dim, layout.idx_dim, layout.n_vocab) != (
-            summary.header.n_layer, summary.header.head_dim, summary.header.idx_dim, summary.header.vocab):
-        raise WorkbenchError(f"{path}: payload is {summary.header.n_layer} layers x {summary.header.head_dim}, "
-                             f"indexer {summary.header.idx_dim}, vocab {summary.header.vocab}; the model's layout "
-                             f"is {layout.n_layer} x {layout.head_dim}, {layout.idx_dim}, {layout.n_vocab}")
-    rows = payload_breakdown(layout, summary)
-    by_kind: dict[str, int] = {}
-    for r in rows:
-        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["bytes"]
+    ins = inspect_file(path, layout, note)
+    header, summary, trailer, layout, rows = ins.header, ins.summary, ins.trailer, ins.layout, ins.breakdown
+    by_kind = ins.bytes_by_kind
     out = {"path": str(path), "header": _header_dict(header), "payload_header": asdict(summary.header),
-           "layout": asdict(layout), "layout_source": note, "trailer": trailer.kind, "trailer_bytes": trailer.bytes,
-           "tool_map_entries": trailer.tool_map_entries, "notes": list(trailer.notes),
-           "text_preview": _preview(text), "bytes_by_kind": by_kind, "layers": rows,
+           "layout": asdict(layout), "layout_source": ins.layout_note, "trailer": trailer.kind,
+           "trailer_bytes": trailer.bytes, "tool_map_entries": trailer.tool_map_entries, "notes": list(trailer.notes),
+           "text_preview": _preview(ins.text), "bytes_by_kind": by_kind, "layers": rows,
            "payload_accounted": sum(by_kind.values())}
     if args.json:
         _print(out, True)
@@ -203,7 +186,7 @@ def _show(args: argparse.Namespace) -> int:
     ph = summary.header
     print(f"  payload: prefill chunk {ph.prefill_chunk}, raw cap {ph.raw_cap}, raw window {ph.raw_window}, "
           f"comp cap {ph.comp_cap}, raw rows {ph.raw_live}")
-    print(f"  layout: {note}")
+    print(f"  layout: {ins.layout_note}")
     for n in trailer.notes:
         print(f"  note: {n}")
     print(f"  text: {out['text_preview']}")

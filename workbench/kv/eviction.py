@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
 from workbench.errors import WorkbenchError
-from workbench.kv.format import SaveReason
+from workbench.kv.header import SaveReason
 
 HIT_HALF_LIFE_S = 21600.0  # ds4: hits lose half their weight every 6 hours
 MIN_EFFECTIVE_HITS = 0.01  # ds4: decayed hit evidence below this counts as none

@@ -25,7 +25,7 @@ from workbench.errors import WorkbenchError
 from workbench.kv.eviction import (  # noqa: F401  (effective_hits, eviction_score: re-exported)
     HIT_HALF_LIFE_S, PRESETS, EvictionError, EvictionRules, effective_hits, eviction_score,
 )
-from workbench.kv.format import SaveReason
+from workbench.kv.header import SaveReason
 
 
 class KVPolicyError(WorkbenchError):

@@ -2,9 +2,10 @@
 
 Each file is ``<sha1(text)>.kv`` (40 lower-case hex), readable by ds4-server and written
 exactly as it writes them, plus an optional checksum trailer it ignores (see
-``workbench.kv.format``). The store keeps an in-memory index (sha -> header summary,
-size, mtime) that is refreshed from one ``scandir`` and per-file ``stat`` only when the
-directory changed, re-reading a header only for files whose stat changed.
+``workbench.kv.kvfile``). The store keeps an in-memory index (``workbench.kv.index``)
+refreshed only when the directory changed; which file serves a prompt and which files to
+evict are pure decisions over that index's metadata (``workbench.kv.lookup``,
+``workbench.kv.eviction``), so a replay without files runs the same rules.
 
 How an engine uses it after a live-cache miss (the live state's text is not a byte
 prefix of the new prompt), in this order::
@@ -38,219 +39,52 @@ makes room before writing; the May-2026 preset evicts after the write, sparing t
 file); a file that alone exceeds the budget (plus ds4's 1% slack) is not written.
 ``protect``-ed files (the lookup's hit) are spared only with ``protect_hit``. Lookup skips
 files of another model id (header byte 7) and, with ``reject_different_quant``, of other
-quant bits, as ds4 does. Processes sharing a
-directory coordinate through ``workbench.kv.lock.DirLock``. Every operation records a
-small event dataclass in ``store.events`` (and passes it to ``on_event``).
+quant bits, as ds4 does. Processes sharing a directory coordinate through
+``workbench.kv.lock.DirLock``. Every operation records a typed event
+(``workbench.kv.events``) in ``store.events`` and passes it to each subscriber.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import re
-import stat
 import struct
-import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO, Callable, ClassVar, Iterable
+from typing import BinaryIO, Callable, Iterable, Protocol
 
 from workbench.atomic import fsync_dir, tmp_path
-from workbench.errors import WorkbenchError
-from workbench.kv.format import (
-    CHECKSUM_CHUNK, OFF_HITS, OFF_LAST_USED, TEXT_OFFSET, Checksums, ChunkCRC, KVFormatError, KVHeader, Progress,
-    SaveReason, Trailer, encode_text, header_crc, infer_layout, kv_file_bytes,
-    make_header, parse_header, read_header, read_kv_file, read_payload_summary, read_text, text_crc, write_all,
-    write_kv_file, write_payload,
+from workbench.kv.errors import KVFormatError, KVLoadError, KVSaveError, KVStoreError
+from workbench.kv.events import (
+    Consumed, Evicted, Hit, KVEvent, LoadFailed, Loaded, Miss, Replaced, Saved, SaveFailed, SaveSkipped,
 )
-from workbench.kv.eviction import Candidate, EvictionRules, keep_value, plan_eviction
-from workbench.kv.lock import LOCK_NAME, DirLock
+from workbench.kv.header import (
+    OFF_HITS, OFF_LAST_USED, TEXT_OFFSET, KVHeader, SaveReason, encode_text, parse_header, read_text, text_sha,
+)
+from workbench.kv.index import NAME_RE, DirIndex, Entry, OtherFile
+from workbench.kv.kvfile import kv_file_bytes, read_kv_file, write_kv_file
+from workbench.kv.lock import DirLock
+from workbench.kv.lookup import LookupRules, decide
+from workbench.kv.maintenance import MiB, Maintenance
+from workbench.kv.eviction import EvictionRules
 from workbench.kv.policy import KVPolicy
+from workbench.kv.stream import Progress
 from workbench.spec.statelayout import StateLayout
 from workbench.state import SessionState
 
-MiB = 1024 * 1024
-NAME_RE = re.compile(r"^([0-9a-fA-F]{40})\.kv$")
-TMP_RE = re.compile(r"^[0-9a-fA-F]{40}\.kv\.tmp\.(\d+)$")
-QUARANTINE_DIR = "quarantine"
-RACY_S = 2.0  # a directory modified this recently is rescanned (timestamps are coarse)
-COPY_CHUNK = 8 * MiB  # staged mode's bounce buffer, as ds4's DS4_SESSION_IO_CHUNK
 
+class KVWriter(Protocol):
+    """Writes a whole .kv file into ``f`` (``workbench.kv.kvfile.write_kv_file``'s signature);
+    returns the header written and the byte count."""
 
-class KVStoreError(WorkbenchError):
-    """The cache directory cannot be used as asked."""
+    __name__: str
 
-
-class KVLoadError(KVStoreError):
-    """A checkpoint could not be restored (the file is kept; the caller's state is untouched)."""
-
-
-class KVSaveError(KVStoreError):
-    """A checkpoint could not be written (the temp file is removed; other files are untouched)."""
-
-
-def text_sha(text: bytes) -> str:
-    """The file stem for a rendered text: SHA-1 hex, lower case."""
-    return hashlib.sha1(text).hexdigest()
-
-
-# ---- events -------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class KVEvent:
-    """Base of the events a store records; ``row()`` is a flat dict for telemetry."""
-
-    kind: ClassVar[str] = "event"
-    time: float = field(default_factory=time.time)
-
-    def row(self) -> dict:
-        return {"event": self.kind, **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Saved(KVEvent):
-    kind: ClassVar[str] = "saved"
-    path: Path
-    tokens: int
-    bytes: int
-    seconds: float
-    reason: str
-    mode: str
-    durable: bool
-
-
-@dataclass(frozen=True, kw_only=True)
-class SaveSkipped(KVEvent):
-    kind: ClassVar[str] = "save-skipped"
-    path: Path
-    tokens: int
-    bytes: int
-    why: str  # already-stored | exceeds-budget | no-room
-
-
-@dataclass(frozen=True, kw_only=True)
-class SaveFailed(KVEvent):
-    kind: ClassVar[str] = "save-failed"
-    path: Path
-    tokens: int
-    error: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Replaced(KVEvent):
-    kind: ClassVar[str] = "replaced"
-    path: Path
-    why: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Hit(KVEvent):
-    kind: ClassVar[str] = "hit"
-    path: Path
-    tokens: int
-    text_bytes: int
-    prompt_bytes: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class Miss(KVEvent):
-    kind: ClassVar[str] = "miss"
-    prompt_bytes: int
-    # no-entries | no-prefix-match | below-min-tokens | ctx-too-large | model-mismatch | quant-mismatch
-    # | text-mismatch
-    # | failed-before (the file failed to load and has not changed since)
-    reason: str
-    candidates: int  # files whose SHA matched a prefix but were rejected
-
-
-@dataclass(frozen=True, kw_only=True)
-class Loaded(KVEvent):
-    kind: ClassVar[str] = "loaded"
-    path: Path
-    tokens: int
-    bytes: int
-    seconds: float
-    checksum: str  # verified | absent | dropped | skipped
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoadFailed(KVEvent):
-    kind: ClassVar[str] = "load-failed"
-    path: Path
-    error: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Evicted(KVEvent):
-    kind: ClassVar[str] = "evicted"
-    path: Path
-    tokens: int
-    bytes: int
-    score: float
-    save_reason: str
-    why: str  # make-room | disk-cache-full
-
-
-@dataclass(frozen=True, kw_only=True)
-class Consumed(KVEvent):
-    kind: ClassVar[str] = "consumed"
-    path: Path
-    tokens: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class TmpSwept(KVEvent):
-    kind: ClassVar[str] = "tmp-swept"
-    path: Path
-    bytes: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class Quarantined(KVEvent):
-    kind: ClassVar[str] = "quarantined"
-    path: Path
-    dest: Path
-    error: str
-
-
-# ---- index items ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Entry:
-    """A valid-looking ``<sha>.kv`` file: its header (read without the payload) and stat."""
-
-    path: Path
-    sha: str
-    header: KVHeader
-    mtime_ns: int
-
-    @property
-    def tokens(self) -> int:
-        return self.header.tokens
-
-    @property
-    def text_bytes(self) -> int:
-        return self.header.text_bytes
-
-    @property
-    def file_size(self) -> int:
-        return self.header.file_size
-
-    @property
-    def ctx(self) -> int:
-        return self.header.ctx
-
-
-@dataclass(frozen=True)
-class OtherFile:
-    """Anything else in the directory: counted against the budget, never evicted."""
-
-    path: Path
-    size: int
-    kind: str  # invalid | foreign | tmp | quarantined
-    problem: str
+    def __call__(self, f: BinaryIO, state: SessionState, text: bytes, *, quant_bits: int, reason: SaveReason,
+                 ext_flags: int = 0, checksum: bool = True, now: int, hits: int = 0,
+                 progress: Progress | None = None) -> tuple[KVHeader, int]: ...
 
 
 @dataclass(frozen=True)
@@ -269,75 +103,7 @@ class SaveResult:
         return self.status == "saved"
 
 
-@dataclass(frozen=True)
-class VerifyReport:
-    """One file checked end to end by ``verify_file``."""
-
-    path: Path
-    ok: bool
-    error: str = ""
-    header: KVHeader | None = None
-    layout_note: str = ""
-    checksum: str = ""  # verified | absent | dropped (ds4 tool-map rewrite)
-    notes: tuple[str, ...] = ()
-
-
-def _checksum_status(trailer: Trailer, verified: bool) -> str:
-    if trailer.checksums is not None:
-        return "verified" if verified else "skipped"
-    return "dropped" if any("dropped" in n for n in trailer.notes) else "absent"
-
-
-def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx: int | None = None,
-                layout_note: str = "") -> VerifyReport:
-    """Read every byte of a .kv file and run every check: header, name = SHA-1(text),
-    trailer, checksums, payload structure (against ``ctx``, default the saved one) and
-    token count. ``layout`` None infers it from the payload header."""
-    p = Path(path)
-    name = str(p)
-    header = None
-    try:
-        with open(p, "rb", buffering=0) as f:
-            header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
-            if layout is None:
-                layout, layout_note = infer_layout(read_payload_summary(f, header, name))
-            header, text, _, trailer = read_kv_file(f, layout, ctx, name=name, keep=False)
-        m = NAME_RE.match(p.name)
-        if m and text_sha(text) != m.group(1).lower():
-            raise KVFormatError(f"{name}: cached text hash mismatch: SHA-1(text) {text_sha(text)} != file name")
-    except KVFormatError as err:
-        return VerifyReport(p, False, str(err), header, layout_note)
-    except OSError as err:
-        return VerifyReport(p, False, f"{name}: {err.strerror or err}", header, layout_note)
-    return VerifyReport(p, True, "", header, layout_note, _checksum_status(trailer, True), trailer.notes)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, OSError):
-        return False
-    return True
-
-
-def _tree_size(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for fn in files:
-            try:
-                total += os.lstat(os.path.join(root, fn)).st_size
-            except OSError:
-                pass
-    return total
-
-
-class KVStore:
+class KVStore(Maintenance):
     """A ds4-compatible KV checkpoint directory with a disk budget.
 
     ``budget_mb`` (MiB, None: unlimited) caps the bytes of *all* files in the directory;
@@ -346,14 +112,15 @@ class KVStore:
     (header byte 7, Flash 0) is required on lookup. ``eviction`` (None: today's ds4) says
     which files go and when. ``maintain``
     sweeps stale temp files of dead processes (older than ``tmp_grace_s``) and evicts to
-    the budget on open, as ds4 does at startup; pass False to only read. ``on_event`` is
-    called with each event, possibly while the directory lock is held: it must not call
-    back into the store.
+    the budget on open, as ds4 does at startup; pass False to only read. ``on_event`` (and
+    every ``subscribe``-d function) is called with each event, possibly while the
+    directory lock is held: it must not call back into the store.
     """
 
     def __init__(self, directory: str | os.PathLike, budget_mb: float | None = 4096, min_tokens: int = 512, *,
                  quant_bits: int = 2, reject_different_quant: bool = False, checksum: bool = True,
-                 eviction: EvictionRules | None = None, model_id: int = 0, consume_on_load_above: int | None = None, tmp_grace_s: float = 60.0, create: bool = True,
+                 eviction: EvictionRules | None = None, model_id: int = 0, consume_on_load_above: int | None = None,
+                 tmp_grace_s: float = 60.0, create: bool = True,
                  maintain: bool = True, on_event: Callable[[KVEvent], None] | None = None, events_max: int = 1000):
         self.dir = Path(directory)
         if create:
@@ -376,13 +143,11 @@ class KVStore:
         self.model_id = model_id
         self.consume_on_load_above = consume_on_load_above
         self.tmp_grace_s = tmp_grace_s
-        self.on_event = on_event
+        self.listeners: list[Callable[[KVEvent], None]] = [] if on_event is None else [on_event]
         self.events: deque[KVEvent] = deque(maxlen=events_max)
         self.lock = DirLock(self.dir)
+        self.index = DirIndex(self.dir)
         self._save_mutex = threading.Lock()
-        self._cache: dict[str, tuple[tuple[int, int, int], Entry | OtherFile]] = {}
-        self._extra: list[OtherFile] = []  # subdirectories' contents
-        self._dir_mtime_ns: int | None = None
         self._failed: dict[str, tuple[int, int, int]] = {}  # name -> stat key of a file that failed to load
         if maintain:
             self.sweep_tmp()
@@ -400,95 +165,40 @@ class KVStore:
         return cls(directory, policy.budget_mb, policy.min_tokens, eviction=policy.eviction_rules(),
                    consume_on_load_above=policy.consume_on_load_above, **kw)
 
-    # ---- index ------------------------------------------------------------------------
     @property
     def budget_bytes(self) -> int | None:
         return None if self.budget_mb is None else int(self.budget_mb * MiB)
 
+    @property
+    def rules(self) -> LookupRules:
+        return LookupRules(self.min_tokens, self.quant_bits, self.reject_different_quant, self.model_id)
+
+    # ---- events -----------------------------------------------------------------------
+    def subscribe(self, listener: Callable[[KVEvent], None]) -> Callable[[], None]:
+        """Call ``listener`` with every event from now on; returns the function that stops it."""
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener) if listener in self.listeners else None
+
     def _emit(self, event: KVEvent) -> KVEvent:
         self.events.append(event)
-        if self.on_event is not None:
-            self.on_event(event)
+        for listener in list(self.listeners):
+            listener(event)
         return event
 
-    def _classify(self, path: Path, st: os.stat_result) -> Entry | OtherFile:
-        name = path.name
-        if not stat.S_ISREG(st.st_mode):
-            return OtherFile(path, st.st_size, "foreign", "not a regular file")
-        m = NAME_RE.match(name)
-        if m:
-            try:
-                return Entry(path, m.group(1).lower(), read_header(path), st.st_mtime_ns)
-            except KVFormatError as err:
-                return OtherFile(path, st.st_size, "invalid", str(err))
-        m = TMP_RE.match(name)
-        if m:
-            return OtherFile(path, st.st_size, "tmp", f"temp file of pid {m.group(1)}")
-        return OtherFile(path, st.st_size, "foreign", "not a <sha1>.kv checkpoint")
-
-    def _scan(self, full: bool) -> None:
-        """Refresh the index; unless ``full``, skip when the directory is unchanged."""
-        try:
-            dst = os.stat(self.dir)
-        except OSError as err:
-            raise KVStoreError(f"{self.dir}: {err.strerror or err}") from err
-        if not full and self._dir_mtime_ns == dst.st_mtime_ns:
-            return
-        cache: dict[str, tuple[tuple[int, int, int], Entry | OtherFile]] = {}
-        extra: list[OtherFile] = []
-        try:
-            with os.scandir(self.dir) as it:
-                for de in it:
-                    if de.name == LOCK_NAME:
-                        continue
-                    path = self.dir / de.name
-                    try:
-                        st = de.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        if de.name == QUARANTINE_DIR:
-                            extra += [OtherFile(q, q.lstat().st_size, "quarantined", "moved by kv verify")
-                                      for q in sorted(path.iterdir()) if q.is_file()]
-                        else:
-                            extra.append(OtherFile(path, _tree_size(path), "foreign", "a subdirectory"))
-                        continue
-                    key = (st.st_ino, st.st_size, st.st_mtime_ns)
-                    prev = self._cache.get(de.name)
-                    cache[de.name] = (key, prev[1] if prev and prev[0] == key else self._classify(path, st))
-        except OSError as err:
-            raise KVStoreError(f"{self.dir}: cannot list cache directory: {err.strerror or err}") from err
-        self._cache, self._extra = cache, extra
-        # a directory changed within RACY_S may change again within the same timestamp tick
-        racy = time.time() - dst.st_mtime < RACY_S
-        self._dir_mtime_ns = None if racy else dst.st_mtime_ns
-
-    def _items(self) -> list[Entry | OtherFile]:
-        return [item for _, item in self._cache.values()] + self._extra
-
-    def _index(self) -> dict[str, Entry]:
-        out: dict[str, Entry] = {}
-        for item in self._items():
-            if isinstance(item, Entry) and item.sha not in out:
-                out[item.sha] = item
-        return out
-
+    # ---- the directory ----------------------------------------------------------------
     def entries(self) -> list[Entry]:
         """Valid-looking checkpoints, most recently used first, then newest, then by name
         (a stable order: timestamps have one-second resolution). Fresh stat of every file."""
         with self.lock.shared():
-            self._scan(full=True)
-        by_name = sorted(self._index().values(), key=lambda e: e.sha)
-        return sorted(by_name, key=lambda e: (e.header.last_used, e.header.created_at), reverse=True)
+            self.index.scan(full=True)
+        by_name = sorted(self.index.entries().values(), key=lambda e: e.sha)
+        return sorted(by_name, key=lambda e: (e.last_used, e.created_at), reverse=True)
 
     def others(self) -> list[OtherFile]:
         """Every non-checkpoint file counted against the budget."""
         with self.lock.shared():
-            self._scan(full=True)
-        index = self._index()
-        dup = [OtherFile(i.path, i.file_size, "invalid", f"duplicate of {index[i.sha].path.name} (name case)")
-               for i in self._items() if isinstance(i, Entry) and index[i.sha] is not i]
-        return [i for i in self._items() if isinstance(i, OtherFile)] + dup
+            self.index.scan(full=True)
+        return self.index.others()
 
     def foreign(self) -> list[OtherFile]:
         """Files that are not ours to touch (plus quarantined ones and stale temp files)."""
@@ -501,58 +211,27 @@ class KVStore:
     def total_bytes(self) -> int:
         """Bytes of every file in the directory (what the budget limits)."""
         with self.lock.shared():
-            self._scan(full=True)
-        return self._total()
-
-    def _total(self) -> int:
-        return sum(i.file_size if isinstance(i, Entry) else i.size for i in self._items())
+            self.index.scan(full=True)
+        return self.index.total()
 
     # ---- lookup --------------------------------------------------------------------------
     def lookup(self, prompt_text: str | bytes, ctx: int, min_tokens: int | None = None) -> Entry | None:
         """The checkpoint whose text is the longest byte prefix of the prompt, usable at
-        ``ctx`` (file ctx <= ctx) with at least ``min_tokens`` tokens; None on a miss.
-
-        Hashes the prompt once, incrementally, taking a SHA-1 digest at each text length
-        present in the index; the winner's stored text is then compared byte for byte.
-        """
+        ``ctx`` (file ctx <= ctx) with at least ``min_tokens`` tokens; None on a miss
+        (``workbench.kv.lookup.decide`` over the index; the winner's stored text is then
+        compared byte for byte)."""
         prompt = encode_text(prompt_text)
-        floor = self.min_tokens if min_tokens is None else min_tokens
         with self.lock.shared():
-            self._scan(full=False)
-            index = self._index()
-            lengths = sorted({e.text_bytes for e in index.values() if e.text_bytes <= len(prompt)})
-            h, pos, matched = hashlib.sha1(), 0, []
-            for n in lengths:
-                h.update(prompt[pos:n])
-                pos = n
-                e = index.get(h.hexdigest())
-                if e is not None and e.text_bytes == n:
-                    matched.append(e)
-            rejected: list[str] = []
-            for e in reversed(matched):
-                why = self._reject(e, ctx, floor)
-                if why is None and not self._text_matches(e, prompt):
-                    why = "text-mismatch"
-                if why is None:
-                    self._emit(Hit(path=e.path, tokens=e.tokens, text_bytes=e.text_bytes, prompt_bytes=len(prompt)))
-                    return e
-                rejected.append(why)
-        reason = rejected[0] if rejected else ("no-entries" if not index else "no-prefix-match")
-        self._emit(Miss(prompt_bytes=len(prompt), reason=reason, candidates=len(rejected)))
-        return None
-
-    def _reject(self, e: Entry, ctx: int, floor: int) -> str | None:
-        failed = self._failed.get(e.path.name)
-        if failed is not None and self._cache.get(e.path.name, (None,))[0] == failed:
-            return "failed-before"  # unchanged since a load of it failed: don't pay for it again
-        if e.tokens < floor:
-            return "below-min-tokens"
-        if e.ctx > ctx:
-            return "ctx-too-large"
-        if e.header.reserved7 != self.model_id:
-            return "model-mismatch"
-        if self.reject_different_quant and e.header.quant_bits != self.quant_bits:
-            return "quant-mismatch"
+            self.index.scan(full=False)
+            index = self.index.entries()
+            failed = {e.sha for e in index.values()
+                      if self._failed.get(e.path.name, 0) == self.index.stat_key(e.path.name)}
+            d = decide(prompt, index, ctx, self.rules, lambda e: self._text_matches(e, prompt), failed, min_tokens)
+            if d.hit is not None:
+                e = d.hit
+                self._emit(Hit(path=e.path, tokens=e.tokens, text_bytes=e.text_bytes, prompt_bytes=len(prompt)))
+                return e
+        self._emit(Miss(prompt_bytes=len(prompt), reason=d.reason, candidates=d.candidates))
         return None
 
     def _text_matches(self, e: Entry, prompt: bytes) -> bool:
@@ -609,7 +288,7 @@ class KVStore:
         else:
             self._touch(path, ino, hit=True)
         self._emit(Loaded(path=path, tokens=header.tokens, bytes=header.file_size, seconds=time.perf_counter() - t0,
-                          checksum=_checksum_status(trailer, verify)))
+                          checksum=trailer.checksum_status(verify)))
         return state, text
 
     def _touch(self, path: Path, ino: int, hit: bool) -> None:
@@ -643,62 +322,67 @@ class KVStore:
                 pass
 
     # ---- save -----------------------------------------------------------------------------
-    def save(self, state: SessionState, text: str | bytes, reason: SaveReason, durable: bool = False,
-             mode: str = "direct", *, ext_flags: int = 0, protect: Iterable[Entry | str] = (),
-             progress: Progress | None = None) -> SaveResult:
+    def save(self, state: SessionState, text: str | bytes, reason: SaveReason, durable: bool = False, *,
+             ext_flags: int = 0, protect: Iterable[Entry | str] = (), progress: Progress | None = None,
+             writer: KVWriter | None = None) -> SaveResult:
         """Write ``state`` as ``<sha1(text)>.kv``.
 
-        ``mode`` "direct" streams header, text and payload straight into
-        ``<sha>.kv.tmp.<pid>`` in this directory; "staged" (for benchmarks: later upstream
-        ds4's way) first serializes the payload to a temp file under the system temp dir
-        and copies it in. The bytes written must equal the predicted size before the
-        atomic rename; ``durable`` fsyncs the file and the directory. Room is made before
-        writing; the files in ``protect`` (entries or shas) and the new file are not
+        The file is streamed straight into ``<sha>.kv.tmp.<pid>`` in this directory by
+        ``writer`` (None: ``write_kv_file``; the benchmark passes ds4's later staged writer,
+        ``workbench.bench.staged``). The bytes written must equal the predicted size before
+        the atomic rename; ``durable`` fsyncs the file and the directory. Room is made
+        before writing; the files in ``protect`` (entries or shas) and the new file are not
         evicted. A same-key file that is compatible is kept (status "exists", last_used
         refreshed); an incompatible or invalid one is replaced. Raises KVSaveError on
         failure, after removing the temp file. ``progress`` gets (payload bytes written,
         payload bytes) after each layer.
         """
-        if mode not in ("direct", "staged"):
-            raise KVStoreError(f"save mode {mode!r}, expected 'direct' or 'staged'")
         key = encode_text(text)
         sha = text_sha(key)
         final = self.dir / f"{sha}.kv"
+        why = SaveReason(reason).name.lower()
         rules = self.eviction
         keep = {sha} | ({p.sha if isinstance(p, Entry) else str(p).lower() for p in protect}
                         if rules.protect_hit else set())
         t0 = time.perf_counter()
+
+        def skipped(status: str, nbytes: int, skip: str, detail: str, evicted: list[Evicted] = ()) -> SaveResult:
+            seconds = time.perf_counter() - t0
+            with self.lock.shared():
+                self.index.scan(full=False)
+            self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=nbytes, why=skip, reason=why,
+                                   seconds=seconds, detail=detail, disk_bytes=self.index.total()))
+            return SaveResult(final, status, 0, seconds, list(evicted), detail=detail)
+
         with self._save_mutex:
             try:
                 predicted = kv_file_bytes(state, len(key), self.checksum)
             except KVFormatError as err:
-                self._emit(SaveFailed(path=final, tokens=state.n_tokens, error=str(err)))
-                raise KVSaveError(f"{final}: {err}") from err
+                msg = f"{final}: {err}"
+                self._emit(SaveFailed(path=final, tokens=state.n_tokens, error=msg, reason=why))
+                raise KVSaveError(msg) from err
             existing, ino = self._same_key(final, key, state.ctx)
             if existing == "compatible":
                 self._touch(final, ino, hit=False)
-                self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=0, why="already-stored"))
-                return SaveResult(final, "exists", 0, time.perf_counter() - t0, detail="already-stored")
+                return skipped("exists", 0, "already-stored", "already-stored")
             budget = self.budget_bytes
             if not rules.admits(predicted, budget):
-                self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=predicted, why="exceeds-budget"))
-                return SaveResult(final, "skipped", 0, time.perf_counter() - t0,
-                                  detail=f"file of {predicted} bytes exceeds the budget of {budget}")
+                return skipped("skipped", predicted, "exceeds-budget",
+                               f"file of {predicted} bytes exceeds the budget of {budget}")
             evicted: list[Evicted] = []
             room = True
             if budget is not None and rules.pre_write:
                 with self.lock.exclusive():
-                    self._scan(full=True)
+                    self.index.scan(full=True)
                     evicted = self._evict(budget, keep, incoming=predicted, replacing=final.name, why="make-room",
                                           incoming_text=key)
-                    room = self._total() - self._size_of(final.name) + predicted <= budget
+                    room = self.index.total() - self.index.size_of(final.name) + predicted <= budget
             if not room:
-                self._emit(SaveSkipped(path=final, tokens=state.n_tokens, bytes=predicted, why="no-room"))
-                return SaveResult(final, "skipped", 0, time.perf_counter() - t0, evicted,
-                                  detail="budget is held by protected, foreign or invalid files")
+                return skipped("skipped", predicted, "no-room", "budget is held by protected, foreign or invalid files",
+                               evicted)
             tmp = tmp_path(final)
             try:
-                header, written = self._write_tmp(tmp, state, key, reason, ext_flags, mode, durable, progress)
+                header, written = self._write_tmp(tmp, state, key, reason, ext_flags, writer, durable, progress)
                 on_disk = os.stat(tmp).st_size
                 if written != predicted or on_disk != predicted:
                     raise KVSaveError(f"{tmp}: wrote {written} bytes ({on_disk} on disk), predicted {predicted}; "
@@ -708,12 +392,11 @@ class KVStore:
                     if durable:
                         fsync_dir(self.dir)
                     st = os.stat(final)  # index the new file from the header just written
-                    self._cache[final.name] = ((st.st_ino, st.st_size, st.st_mtime_ns), Entry(
-                        final, sha, replace(header, file_size=st.st_size), st.st_mtime_ns))
+                    self.index.put(Entry(final, sha, replace(header, file_size=st.st_size), st.st_mtime_ns), st)
                     if existing is not None:
                         self._emit(Replaced(path=final, why=existing))
+                    self.index.scan(full=True)
                     if budget is not None and rules.post_write:
-                        self._scan(full=True)
                         evicted += self._evict(budget, keep, incoming=0, replacing="", why="disk-cache-full")
             except BaseException as err:
                 try:
@@ -726,11 +409,12 @@ class KVStore:
                     f"{tmp}: {err.strerror or err}" if isinstance(err, OSError) else f"{tmp}: {err}"
                 if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                     msg += " (disk full)"
-                self._emit(SaveFailed(path=final, tokens=state.n_tokens, error=msg))
+                self._emit(SaveFailed(path=final, tokens=state.n_tokens, error=msg, reason=why))
                 raise KVSaveError(msg) from err
         seconds = time.perf_counter() - t0
-        self._emit(Saved(path=final, tokens=state.n_tokens, bytes=predicted, seconds=seconds,
-                         reason=SaveReason(reason).name.lower(), mode=mode, durable=durable))
+        self._emit(Saved(path=final, tokens=state.n_tokens, bytes=predicted, seconds=seconds, reason=why,
+                         mode="direct" if writer is None else writer.__name__, durable=durable,
+                         disk_bytes=self.index.total()))
         return SaveResult(final, "saved", predicted, seconds, evicted)
 
     def _same_key(self, final: Path, key: bytes, ctx: int) -> tuple[str | None, int]:
@@ -756,180 +440,14 @@ class KVStore:
         return why, st.st_ino
 
     def _write_tmp(self, tmp: Path, state: SessionState, key: bytes, reason: SaveReason, ext_flags: int,
-                   mode: str, durable: bool, progress: Progress | None) -> tuple[KVHeader, int]:
+                   writer: KVWriter | None, durable: bool, progress: Progress | None) -> tuple[KVHeader, int]:
         if tmp.exists():  # left by this very process (pids are unique among live processes)
             tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         with os.fdopen(fd, "wb", buffering=0) as f:
-            now = int(time.time())
-            if mode == "direct":
-                header, n = write_kv_file(f, state, key, quant_bits=self.quant_bits, reason=reason,
-                                          ext_flags=ext_flags, checksum=self.checksum, now=now, progress=progress)
-            else:
-                header, n = self._write_staged(f, state, key, reason, ext_flags, now, progress)
+            header, n = (writer or write_kv_file)(f, state, key, quant_bits=self.quant_bits, reason=reason,
+                                                  ext_flags=ext_flags, checksum=self.checksum, now=int(time.time()),
+                                                  progress=progress)
             if durable:
                 os.fsync(f.fileno())
         return header, n
-
-    def _write_staged(self, f: BinaryIO, state: SessionState, key: bytes, reason: SaveReason, ext_flags: int,
-                      now: int, progress: Progress | None) -> tuple[KVHeader, int]:
-        sfd, spath = tempfile.mkstemp(prefix="ds4-session-payload.")
-        try:
-            with os.fdopen(sfd, "w+b", buffering=0) as sf:
-                crc = ChunkCRC() if self.checksum else None
-                write_payload(sf, state, crc, progress)
-                measured = os.fstat(sf.fileno()).st_size
-                header = make_header(state, key, quant_bits=self.quant_bits, reason=reason, ext_flags=ext_flags,
-                                     checksum=self.checksum, now=now, payload_len=measured)
-                head = header.pack()
-                n = write_all(f, head) + write_all(f, key)
-                sf.seek(0)
-                buf = bytearray(COPY_CHUNK)
-                view = memoryview(buf)
-                while True:
-                    got = sf.readinto(view)
-                    if not got:
-                        break
-                    n += write_all(f, view[:got])
-                if crc is not None:
-                    n += write_all(f, Checksums(CHECKSUM_CHUNK, header_crc(head), text_crc(key), crc.finish(),
-                                                crc.algorithm).pack())
-            return header, n
-        finally:
-            os.unlink(spath)
-
-    # ---- eviction ---------------------------------------------------------------------------
-    def remove(self, entry: Entry | str | os.PathLike) -> Path:
-        """Delete one checkpoint of this directory (under the exclusive lock, so no other
-        process is mid-read of it). Only ``<sha>.kv`` files are removed."""
-        path = entry.path if isinstance(entry, Entry) else Path(entry)
-        if path.parent.resolve() != self.dir.resolve() or not NAME_RE.match(path.name):
-            raise KVStoreError(f"{path}: not a checkpoint of {self.dir}")
-        with self.lock.exclusive():
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                raise KVStoreError(f"{path}: no longer exists") from None
-        return path
-
-    def score(self, entry: Entry, now: float | None = None) -> float:
-        """The entry's keep-worthiness under the store's eviction order (higher survives longer)."""
-        return keep_value(self._candidate(entry, b""), time.time() if now is None else now, self.eviction)[0]
-
-    @staticmethod
-    def _candidate(e: Entry, incoming_text: bytes) -> Candidate:
-        """Eviction's view of an entry; ``incoming_text`` is the text being written (or b"")."""
-        h = e.header
-        prefix = (h.reason == SaveReason.CONTINUED and h.text_bytes < len(incoming_text)
-                  and text_sha(incoming_text[:h.text_bytes]) == e.sha)
-        return Candidate(e.sha, h.tokens, h.file_size, h.hits, h.last_used, h.created_at, h.reason, prefix)
-
-    def _size_of(self, name: str) -> int:
-        item = self._cache.get(name)
-        if item is None:
-            return 0
-        return item[1].file_size if isinstance(item[1], Entry) else item[1].size
-
-    def _evict(self, budget: int | None, protect: set[str], incoming: int, replacing: str, why: str,
-               dry_run: bool = False, incoming_text: bytes = b"") -> list[Evicted]:
-        """Unlink the entries ``plan_eviction`` picks until the directory plus ``incoming``
-        bytes (minus the file being replaced) fits ``budget``. Caller holds the exclusive
-        lock, index fresh. ``dry_run`` only returns what would go (no unlink, no events)."""
-        if budget is None:
-            return []
-        now = time.time()
-        entries = {e.sha: e for e in self._index().values() if e.path.name != replacing}
-        candidates = [self._candidate(e, incoming_text) for e in entries.values()]
-        victims = plan_eviction(candidates, self._total() - self._size_of(replacing), budget, self.eviction, now,
-                                incoming, protect)
-        out = []
-        for c in victims:
-            e = entries[c.key]
-            event = Evicted(path=e.path, tokens=e.tokens, bytes=e.file_size, score=keep_value(c, now, self.eviction)[0],
-                            save_reason=e.header.reason.name.lower(), why=why)
-            if dry_run:
-                out.append(event)
-                continue
-            try:
-                os.unlink(e.path)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                break  # as ds4: stop the pass when an unlink fails
-            self._cache.pop(e.path.name, None)
-            out.append(self._emit(event))
-        return out
-
-    def evict_to_budget(self, budget_mb: float | None = None, dry_run: bool = False) -> list[Evicted]:
-        """Evict until every file together fits the budget (``budget_mb`` overrides the
-        store's); ``dry_run`` lists the victims without removing them."""
-        budget = self.budget_bytes if budget_mb is None else int(budget_mb * MiB)
-        if budget is None:
-            return []
-        try:
-            with self.lock.exclusive():
-                self._scan(full=True)
-                return self._evict(budget, set(), 0, "", "disk-cache-full", dry_run)
-        except OSError as err:
-            raise KVStoreError(f"{self.dir}: cannot lock for eviction: {err.strerror or err}") from err
-
-    def sweep_tmp(self) -> list[TmpSwept]:
-        """Remove ``<sha>.kv.tmp.<pid>`` files whose process is gone and that are older than
-        the grace period (crash leftovers, ds4's included)."""
-        out = []
-        now = time.time()
-        try:
-            with self.lock.exclusive():
-                self._scan(full=True)
-                for item in self._items():
-                    if not isinstance(item, OtherFile) or item.kind != "tmp":
-                        continue
-                    pid = int(TMP_RE.match(item.path.name).group(1))
-                    try:
-                        age = now - item.path.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-                    if pid == os.getpid() or _pid_alive(pid) or age < self.tmp_grace_s:
-                        continue
-                    try:
-                        item.path.unlink()
-                    except OSError:
-                        continue
-                    out.append(self._emit(TmpSwept(path=item.path, bytes=item.size)))
-                if out:
-                    self._scan(full=True)
-        except OSError:
-            return out  # read-only directory: nothing to sweep
-        return out
-
-    # ---- verification -------------------------------------------------------------------------
-    def verify(self, layout: StateLayout | None = None, ctx: int | None = None, quarantine: bool = False,
-               layout_note: str = "") -> list[VerifyReport]:
-        """Check every checkpoint end to end against ``layout`` (None: per file, inferred)
-        and runtime ``ctx`` (None: each file's own), and report invalid ones; with
-        ``quarantine``, move failing files to ``<dir>/quarantine/``. Never deletes anything."""
-        reports = []
-        for path in sorted(e.path for e in self.entries()) + sorted(o.path for o in self.invalid()):
-            with self.lock.shared():
-                rep = verify_file(path, layout, ctx, layout_note)
-            if not rep.ok and quarantine:
-                self.quarantine(path, rep.error)
-            reports.append(rep)
-        return reports
-
-    def quarantine(self, path: str | os.PathLike, error: str = "") -> Path:
-        """Move a file into ``<dir>/quarantine/`` (kept, still counted, no longer looked up)."""
-        src = Path(path)
-        qdir = self.dir / QUARANTINE_DIR
-        with self.lock.exclusive():
-            qdir.mkdir(mode=0o700, exist_ok=True)
-            dest = qdir / src.name
-            n = 1
-            while dest.exists():
-                dest = qdir / f"{src.name}.{n}"
-                n += 1
-            os.replace(src, dest)
-            self._cache.pop(src.name, None)
-        self._emit(Quarantined(path=src, dest=dest, error=error))
-        return dest
-

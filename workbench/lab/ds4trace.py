@@ -33,7 +33,8 @@ import re
 import time
 from pathlib import Path
 
-from workbench.kv.format import KVFormatError, read_text
+from workbench.kv.errors import KVFormatError
+from workbench.kv.header import read_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
 from workbench.lab.trace import Trace, TraceError, TraceHeader, TraceRequest, estimate_token_ends

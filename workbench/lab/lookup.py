@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from workbench.kv.format import KVFormatError, read_text
+from workbench.kv.errors import KVFormatError
+from workbench.kv.header import read_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
 from workbench.safeopen import open_regular

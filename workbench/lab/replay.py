@@ -4,7 +4,7 @@ The replay follows :class:`workbench.engine.Engine` step by step (live text pref
 save, disk lookup, restore, cold and continued saves at ``policy.plan_saves``' points,
 decode) over *simulated* checkpoints: a checkpoint is its text (or its prefix hash), its
 token count and its exact file size from the layout formula
-(``workbench.kv.format.payload_size``), with no tensors. Admission and eviction are the
+(``workbench.kv.dsv4.payload_size``), with no tensors. Admission and eviction are the
 store's own pure functions (``workbench.kv.eviction``), so with the policy and budget a
 trace was recorded under, the replay reproduces every request's source, cached tokens,
 saves and evictions.
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from workbench.kv.eviction import Candidate, keep_value, plan_eviction
-from workbench.kv.format import TEXT_OFFSET, SaveReason, checksum_trailer_bytes, payload_size
+from workbench.kv.checksum import checksum_trailer_bytes
+from workbench.kv.dsv4 import payload_size
+from workbench.kv.header import TEXT_OFFSET, SaveReason
 from workbench.kv.policy import ContinuedSchedule, KVPolicy, plan_saves
 from workbench.lab.misses import Checkpoint, explain_losses, plain_words
 from workbench.lab.trace import Trace, TraceRequest

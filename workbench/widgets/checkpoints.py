@@ -6,9 +6,9 @@
 Each button is one library call a script could make: ``store.entries()``,
 ``store.save(session.snapshot(), tokenizer.decode(session.tokens), reason)``,
 ``store.load(entry, session.layout, session.ctx)`` + ``session.restore(state)``,
-``store.verify(session.layout)``; Inspect reads the header, the text and the payload's row
-counts (``kv.format``) and plots the payload bytes per layer
-(``viz.kv_bytes_by_layer(kv.format.payload_breakdown(...))``). Delete is
+``store.verify(session.layout)``; Inspect is ``kv.inspection.inspect_file`` (header, text,
+payload row counts) and plots the payload bytes per layer
+(``viz.kv_bytes_by_layer(inspection.breakdown)``). Delete is
 ``store.remove(entry)``, only while "confirm" is pressed.
 """
 
@@ -23,11 +23,13 @@ import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 
-from workbench.kv.format import (KVHeader, PayloadSummary, SaveReason, infer_layout, payload_breakdown,
-                                 read_header, read_payload_summary, read_text)
-from workbench.kv.store import Entry, KVStore, SaveResult, VerifyReport
+from workbench.kv.errors import KVFormatError
+from workbench.kv.header import KVHeader, SaveReason
+from workbench.kv.index import Entry
+from workbench.kv.inspection import inspect_file, stored_text
+from workbench.kv.maintenance import VerifyReport
+from workbench.kv.store import KVStore, SaveResult
 from workbench.session import Session
-from workbench.spec.statelayout import StateLayout
 from workbench.tokenizer import Tokenizer
 from workbench import viz
 from workbench.widgets.common import (LEGEND_BELOW, MIB, Panel, WidgetError, pre_html, refit, table_html,
@@ -36,12 +38,6 @@ from workbench.widgets.common import (LEGEND_BELOW, MIB, Panel, WidgetError, pre
 PREVIEW_CHARS = 72  # tail of the stored text shown in the table
 INSPECT_CHARS = 2000  # tail of the stored text shown by Inspect
 SAVE_REASONS = [r.name.lower() for r in SaveReason if r is not SaveReason.UNKNOWN]
-
-
-def entry_text(entry: Entry) -> bytes:
-    """The rendered text a checkpoint was saved under (read from its file)."""
-    with open(entry.path, "rb") as f:
-        return read_text(f, entry.header, str(entry.path))
 
 
 def _when(unix_s: int) -> str:
@@ -54,9 +50,9 @@ def entries_frame(entries: list[Entry]) -> pd.DataFrame:
     rows = []
     for e in entries:
         try:
-            tail = entry_text(e).decode("utf-8", errors="replace")[-PREVIEW_CHARS:]
+            tail = stored_text(e.path, e.header).decode("utf-8", errors="replace")[-PREVIEW_CHARS:]
             preview = "…" + visible_text(tail)
-        except (OSError, ValueError) as err:  # removed or truncated since the listing
+        except KVFormatError as err:  # removed or truncated since the listing
             preview = f"(unreadable: {err})"
         rows.append({"name": e.sha[:12], "tokens": e.tokens, "MiB": e.file_size / MIB,
                      "reason": e.header.reason.name.lower(), "hits": e.header.hits,
@@ -199,13 +195,8 @@ class CheckpointManager(Panel):
     def inspect(self) -> KVHeader:
         """Show the selected checkpoint's header, text and payload bytes per layer."""
         entry = self._selected()
-        name = str(entry.path)
-        header = read_header(entry.path)
-        with open(entry.path, "rb") as f:
-            text = read_text(f, header, name).decode("utf-8", errors="replace")
-            summary = read_payload_summary(f, header, name)
-        layout = self._layout_for(summary)
-        rows = payload_breakdown(layout, summary)
+        ins = inspect_file(entry.path, self.session.layout, must_fit=False)  # a foreign layout is inferred
+        header, text, rows = ins.header, ins.text.decode("utf-8", errors="replace"), ins.breakdown
         self.inspected = rows
         fixed = sum(r["bytes"] for r in rows if r["layer"] < 0)
         self.header_table.value = (table_html(header_frame(header), max_height="none")
@@ -248,10 +239,3 @@ class CheckpointManager(Panel):
         if sha not in self._by_sha:
             raise WidgetError(f"checkpoint {sha[:12]} is no longer in {self.store.dir}; Refresh")
         return self._by_sha[sha]
-
-    def _layout_for(self, summary: PayloadSummary) -> StateLayout:
-        """The session's layout when the payload was written by the same model, else inferred."""
-        ph, lay = summary.header, self.session.layout
-        if (ph.n_layer, ph.head_dim, ph.idx_dim, ph.vocab) == (lay.n_layer, lay.head_dim, lay.idx_dim, lay.n_vocab):
-            return lay
-        return infer_layout(summary)[0]

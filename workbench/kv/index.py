@@ -1,0 +1,182 @@
+"""The store's in-memory index of a cache directory: what each file is, from one scan.
+
+A checkpoint is ``<sha1(text)>.kv`` (40 hex digits; ds4's naming). Every other file is
+an ``OtherFile`` (counted against the budget, never evicted): an invalid checkpoint, a
+temp file ``<sha>.kv.tmp.<pid>``, a quarantined file, or anything foreign. ``DirIndex``
+refreshes from one ``scandir`` and a ``stat`` per file, re-reading a header only for
+files whose (inode, size, mtime) changed, and skips the scan when the directory's mtime
+has not moved (unless it changed within ``RACY_S``, as timestamps are coarse).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.kv.errors import KVFormatError, KVStoreError
+from workbench.kv.header import KVHeader, read_header
+from workbench.kv.lock import LOCK_NAME
+
+NAME_RE = re.compile(r"^([0-9a-fA-F]{40})\.kv$")
+TMP_RE = re.compile(r"^[0-9a-fA-F]{40}\.kv\.tmp\.(\d+)$")
+QUARANTINE_DIR = "quarantine"
+RACY_S = 2.0  # a directory modified this recently is rescanned (timestamps are coarse)
+StatKey = tuple[int, int, int]  # (inode, size, mtime_ns): a file unchanged since it was classified
+
+
+def _header_field(name: str, doc: str) -> property:
+    """A read-only attribute of an ``Entry`` taken from its header."""
+    return property(lambda self: getattr(self.header, name), doc=doc)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A valid-looking ``<sha>.kv`` file: its header (read without the payload) and stat.
+
+    Its metadata properties are what the pure lookup and eviction decisions read
+    (``workbench.kv.lookup``, ``workbench.kv.eviction``).
+    """
+
+    path: Path
+    sha: str
+    header: KVHeader
+    mtime_ns: int
+
+    tokens = _header_field("tokens", "tokens in the checkpoint")
+    text_bytes = _header_field("text_bytes", "bytes of the stored text")
+    file_size = _header_field("file_size", "bytes on disk")
+    ctx = _header_field("ctx", "context the checkpoint was saved with")
+    quant_bits = _header_field("quant_bits", "routed-expert quant bits (2 or 4)")
+    hits = _header_field("hits", "loads so far")
+    last_used = _header_field("last_used", "Unix seconds of the last save or load (0: never)")
+    created_at = _header_field("created_at", "Unix seconds of the save")
+    reason = _header_field("reason", "the SaveReason")
+    model_id = _header_field("reserved7", "header byte 7, the model id (ds4 Flash: 0)")
+
+
+@dataclass(frozen=True)
+class OtherFile:
+    """Anything else in the directory: counted against the budget, never evicted."""
+
+    path: Path
+    size: int
+    kind: str  # invalid | foreign | tmp | quarantined
+    problem: str
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for fn in files:
+            try:
+                total += os.lstat(os.path.join(root, fn)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def classify(path: Path, st: os.stat_result) -> Entry | OtherFile:
+    """What the file at ``path`` (with stat ``st``) is, reading at most its header."""
+    name = path.name
+    if not stat.S_ISREG(st.st_mode):
+        return OtherFile(path, st.st_size, "foreign", "not a regular file")
+    m = NAME_RE.match(name)
+    if m:
+        try:
+            return Entry(path, m.group(1).lower(), read_header(path), st.st_mtime_ns)
+        except KVFormatError as err:
+            return OtherFile(path, st.st_size, "invalid", str(err))
+    m = TMP_RE.match(name)
+    if m:
+        return OtherFile(path, st.st_size, "tmp", f"temp file of pid {m.group(1)}")
+    return OtherFile(path, st.st_size, "foreign", "not a <sha1>.kv checkpoint")
+
+
+class DirIndex:
+    """Every file of one cache directory, classified; not locked (the store locks around it)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._cache: dict[str, tuple[StatKey, Entry | OtherFile]] = {}
+        self._extra: list[OtherFile] = []  # subdirectories' contents
+        self._dir_mtime_ns: int | None = None
+
+    def scan(self, full: bool) -> None:
+        """Refresh; unless ``full``, skip when the directory is unchanged."""
+        try:
+            dst = os.stat(self.dir)
+        except OSError as err:
+            raise KVStoreError(f"{self.dir}: {err.strerror or err}") from err
+        if not full and self._dir_mtime_ns == dst.st_mtime_ns:
+            return
+        cache: dict[str, tuple[StatKey, Entry | OtherFile]] = {}
+        extra: list[OtherFile] = []
+        try:
+            with os.scandir(self.dir) as it:
+                for de in it:
+                    if de.name == LOCK_NAME:
+                        continue
+                    path = self.dir / de.name
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        if de.name == QUARANTINE_DIR:
+                            extra += [OtherFile(q, q.lstat().st_size, "quarantined", "moved by kv verify")
+                                      for q in sorted(path.iterdir()) if q.is_file()]
+                        else:
+                            extra.append(OtherFile(path, _tree_size(path), "foreign", "a subdirectory"))
+                        continue
+                    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+                    prev = self._cache.get(de.name)
+                    cache[de.name] = (key, prev[1] if prev and prev[0] == key else classify(path, st))
+        except OSError as err:
+            raise KVStoreError(f"{self.dir}: cannot list cache directory: {err.strerror or err}") from err
+        self._cache, self._extra = cache, extra
+        # a directory changed within RACY_S may change again within the same timestamp tick
+        racy = time.time() - dst.st_mtime < RACY_S
+        self._dir_mtime_ns = None if racy else dst.st_mtime_ns
+
+    def put(self, entry: Entry, st: os.stat_result) -> None:
+        """Index a file this process just published (from the header it wrote)."""
+        self._cache[entry.path.name] = ((st.st_ino, st.st_size, st.st_mtime_ns), entry)
+
+    def drop(self, name: str) -> None:
+        self._cache.pop(name, None)
+
+    def stat_key(self, name: str) -> StatKey | None:
+        item = self._cache.get(name)
+        return None if item is None else item[0]
+
+    def items(self) -> list[Entry | OtherFile]:
+        return [item for _, item in self._cache.values()] + self._extra
+
+    def entries(self) -> dict[str, Entry]:
+        """Checkpoints by SHA (the first of names differing only in case)."""
+        out: dict[str, Entry] = {}
+        for item in self.items():
+            if isinstance(item, Entry) and item.sha not in out:
+                out[item.sha] = item
+        return out
+
+    def others(self) -> list[OtherFile]:
+        """Every non-checkpoint file, plus checkpoints whose name repeats another's in other case."""
+        index = self.entries()
+        dup = [OtherFile(i.path, i.file_size, "invalid", f"duplicate of {index[i.sha].path.name} (name case)")
+               for i in self.items() if isinstance(i, Entry) and index[i.sha] is not i]
+        return [i for i in self.items() if isinstance(i, OtherFile)] + dup
+
+    def total(self) -> int:
+        """Bytes of every file indexed."""
+        return sum(i.file_size if isinstance(i, Entry) else i.size for i in self.items())
+
+    def size_of(self, name: str) -> int:
+        item = self._cache.get(name)
+        if item is None:
+            return 0
+        return item[1].file_size if isinstance(item[1], Entry) else item[1].size

@@ -1,0 +1,240 @@
+"""Keeping a cache directory healthy: stale-temp sweep, verification, quarantine, eviction.
+
+``sweep_stale_tmp`` removes the ``*.tmp.<pid>`` files of processes that are gone (crash
+leftovers of ``workbench.atomic`` publications and of ds4: ``<sha>.kv.tmp.<pid>``).
+``verify_file`` reads every byte of one ``.kv`` file and runs every check.
+``Maintenance`` gives ``KVStore`` the directory-wide operations built on them and on
+``workbench.kv.eviction``: ``sweep_tmp``, ``verify``, ``quarantine``, ``remove`` and
+``evict_to_budget``, each under the directory lock, each recording its events. Nothing
+here deletes a file that is not a dead temp file or a checkpoint chosen for eviction.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from workbench.kv.errors import KVFormatError, KVStoreError
+from workbench.kv.eviction import Candidate, EvictionRules, keep_value, plan_eviction
+from workbench.kv.events import Evicted, Quarantined, TmpSwept
+from workbench.kv.header import TEXT_OFFSET, KVHeader, SaveReason, parse_header, text_sha
+from workbench.kv.index import NAME_RE, QUARANTINE_DIR, DirIndex, Entry, OtherFile
+from workbench.kv.inspection import file_layout
+from workbench.kv.kvfile import read_kv_file
+from workbench.kv.lock import DirLock
+from workbench.spec.statelayout import StateLayout
+
+MiB = 1024 * 1024
+TMP_PID_RE = re.compile(r"\.tmp\.(\d+)$")  # <final name>.tmp.<pid> (workbench.atomic, ds4)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (``kill(pid, 0)``)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def sweep_stale_tmp(directory: str | os.PathLike, grace_s: float = 0.0, names: Iterable[str] | None = None
+                    ) -> list[tuple[Path, int]]:
+    """Remove the ``*.tmp.<pid>`` files in ``directory`` (or among ``names`` there) whose
+    process is gone and that are at least ``grace_s`` seconds old; never this process's.
+    Returns (path, bytes) of each file removed; unreadable directories remove nothing."""
+    d = Path(directory)
+    if names is None:
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return []
+    out, now = [], time.time()
+    for name in names:
+        m = TMP_PID_RE.search(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        path = d / name
+        try:
+            st = path.lstat()
+            if now - st.st_mtime < grace_s:
+                continue
+            path.unlink()
+        except OSError:
+            continue
+        out.append((path, st.st_size))
+    return out
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """One file checked end to end by ``verify_file``."""
+
+    path: Path
+    ok: bool
+    error: str = ""
+    header: KVHeader | None = None
+    layout_note: str = ""
+    checksum: str = ""  # verified | absent | dropped (ds4 tool-map rewrite)
+    notes: tuple[str, ...] = ()
+
+
+def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx: int | None = None,
+                layout_note: str = "") -> VerifyReport:
+    """Read every byte of a .kv file and run every check: header, name = SHA-1(text),
+    trailer, checksums, payload structure (against ``ctx``, default the saved one) and
+    token count. ``layout`` None infers it from the payload header."""
+    p = Path(path)
+    name = str(p)
+    header = None
+    try:
+        with open(p, "rb", buffering=0) as f:
+            header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
+            if layout is None:
+                layout, layout_note = file_layout(f, header, name)
+            header, text, _, trailer = read_kv_file(f, layout, ctx, name=name, keep=False)
+        m = NAME_RE.match(p.name)
+        if m and text_sha(text) != m.group(1).lower():
+            raise KVFormatError(f"{name}: cached text hash mismatch: SHA-1(text) {text_sha(text)} != file name")
+    except KVFormatError as err:
+        return VerifyReport(p, False, str(err), header, layout_note)
+    except OSError as err:
+        return VerifyReport(p, False, f"{name}: {err.strerror or err}", header, layout_note)
+    return VerifyReport(p, True, "", header, layout_note, trailer.checksum_status(True), trailer.notes)
+
+
+def candidate(e: Entry, incoming_text: bytes) -> Candidate:
+    """Eviction's view of an entry; ``incoming_text`` is the text being written (or b"")."""
+    prefix = (e.reason == SaveReason.CONTINUED and e.text_bytes < len(incoming_text)
+              and text_sha(incoming_text[:e.text_bytes]) == e.sha)
+    return Candidate(e.sha, e.tokens, e.file_size, e.hits, e.last_used, e.created_at, e.reason, prefix)
+
+
+class Maintenance:
+    """The directory-wide operations of ``KVStore``, which provides the attributes below
+    and ``_emit(event)``, ``entries()`` and ``invalid()``."""
+
+    dir: Path
+    lock: DirLock
+    index: DirIndex
+    budget_bytes: int | None
+    tmp_grace_s: float
+    eviction: EvictionRules
+
+    def sweep_tmp(self) -> list[TmpSwept]:
+        """Remove ``<sha>.kv.tmp.<pid>`` files whose process is gone and that are older than
+        the grace period (crash leftovers, ds4's included)."""
+        try:
+            with self.lock.exclusive():
+                self.index.scan(full=True)
+                tmp = [o.path.name for o in self.index.items() if isinstance(o, OtherFile) and o.kind == "tmp"]
+                out = [TmpSwept(path=p, bytes=n) for p, n in sweep_stale_tmp(self.dir, self.tmp_grace_s, tmp)]
+                for event in out:
+                    self._emit(event)
+                if out:
+                    self.index.scan(full=True)
+        except OSError:
+            return []  # read-only directory: nothing to sweep
+        return out
+
+    def score(self, entry: Entry, now: float | None = None) -> float:
+        """The entry's keep-worthiness under the store's eviction order (higher survives longer)."""
+        return keep_value(candidate(entry, b""), time.time() if now is None else now, self.eviction)[0]
+
+    def _evict(self, budget: int | None, protect: set[str], incoming: int, replacing: str, why: str,
+               dry_run: bool = False, incoming_text: bytes = b"") -> list[Evicted]:
+        """Unlink the entries ``plan_eviction`` picks until the directory plus ``incoming``
+        bytes (minus the file named ``replacing``) fits ``budget``. Caller holds the exclusive
+        lock, index fresh. ``dry_run`` only returns what would go (no unlink, no events)."""
+        if budget is None:
+            return []
+        now = time.time()
+        total = self.index.total() - self.index.size_of(replacing)
+        entries = {e.sha: e for e in self.index.entries().values() if e.path.name != replacing}
+        victims = plan_eviction([candidate(e, incoming_text) for e in entries.values()], total, budget,
+                                self.eviction, now, incoming, protect)
+        out = []
+        for c in victims:
+            e = entries[c.key]
+            total -= e.file_size
+            if not dry_run:
+                try:
+                    os.unlink(e.path)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    break  # as ds4: stop the pass when an unlink fails
+                self.index.drop(e.path.name)
+            event = Evicted(path=e.path, tokens=e.tokens, bytes=e.file_size, score=keep_value(c, now, self.eviction)[0],
+                            save_reason=e.reason.name.lower(), why=why,
+                            disk_bytes=total + self.index.size_of(replacing))
+            out.append(event if dry_run else self._emit(event))
+        return out
+
+    def evict_to_budget(self, budget_mb: float | None = None, dry_run: bool = False) -> list[Evicted]:
+        """Evict until every file together fits the budget (``budget_mb`` overrides the
+        store's); ``dry_run`` lists the victims without removing them."""
+        budget = self.budget_bytes if budget_mb is None else int(budget_mb * MiB)
+        if budget is None:
+            return []
+        try:
+            with self.lock.exclusive():
+                self.index.scan(full=True)
+                return self._evict(budget, set(), 0, "", "disk-cache-full", dry_run)
+        except OSError as err:
+            raise KVStoreError(f"{self.dir}: cannot lock for eviction: {err.strerror or err}") from err
+
+    def remove(self, entry: Entry | str | os.PathLike) -> Path:
+        """Delete one checkpoint of this directory (under the exclusive lock, so no other
+        process is mid-read of it). Only ``<sha>.kv`` files are removed."""
+        path = entry.path if isinstance(entry, Entry) else Path(entry)
+        if path.parent.resolve() != self.dir.resolve() or not NAME_RE.match(path.name):
+            raise KVStoreError(f"{path}: not a checkpoint of {self.dir}")
+        with self.lock.exclusive():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                raise KVStoreError(f"{path}: no longer exists") from None
+        return path
+
+    def verify(self, layout: StateLayout | None = None, ctx: int | None = None, quarantine: bool = False,
+               layout_note: str = "") -> list[VerifyReport]:
+        """Check every checkpoint end to end against ``layout`` (None: per file, inferred)
+        and runtime ``ctx`` (None: each file's own), and report invalid ones; with
+        ``quarantine``, move failing files to ``<dir>/quarantine/``. Never deletes anything."""
+        reports = []
+        for path in sorted(e.path for e in self.entries()) + sorted(o.path for o in self.invalid()):
+            with self.lock.shared():
+                rep = verify_file(path, layout, ctx, layout_note)
+            if not rep.ok and quarantine:
+                self.quarantine(path, rep.error)
+            reports.append(rep)
+        return reports
+
+    def quarantine(self, path: str | os.PathLike, error: str = "") -> Path:
+        """Move a file into ``<dir>/quarantine/`` (kept, still counted, no longer looked up)."""
+        src = Path(path)
+        qdir = self.dir / QUARANTINE_DIR
+        with self.lock.exclusive():
+            qdir.mkdir(mode=0o700, exist_ok=True)
+            dest = qdir / src.name
+            n = 1
+            while dest.exists():
+                dest = qdir / f"{src.name}.{n}"
+                n += 1
+            os.replace(src, dest)
+            self.index.drop(src.name)
+        self._emit(Quarantined(path=src, dest=dest, error=error))
+        return dest

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import kv_craft
 from workbench.kv import checksum, dsv4, header, inspection, kvfile
 from workbench.kv.errors import KVFormatError
 from workbench.kv.header import ExtFlag, SaveReason
@@ -57,13 +58,14 @@ def test_ds4_payload_size_offsets_and_round_trip(T: int) -> None:
     blob = kv_bytes(state, text)
     # KVC header, read with struct at the spec's offsets
     assert blob[0:3] == b"KVC" and blob[3] == 1 and blob[4] == 2 and blob[5] == 1  # magic, version, quant, cold
-    assert blob[6] == ExtFlag.CHECKSUM and blob[7] == 0 and blob[20:24] == b"\0\0\0\0"
+    # today's ds4 ABI: byte 7 model id (Flash 0), byte 20 ABI 2; the footer takes no ext bit (bit 3 is ds4's title)
+    assert blob[6] == 0 and blob[7] == 0 and blob[20:24] == b"\2\0\0\0"
     assert struct.unpack_from("<III", blob, 8) == (T, 0, 32768)  # tokens, hits, ctx
     assert struct.unpack_from("<QQQ", blob, 24) == (NOW, NOW, 23_995_788 + 13_764 * T)
     assert struct.unpack_from("<I", blob, 48)[0] == len(text) and blob[52:52 + len(text)] == text
     p = 52 + len(text)
     assert blob[p:p + 4] == b"DSV4"
-    assert struct.unpack_from("<13I", blob, p) == (0x34565344, 1, 32768, 2048, 2304, 128, 8194, T, 43, 512, 128,
+    assert struct.unpack_from("<13I", blob, p) == (0x34565344, 2, 32768, 2048, 2304, 128, 8194, T, 43, 512, 128,
                                                    129280, 128)
     body = p + 52
     assert list(np.frombuffer(blob, "<u4", T, body)) == state.tokens
@@ -75,7 +77,8 @@ def test_ds4_payload_size_offsets_and_round_trip(T: int) -> None:
     comp2 = layer0 + 3 * 128 * 512 * 4  # after the raw rows of layers 0, 1, 2
     assert np.array_equal(np.frombuffer(blob, "<f4", 512, comp2), state.layers[2].comp[0])
     trailer = p + dsv4.payload_bytes(state)
-    assert blob[trailer:trailer + 3] == b"KCS" and len(blob) - trailer == checksum.checksum_trailer_bytes(dsv4.payload_bytes(state))
+    assert blob[trailer:trailer + 4] == b"KCS\2" and blob[-4:] == b"KWBF"
+    assert len(blob) - trailer == checksum.footer_bytes(dsv4.payload_bytes(state))
     back = dsv4.read_payload(io.BytesIO(blob[p:trailer]), trailer - p, lay, 32768, name="mem")
     assert back.ctx == 32768 and back.prefill_chunk == 2048
     assert_same_state(state, back)
@@ -152,7 +155,7 @@ def test_payload_validation_errors_name_file_and_field() -> None:
     with pytest.raises(KVFormatError, match="trailing payload bytes: 8"):
         _read(blob + b"\0" * 8)
     bad = bytearray(blob)
-    bad[4] = 2  # payload version
+    bad[4] = 3  # payload version (1 and 2 are read)
     with pytest.raises(KVFormatError, match="unsupported session payload"):
         _read(bytes(bad))
     other = StateLayout(6, 128, 128, 2048, 128, SMALL.ratios)
@@ -191,7 +194,7 @@ def test_read_header_fields_and_errors(tmp_path) -> None:
     h = header.read_header(path)
     assert (h.quant_bits, h.reason, h.tokens, h.hits, h.ctx, h.text_bytes, h.file_size) == \
         (2, SaveReason.SHUTDOWN, 300, 0, 4096, 3, len(blob))
-    assert h.ext_flags == ExtFlag.THINKING_VISIBLE | ExtFlag.CHECKSUM and h.has_checksum
+    assert h.ext_flags == ExtFlag.THINKING_VISIBLE and (h.model_id, h.abi) == (0, 2) and not h.stripped
     assert h.payload_bytes == dsv4.payload_bytes(state) and h.payload_offset == 55
     for offset, value, message in [(0, b"KVX", "magic"), (3, b"\x02", "version 2"), (4, b"\x03", "quant bits 3"),
                                    (8, b"\0\0\0\0", "token count")]:
@@ -224,30 +227,24 @@ def _chunk_sum(algorithm: int, data: bytes) -> int:
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
 
 
-def _with_trailer(blob: bytes, payload_end: int, algorithm: int, chunks: list[int]) -> bytes:
-    """``blob`` with its KCS trailer rebuilt for ``algorithm`` and ``chunks``."""
-    head = struct.unpack_from("<3sBB3xIIII", blob, payload_end)
-    body = struct.pack("<3sBB3xIIII", b"KCS", 1, algorithm, head[3], len(chunks), head[5], head[6])
-    body += struct.pack(f"<{len(chunks)}I", *chunks)
-    return blob[:payload_end] + body + struct.pack("<I", zlib.crc32(body))
-
-
 def test_crc32_trailers_still_load_and_check(tmp_path) -> None:
-    """Files written before XXH3 (algorithm 1, CRC-32 chunks) load, and a flipped bit is
-    still caught; an unknown algorithm is rejected."""
+    """Files written before XXH3 and before the footer (ABI 0, ext bit3, KCS v1 trailer,
+    algorithm 1: CRC-32 chunks) load, and a flipped bit is still caught; an unknown
+    algorithm is rejected."""
     state = random_state(SMALL, 300, 4096)
     blob = kv_bytes(state, b"abc")
-    p_end = 55 + dsv4.payload_bytes(state)
-    v1 = _with_trailer(blob, p_end, 1, [zlib.crc32(blob[55:p_end])])
+    n = dsv4.payload_bytes(state)
+    v1 = kv_craft.to_may_with_checksum(blob, 3, n, 1)
     header, _, back, trailer = _read_file(tmp_path, v1)
-    assert trailer.checksums.algorithm == 1 and header.tokens == 300
+    assert trailer.checksums.algorithm == 1 and header.tokens == 300 and trailer.kind == "checksum (bit 3)"
+    assert (header.abi, header.ext_flags) == (0, 8) and trailer.title is None
     assert_same_state(state, back)
     bad = bytearray(v1)
     bad[55 + 200_000] ^= 0x01
     with pytest.raises(KVFormatError, match=r"f\.kv: payload checksum mismatch in chunk 0"):
         _read_file(tmp_path, bytes(bad))
-    with pytest.raises(KVFormatError, match=r"f\.kv: checksum trailer version 1 algorithm 3"):
-        _read_file(tmp_path, _with_trailer(blob, p_end, 3, [0]))
+    with pytest.raises(KVFormatError, match=r"f\.kv: checksum trailer \(ext bit 3\) version 1 algorithm 3"):
+        _read_file(tmp_path, kv_craft.to_may_with_checksum(blob, 3, n, 3, [0]))
 
 
 def test_xxh3_trailer_checks_the_low_32_bits(tmp_path) -> None:
@@ -257,9 +254,12 @@ def test_xxh3_trailer_checks_the_low_32_bits(tmp_path) -> None:
     p_end = 55 + dsv4.payload_bytes(state)
     digest = xxhash.xxh3_64_intdigest(blob[55:p_end])
     assert blob[p_end + 4] == 2 and struct.unpack_from("<I", blob, p_end + 24)[0] == digest & 0xFFFFFFFF
-    _read_file(tmp_path, _with_trailer(blob, p_end, 2, [digest & 0xFFFFFFFF]))
+    n = dsv4.payload_bytes(state)
+    old = kv_craft.to_may_with_checksum(blob, 3, n, 2)
+    _read_file(tmp_path, old)
+    wrong = [(xxhash.xxh3_64_intdigest(old[55:p_end]) >> 32) & 0xFFFFFFFF]
     with pytest.raises(KVFormatError, match=r"f\.kv: payload checksum mismatch in chunk 0"):
-        _read_file(tmp_path, _with_trailer(blob, p_end, 2, [(digest >> 32) & 0xFFFFFFFF]))
+        _read_file(tmp_path, kv_craft.to_may_with_checksum(blob, 3, n, 2, wrong))
 
 
 def test_loaded_tensors_are_own_mlx_arrays(tmp_path) -> None:
@@ -275,31 +275,33 @@ def test_loaded_tensors_are_own_mlx_arrays(tmp_path) -> None:
     assert conv.layers[0].raw is back.layers[0].raw and conv.logits is back.logits
 
 
-def test_checksum_trailer_layout_and_ds4_view(tmp_path) -> None:
+def test_footer_layout_and_ds4_view(tmp_path) -> None:
     state = random_state(SMALL, 300, 4096)
     text = b"abc"
     blob = kv_bytes(state, text)
     p_end = 55 + dsv4.payload_bytes(state)
     t = blob[p_end:]
-    assert t[:3] == b"KCS" and t[3] == 1 and t[4] == checksum.DEFAULT_ALGORITHM
+    assert t[:3] == b"KCS" and t[3] == 2 and t[4] == checksum.DEFAULT_ALGORITHM
     chunk, n = struct.unpack_from("<II", t, 8)
-    assert chunk == 16 << 20 and n == 1 and len(t) == 28 + 4 * n
+    assert chunk == 16 << 20 and n == 1 and len(t) == 24 + 4 * n + 32 + 4 + 8
     assert struct.unpack_from("<I", t, 24)[0] == _chunk_sum(t[4], blob[55:p_end])
     assert struct.unpack_from("<I", t, 20)[0] == zlib.crc32(blob[48:55])  # length + text
-    assert struct.unpack_from("<I", t, len(t) - 4)[0] == zlib.crc32(t[:-4])
+    assert t[28:60] == bytes(32)  # no model fingerprint given
+    assert struct.unpack_from("<I", t, 60)[0] == zlib.crc32(t[:60])
+    assert struct.unpack_from("<I4s", t, len(t) - 8) == (len(t), b"KWBF")  # found from the file's end
     masked = bytearray(blob[:48])
     masked[12:16] = b"\0" * 4
     masked[32:40] = b"\0" * 8
     assert struct.unpack_from("<I", t, 16)[0] == zlib.crc32(bytes(masked))
-    # what ds4 does: header, text, then exactly payload_bytes of payload; bit0 clear so no trailer read
-    assert blob[6] & 1 == 0
+    # what ds4 does: header, text, then exactly payload_bytes of payload; bits 0 and 3 clear so no trailer read
+    assert blob[6] & 9 == 0
     assert_same_state(state, dsv4.read_payload(io.BytesIO(blob[55:]), dsv4.payload_bytes(state), SMALL, 4096))
     header, got_text, back, trailer = _read_file(tmp_path, blob)
-    assert got_text == text and trailer.kind == "checksum" and header.tokens == 300
+    assert got_text == text and trailer.kind == "footer" and header.tokens == 300
     assert_same_state(state, back)
-    # without a checksum: ds4's exact bytes, no trailer
+    # without a checksum: ds4's exact bytes, no trailer; with one: the same bytes, then the footer
     plain = kv_bytes(state, text, checksum=False)
-    assert len(plain) == p_end and plain[6] == 0 and _read_file(tmp_path, plain)[3].kind == "none"
+    assert len(plain) == p_end and plain == blob[:p_end] and _read_file(tmp_path, plain)[3].kind == "none"
 
 
 def test_payload_chunk_checksum_catches_a_flip_while_streaming(tmp_path) -> None:

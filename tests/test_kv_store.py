@@ -150,8 +150,8 @@ def test_staged_and_direct_write_identical_files(tmp_path, monkeypatch) -> None:
     assert a.path.read_bytes() == b.path.read_bytes()
     plain = make_store(tmp_path / "c", checksum=False).save(state, "t" * 90, SaveReason.COLD)
     full, bare = a.path.read_bytes(), plain.path.read_bytes()
-    # without the checksum: the same bytes minus ext bit3 and the trailer (ds4's exact file)
-    assert bare[6] == 0 and full[6] == ExtFlag.CHECKSUM and bare[:6] + bare[7:] == full[:6] + full[7:plain.bytes]
+    # without the checksum: the same bytes minus the footer (ds4's exact file)
+    assert bare[6] == full[6] == 0 and bare == full[:plain.bytes] and full[-4:] == b"KWBF"
 
 
 def test_durable_save_fsyncs_file_and_directory(tmp_path, monkeypatch) -> None:
@@ -305,7 +305,7 @@ def test_cli_ls_and_show(tmp_path, capsys) -> None:
     assert out["others"][0]["kind"] == "foreign" and out["total_bytes"] == st.total_bytes()
     assert cli_main(["kv", "show", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["header"]["tokens"] == 300 and out["trailer"] == "checksum"
+    assert out["header"]["tokens"] == 300 and out["trailer"] == "footer"
     assert out["payload_accounted"] == out["header"]["payload_bytes"]
     assert "inferred" in out["layout_source"]
     per_layer = {(r["layer"], r["kind"]): r["bytes"] for r in out["layers"]}

@@ -18,7 +18,7 @@ import pandas as pd
 
 from workbench import viz
 from workbench.engine import Engine, restrict
-from workbench.gguf.layout import routed_quant_bits
+from workbench.gguf.fingerprint import checkpoint_identity
 from workbench.kv.inspection import stored_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
@@ -92,7 +92,7 @@ def run_demo(model: str | Path, out: str | Path = "build/demo.html", kv_dir: str
     directory = Path(kv_dir) if kv_dir is not None else out.parent / DEMO_KV_DIR
     session = load(model, ctx=ctx)
     try:
-        store = KVStore.from_policy(directory, DEMO_POLICY, quant_bits=routed_quant_bits(session.file))
+        store = KVStore.from_policy(directory, DEMO_POLICY, **checkpoint_identity(session.file))
         if kv_dir is None:  # a cold start: only the checkpoints the store owns are removed
             for e in store.entries():
                 store.remove(e)

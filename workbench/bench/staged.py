@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from workbench.kv.checksum import ChunkCRC, Checksums
 from workbench.kv.dsv4 import write_payload
-from workbench.kv.header import KVHeader, SaveReason
+from workbench.kv.header import MODEL_FLASH, KVHeader, SaveReason
 from workbench.kv.kvfile import make_header
 from workbench.kv.stream import Progress, write_all
 from workbench.state import SessionState
@@ -26,9 +26,10 @@ COPY_CHUNK = 8 * 1024 * 1024  # the bounce buffer, as ds4's DS4_SESSION_IO_CHUNK
 
 def write_staged(f: BinaryIO, state: SessionState, text: bytes, *, quant_bits: int, reason: SaveReason,
                  ext_flags: int = 0, checksum: bool = True, now: int, hits: int = 0,
-                 progress: Progress | None = None) -> tuple[KVHeader, int]:
+                 progress: Progress | None = None, model_id: int = MODEL_FLASH,
+                 fingerprint: bytes | None = None) -> tuple[KVHeader, int]:
     """Serialize the payload to a staged temp file, then write header, text, the staged
-    payload and the checksum trailer into ``f``. Returns (header, bytes written to ``f``);
+    payload and the footer into ``f``. Returns (header, bytes written to ``f``);
     ``progress`` gets (payload bytes serialized, payload bytes) per layer of the first phase."""
     sfd, spath = tempfile.mkstemp(prefix="ds4-session-payload.")
     try:
@@ -37,7 +38,7 @@ def write_staged(f: BinaryIO, state: SessionState, text: bytes, *, quant_bits: i
             write_payload(sf, state, crc, progress)
             measured = os.fstat(sf.fileno()).st_size
             header = make_header(state, text, quant_bits=quant_bits, reason=reason, ext_flags=ext_flags,
-                                 checksum=checksum, now=now, hits=hits, payload_len=measured)
+                                 now=now, hits=hits, payload_len=measured, model_id=model_id)
             head = header.pack()
             n = write_all(f, head) + write_all(f, text)
             sf.seek(0)
@@ -48,7 +49,7 @@ def write_staged(f: BinaryIO, state: SessionState, text: bytes, *, quant_bits: i
                     break
                 n += write_all(f, view[:got])
             if crc is not None:
-                n += write_all(f, Checksums.of(head, text, crc).pack())
+                n += write_all(f, Checksums.of(head, text, crc, fingerprint).pack())
         return header, n
     finally:
         os.unlink(spath)

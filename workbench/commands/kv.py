@@ -22,7 +22,8 @@ from workbench.commands.common import number
 from workbench.errors import WorkbenchError
 from workbench.kv.errors import KVFormatError
 from workbench.kv.header import ExtFlag, KVHeader
-from workbench.kv.inspection import inspect_file, stored_text
+from workbench.kv.inspection import file_trailer, inspect_file, stored_text
+from workbench.kv.trailers import Trailer
 from workbench.kv.maintenance import MiB, verify_file
 from workbench.kv.store import KVStore
 from workbench.spec.statelayout import StateLayout
@@ -117,13 +118,37 @@ def _flags(ext: int) -> list[str]:
 def _header_dict(h: KVHeader) -> dict[str, Any]:
     d = asdict(h)
     d.update(reason=h.reason.name.lower(), ext_flags=_flags(h.ext_flags), created_at=_iso(h.created_at),
-             last_used=_iso(h.last_used), reserved20=h.reserved20.hex())
+             last_used=_iso(h.last_used), reserved21=h.reserved21.hex(), abi_name=h.abi_name, stripped=h.stripped)
     return d
+
+
+def _trailer_dict(t: Trailer) -> dict[str, Any]:
+    """The trailer fields ``ls``/``show`` print: parts, title, tool ids, footer."""
+    return {"trailer": t.kind, "trailer_bytes": t.bytes, "title": t.title_text,
+            "tool_map_entries": t.tool_map_entries, "tool_ids": list(t.tool_ids) if t.tool_ids is not None else None,
+            "checksum": None if t.checksums is None else ("footer" if t.checksums.version == 2 else "bit 3 trailer"),
+            "model_fingerprint": t.fingerprint.hex() if t.fingerprint is not None else None, "notes": list(t.notes)}
 
 
 def _print(obj: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(obj, indent=1, default=str))
+
+
+def _abi_lines(h: KVHeader, r: dict[str, Any]) -> list[str]:
+    """The ABI, title, tool map, checksum place and payload state of a file, one per line."""
+    lines = [f"abi: {h.abi_name}"]
+    if r["title"] is not None:
+        lines.append(f"title: {json.dumps(r['title'], ensure_ascii=False)}")
+    if r["tool_ids"] is not None:
+        lines.append(f"tool map: {len(r['tool_ids'])} ids ({', '.join(r['tool_ids'][:4])}"
+                     f"{', ...' if len(r['tool_ids']) > 4 else ''})")
+    if r["checksum"] is not None:
+        fp = r["model_fingerprint"]
+        lines.append(f"checksum: {r['checksum']}" + (f", model fingerprint {fp[:16]}..." if fp else ""))
+    if h.stripped:
+        lines.append("payload: none (ds4 agent /strip): listed, never loaded")
+    return lines
 
 
 # ---- ls -----------------------------------------------------------------------------------
@@ -138,11 +163,14 @@ def _ls(args: argparse.Namespace) -> int:
             text = stored_text(e.path, e.header)
         except KVFormatError as err:  # removed or unreadable since the listing
             text = f"({err})".encode()
+        trailer = _trailer_dict(file_trailer(e.path, e.header))
         rows.append({"sha": e.sha, "path": str(e.path), "tokens": e.tokens, "ctx": e.ctx,
                      "reason": e.header.reason.name.lower(), "hits": e.header.hits, "bytes": e.file_size,
                      "created_at": _iso(e.header.created_at), "last_used": _iso(e.header.last_used),
-                     "checksum": e.header.has_checksum, "ext_flags": _flags(e.header.ext_flags),
-                     "score": store.score(e, now), "text_bytes": e.text_bytes, "preview": _preview(text, 60)})
+                     "abi": e.header.abi, "abi_name": e.header.abi_name, "model_id": e.header.model_id,
+                     "quant_bits": e.header.quant_bits, "payload_bytes": e.header.payload_bytes,
+                     "ext_flags": _flags(e.header.ext_flags), "score": store.score(e, now),
+                     "text_bytes": e.text_bytes, "preview": _preview(text, 60), **trailer})
     other_rows = [{"path": str(o.path), "kind": o.kind, "bytes": o.size, "problem": o.problem} for o in others]
     total = sum(r["bytes"] for r in rows) + sum(o["bytes"] for o in other_rows)
     out = {"dir": str(args.dir), "entries": rows, "others": other_rows, "total_bytes": total}
@@ -151,11 +179,14 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.dir}: {len(rows)} checkpoints, {len(other_rows)} other files, {total / MiB:,.1f} MiB in all")
     if rows:
-        print(f"  {'sha':<12} {'tokens':>8} {'ctx':>8} {'reason':<10} {'hits':>4} {'MiB':>9} {'used':>6} crc  text")
+        print(f"  {'sha':<12} {'tokens':>8} {'ctx':>8} {'reason':<13} {'hits':>4} {'MiB':>9} {'used':>6} abi crc  "
+              "text")
         for r, e in zip(rows, entries):
-            print(f"  {r['sha'][:12]} {r['tokens']:>8,} {r['ctx']:>8,} {r['reason']:<10} {r['hits']:>4} "
-                  f"{r['bytes'] / MiB:>9.1f} {_age(e.header.last_used, now):>6} {'yes' if r['checksum'] else 'no ':<4} "
-                  f"{r['preview']}")
+            print(f"  {r['sha'][:12]} {r['tokens']:>8,} {r['ctx']:>8,} {r['reason']:<13} {r['hits']:>4} "
+                  f"{r['bytes'] / MiB:>9.1f} {_age(e.header.last_used, now):>6} {r['abi']:>3} "
+                  f"{'yes' if r['checksum'] else 'no ':<4} {r['preview']}")
+            for line in _abi_lines(e.header, r):
+                print(f"  {'':<12} {line}")
     for o in other_rows:
         print(f"  [{o['kind']}] {Path(o['path']).name}  {o['bytes'] / MiB:.2f} MiB  {o['problem']}")
     return 0
@@ -168,10 +199,10 @@ def _show(args: argparse.Namespace) -> int:
     ins = inspect_file(path, layout, note)
     header, summary, trailer, layout, rows = ins.header, ins.summary, ins.trailer, ins.layout, ins.breakdown
     by_kind = ins.bytes_by_kind
-    out = {"path": str(path), "header": _header_dict(header), "payload_header": asdict(summary.header),
-           "layout": asdict(layout), "layout_source": ins.layout_note, "trailer": trailer.kind,
-           "trailer_bytes": trailer.bytes, "tool_map_entries": trailer.tool_map_entries, "notes": list(trailer.notes),
-           "text_preview": _preview(ins.text), "bytes_by_kind": by_kind, "layers": rows,
+    out = {"path": str(path), "header": _header_dict(header),
+           "payload_header": asdict(summary.header) if summary is not None else None,
+           "layout": asdict(layout) if layout is not None else None, "layout_source": ins.layout_note,
+           **_trailer_dict(trailer), "text_preview": _preview(ins.text), "bytes_by_kind": by_kind, "layers": rows,
            "payload_accounted": sum(by_kind.values())}
     if args.json:
         _print(out, True)
@@ -179,17 +210,22 @@ def _show(args: argparse.Namespace) -> int:
     h = header
     print(f"{path}")
     print(f"  tokens {h.tokens:,}  ctx {h.ctx:,}  reason {h.reason.name.lower()}  hits {h.hits}  "
-          f"quant {h.quant_bits}-bit  flags {','.join(_flags(h.ext_flags)) or '-'}")
+          f"quant {h.quant_bits}-bit  model id {h.model_id}  flags {','.join(_flags(h.ext_flags)) or '-'}")
+    for line in _abi_lines(h, out):
+        print(f"  {line}")
     print(f"  created {_iso(h.created_at)}  last used {_iso(h.last_used)}")
     print(f"  file {h.file_size:,} B = header 52 + text {h.text_bytes:,} + payload {h.payload_bytes:,} "
           f"+ trailer {trailer.bytes:,} ({trailer.kind})")
-    ph = summary.header
-    print(f"  payload: prefill chunk {ph.prefill_chunk}, raw cap {ph.raw_cap}, raw window {ph.raw_window}, "
-          f"comp cap {ph.comp_cap}, raw rows {ph.raw_live}")
-    print(f"  layout: {ins.layout_note}")
     for n in trailer.notes:
         print(f"  note: {n}")
     print(f"  text: {out['text_preview']}")
+    if summary is None or layout is None:
+        print(f"  payload: none ({ins.layout_note})")
+        return 0
+    ph = summary.header
+    print(f"  payload: DSV4 version {ph.version}, prefill chunk {ph.prefill_chunk}, raw cap {ph.raw_cap}, raw window {ph.raw_window}, "
+          f"comp cap {ph.comp_cap}, raw rows {ph.raw_live}")
+    print(f"  layout: {ins.layout_note}")
     kinds = [k for k in ("raw window", "compressed", "indexer", "frontiers") if k in by_kind]
     print(f"\n  {'layer':>5} {'ratio':>5} " + " ".join(f"{k:>12}" for k in kinds) + f" {'total':>12}")
     for L in range(layout.n_layer):

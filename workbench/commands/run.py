@@ -257,10 +257,10 @@ def open_store(session: Session, args: argparse.Namespace) -> tuple[Any, KVPolic
     policy = KVPolicy(min_tokens=args.kv_min_tokens, boundary_align=args.kv_align, budget_mb=args.kv_budget_mb)
     if args.kv_dir is None:
         return None, policy
-    from workbench.gguf.layout import routed_quant_bits
+    from workbench.gguf.fingerprint import checkpoint_identity
     from workbench.kv.store import KVStore
 
-    return KVStore.from_policy(args.kv_dir, policy, quant_bits=routed_quant_bits(session.file)), policy
+    return KVStore.from_policy(args.kv_dir, policy, **checkpoint_identity(session.file)), policy
 
 
 def serve(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler, text: str | None) -> bool:

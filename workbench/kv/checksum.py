@@ -1,28 +1,34 @@
-"""Checksums: the "KCS" trailer of a ``.kv`` file and the running CRCs the streams feed.
+"""Checksums: the workbench's footer of a ``.kv`` file and the running CRCs the streams feed.
 
-KCS trailer (this workbench; ds4 never reads past the payload unless ext bit0 is set,
-and treats extension bits and trailing bytes as opaque, so ds4 loads these files)::
+Footer (this workbench; written after everything ds4 writes, with no ext bit: ds4's
+readers seek to 52 + text + payload, parse only their own trailer and ignore trailing
+bytes, so ds4 loads these files, and the file is byte-identical to ds4's up to here)::
 
-    0  "KCS"   3  u8 version 1   4  u8 algorithm of the chunk checksums   5  3 x 0
+    0  "KCS"   3  u8 version 2   4  u8 algorithm of the chunk checksums   5  3 x 0
     8  u32 chunk_bytes   12 u32 n_chunks
     16 u32 CRC of the 48 header bytes with hits (12..15) and last_used (32..39) zeroed
            and ext bit0 cleared (the fields a touch or a ds4 trailer rewrite may change)
     20 u32 CRC of the u32 text length and the text
     24 u32[n_chunks] checksum of each chunk_bytes slice of the payload (the last one shorter)
-    .. u32 CRC of the trailer bytes before it
+    .. 32 B model fingerprint (``workbench.gguf.fingerprint``; all zero: none recorded)
+    .. u32 CRC of the footer bytes before it
+    .. u32 footer bytes, this field and the magic included
+    .. "KWBF"  (the last 4 bytes of the file: the footer is found from the end)
 
-Algorithm 1: the chunk checksums are CRC-32 (zlib polynomial, ~6 GB/s). Algorithm 2: the
-low 32 bits of XXH3-64 (seed 0) of each chunk (~45 GB/s; needs the ``xxhash`` package,
-written whenever it is installed). The header, text and trailer checks are CRC-32 under
-both. Payload chunk checksums are checked while the payload streams in
-(``workbench.kv.stream``), so a load fails at the first corrupt 16 MiB.
+Version 1 (ABI-0 files the workbench wrote before ds4 took ext bit 3 for titles) is the
+same up to the chunk checksums, then the u32 CRC; it sits right after the payload with
+ext bit 3 set, and is still verified. Algorithm 1: the chunk checksums are CRC-32 (zlib
+polynomial, ~6 GB/s). Algorithm 2: the low 32 bits of XXH3-64 (seed 0) of each chunk
+(~45 GB/s; needs the ``xxhash`` package, written whenever it is installed). The header,
+text and footer checks are CRC-32 under both. Payload chunk checksums are checked while
+the payload streams in (``workbench.kv.stream``), so a load fails at the first corrupt 16 MiB.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 try:
@@ -34,7 +40,11 @@ from workbench.kv.errors import KVFormatError
 from workbench.kv.header import HEADER_BYTES, OFF_EXT_FLAGS, OFF_HITS, OFF_LAST_USED, ExtFlag
 
 CHECKSUM_MAGIC = b"KCS"
-CHECKSUM_VERSION = 1
+LEGACY_VERSION = 1  # the ext-bit-3 trailer right after the payload (ABI-0 files)
+FOOTER_VERSION = 2  # the self-locating footer
+FOOTER_MAGIC = b"KWBF"
+FINGERPRINT_BYTES = 32
+_FOOTER_TAIL = struct.Struct("<I4s")  # footer bytes, magic
 CRC32_ZLIB = 1  # chunk checksums: CRC-32
 XXH3_LOW32 = 2  # chunk checksums: low 32 bits of XXH3-64, seed 0
 CHECKSUM_ALGORITHMS = {CRC32_ZLIB: "CRC-32", XXH3_LOW32: "XXH3-64 (low 32 bits)"}
@@ -73,8 +83,13 @@ class _XXH3Low32:
         return self._h.intdigest() & 0xFFFFFFFF
 
 
-def checksum_trailer_bytes(payload_len: int, chunk_bytes: int = CHECKSUM_CHUNK) -> int:
-    """Size of the KCS trailer for a payload of ``payload_len`` bytes."""
+def footer_bytes(payload_len: int, chunk_bytes: int = CHECKSUM_CHUNK) -> int:
+    """Size of the footer for a payload of ``payload_len`` bytes."""
+    return legacy_trailer_bytes(payload_len, chunk_bytes) + FINGERPRINT_BYTES + _FOOTER_TAIL.size
+
+
+def legacy_trailer_bytes(payload_len: int, chunk_bytes: int = CHECKSUM_CHUNK) -> int:
+    """Size of a version-1 (ext bit 3) checksum trailer for a payload of ``payload_len`` bytes."""
     return _KCS_HEAD.size + 4 * -(-payload_len // chunk_bytes) + 4
 
 
@@ -144,41 +159,93 @@ class ChunkCRC:
 
 @dataclass(frozen=True)
 class Checksums:
-    """The contents of a KCS trailer."""
+    """The contents of a footer (version 2) or of an old bit-3 trailer (version 1)."""
 
     chunk_bytes: int
     header: int
     text: int
     chunks: list[int]
     algorithm: int = CRC32_ZLIB  # of the chunk checksums
+    fingerprint: bytes = bytes(FINGERPRINT_BYTES)  # of the model that wrote the file; zeros: none
+    version: int = FOOTER_VERSION
 
     @classmethod
-    def of(cls, header52: bytes, text: bytes, chunks: ChunkCRC) -> "Checksums":
-        """The trailer for a file whose payload ``chunks`` has hashed completely."""
-        return cls(chunks.chunk_bytes, header_crc(header52), text_crc(text), chunks.finish(), chunks.algorithm)
+    def of(cls, header52: bytes, text: bytes, chunks: ChunkCRC, fingerprint: bytes | None = None) -> "Checksums":
+        """The footer for a file whose payload ``chunks`` has hashed completely."""
+        fp = bytes(FINGERPRINT_BYTES) if fingerprint is None else bytes(fingerprint)
+        if len(fp) != FINGERPRINT_BYTES:
+            raise KVFormatError(f"model fingerprint is {len(fp)} bytes, expected {FINGERPRINT_BYTES}")
+        return cls(chunks.chunk_bytes, header_crc(header52), text_crc(text), chunks.finish(), chunks.algorithm, fp)
+
+    @property
+    def model_fingerprint(self) -> bytes | None:
+        """The writer's model fingerprint, None when none was recorded (or version 1)."""
+        return self.fingerprint if any(self.fingerprint) else None
+
+    @property
+    def size(self) -> int:
+        return (footer_bytes if self.version == FOOTER_VERSION else legacy_trailer_bytes)(
+            len(self.chunks) * self.chunk_bytes, self.chunk_bytes)
 
     def pack(self) -> bytes:
-        body = _KCS_HEAD.pack(CHECKSUM_MAGIC, CHECKSUM_VERSION, self.algorithm, self.chunk_bytes, len(self.chunks),
+        """The footer bytes (version 2)."""
+        body = _KCS_HEAD.pack(CHECKSUM_MAGIC, FOOTER_VERSION, self.algorithm, self.chunk_bytes, len(self.chunks),
                               self.header, self.text) + struct.pack(f"<{len(self.chunks)}I", *self.chunks)
-        return body + struct.pack("<I", zlib.crc32(body))
+        body += self.fingerprint
+        body += struct.pack("<I", zlib.crc32(body))
+        return body + _FOOTER_TAIL.pack(len(body) + _FOOTER_TAIL.size, FOOTER_MAGIC)
 
 
-def parse_checksums(buf: bytes, name: str) -> Checksums:
-    """Parse a KCS trailer (``buf`` holds at least the whole trailer)."""
+def _parse_kcs(buf: bytes, name: str, version: int, what: str) -> tuple[Checksums, int]:
+    """(checksums, bytes up to the fingerprint) of a KCS block of ``version`` at ``buf``'s start."""
     if len(buf) < _KCS_HEAD.size + 4:
-        raise KVFormatError(f"{name}: truncated checksum trailer: {len(buf)} bytes")
-    magic, version, algo, chunk, n, crc_hdr, crc_text = _KCS_HEAD.unpack_from(buf, 0)
+        raise KVFormatError(f"{name}: truncated {what}: {len(buf)} bytes")
+    magic, ver, algo, chunk, n, crc_hdr, crc_text = _KCS_HEAD.unpack_from(buf, 0)
     if magic != CHECKSUM_MAGIC:
-        raise KVFormatError(f"{name}: checksum trailer magic {magic!r}, expected b'KCS' (ext bit3 is set)")
-    if version != CHECKSUM_VERSION or algo not in CHECKSUM_ALGORITHMS:
-        raise KVFormatError(f"{name}: checksum trailer version {version} algorithm {algo}, expected 1 and "
+        raise KVFormatError(f"{name}: {what} magic {magic!r}, expected b'KCS'")
+    if ver != version or algo not in CHECKSUM_ALGORITHMS:
+        raise KVFormatError(f"{name}: {what} version {ver} algorithm {algo}, expected {version} and "
                             f"{' or '.join(map(str, sorted(CHECKSUM_ALGORITHMS)))}")
     if chunk == 0:
-        raise KVFormatError(f"{name}: checksum trailer chunk size is 0")
+        raise KVFormatError(f"{name}: {what} chunk size is 0")
     end = _KCS_HEAD.size + 4 * n
     if len(buf) < end + 4:
-        raise KVFormatError(f"{name}: truncated checksum trailer: {len(buf)} bytes, {n} chunks need {end + 4}")
+        raise KVFormatError(f"{name}: truncated {what}: {len(buf)} bytes, {n} chunks need {end + 4}")
+    chunks = list(struct.unpack_from(f"<{n}I", buf, _KCS_HEAD.size))
+    return Checksums(chunk, crc_hdr, crc_text, chunks, algo, version=version), end
+
+
+def parse_legacy_trailer(buf: bytes, name: str) -> Checksums:
+    """Parse a version-1 checksum trailer (``buf`` holds at least the whole trailer)."""
+    cs, end = _parse_kcs(buf, name, LEGACY_VERSION, "checksum trailer (ext bit 3)")
     (own,) = struct.unpack_from("<I", buf, end)
     if zlib.crc32(buf[:end]) != own:
         raise KVFormatError(f"{name}: checksum trailer is corrupt (its own CRC does not match)")
-    return Checksums(chunk, crc_hdr, crc_text, list(struct.unpack_from(f"<{n}I", buf, _KCS_HEAD.size)), algo)
+    return cs
+
+
+def has_footer(tail: bytes) -> bool:
+    """True when a file's last bytes (at least 8) end in the footer magic."""
+    return len(tail) >= _FOOTER_TAIL.size and tail[-4:] == FOOTER_MAGIC
+
+
+def footer_length(tail: bytes, name: str, room: int) -> int:
+    """The footer's length from a file's last 8 bytes; ``room``: bytes after the payload."""
+    (n, _) = _FOOTER_TAIL.unpack(tail[-_FOOTER_TAIL.size:])
+    if not _KCS_HEAD.size + FINGERPRINT_BYTES + 4 + _FOOTER_TAIL.size <= n <= room:
+        raise KVFormatError(f"{name}: footer length {n} at the file's end does not fit the {room} bytes after "
+                            "the payload")
+    return n
+
+
+def parse_footer(buf: bytes, name: str) -> Checksums:
+    """Parse a whole footer (``buf`` is exactly its bytes, from "KCS" to "KWBF")."""
+    cs, end = _parse_kcs(buf, name, FOOTER_VERSION, "footer")
+    fp_end = end + FINGERPRINT_BYTES
+    if len(buf) != fp_end + 4 + _FOOTER_TAIL.size:
+        raise KVFormatError(f"{name}: footer is {len(buf)} bytes, its {len(cs.chunks)} chunks need "
+                            f"{fp_end + 4 + _FOOTER_TAIL.size}")
+    (own,) = struct.unpack_from("<I", buf, fp_end)
+    if zlib.crc32(buf[:fp_end]) != own:
+        raise KVFormatError(f"{name}: footer is corrupt (its own CRC does not match)")
+    return replace(cs, fingerprint=bytes(buf[end:fp_end]))

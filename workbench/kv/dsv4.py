@@ -1,6 +1,8 @@
-"""The DSV4 session payload (version 1): a whole session state, as ds4-server writes it.
+"""The DSV4 session payload: a whole session state, as ds4-server writes it.
 
-The payload header is 13 u32: magic 0x34565344, version 1, ctx, prefill chunk, raw_cap,
+Version 2 (today's ds4, KVC ABI 2) is written; version 1 (May 2026, ABI 0) has the same
+fields and body and is read as well. The payload header is 13 u32: magic 0x34565344,
+version, ctx, prefill chunk, raw_cap,
 raw_window, comp_cap, T, n_layer, head_dim, idx_dim, vocab, raw_live. The body is
 u32[T] tokens, f32[vocab] next-token logits, u32[n_layer] compressed row counts,
 u32[n_layer] indexer row counts, then per layer the tensors of ``LayerState.tensors()``
@@ -32,7 +34,8 @@ from workbench.spec.statelayout import F32, StateLayout
 from workbench.state import LayerState, SessionState
 
 DSV4_MAGIC = 0x34565344  # "DSV4" as little-endian bytes
-DSV4_VERSION = 1
+DSV4_VERSION = 2  # written (today's ds4 requires it)
+DSV4_VERSIONS = (1, 2)  # read: May 2026 and today, same layout
 _PAYLOAD_HEADER = struct.Struct("<13I")
 PAYLOAD_HEADER_BYTES = _PAYLOAD_HEADER.size  # 52
 RAW_CAP_MAX = 8192
@@ -173,9 +176,9 @@ def write_payload(f: BinaryIO, state: SessionState, crc: ChunkCRC | None = None,
 def check_payload_header(ph: PayloadHeader, layout: StateLayout, name: str, ctx: int | None = None,
                          prefill_chunk: int | None = None) -> None:
     """ds4's payload header checks against the runtime (``ctx`` None: the saved context)."""
-    check(ph.magic == DSV4_MAGIC and ph.version == DSV4_VERSION, name,
+    check(ph.magic == DSV4_MAGIC and ph.version in DSV4_VERSIONS, name,
           f"unsupported session payload: magic {ph.magic:#010x} version {ph.version}, expected "
-          f"{DSV4_MAGIC:#010x} ('DSV4') version {DSV4_VERSION}")
+          f"{DSV4_MAGIC:#010x} ('DSV4') version 2 (or 1, May 2026)")
     want = (layout.n_layer, layout.head_dim, layout.idx_dim, layout.n_vocab)
     got = (ph.n_layer, ph.head_dim, ph.idx_dim, ph.vocab)
     check(got == want, name, "payload written for a different layout: layers/head_dim/idx_dim/vocab "
@@ -284,8 +287,8 @@ def read_payload_summary(f: BinaryIO, header: KVHeader, name: str) -> PayloadSum
     check(len(raw) == PAYLOAD_HEADER_BYTES and header.payload_bytes >= PAYLOAD_HEADER_BYTES, name,
           "truncated session payload: payload header")
     ph = PayloadHeader(*_PAYLOAD_HEADER.unpack(raw))
-    check(ph.magic == DSV4_MAGIC and ph.version == DSV4_VERSION, name,
-          f"unsupported session payload: magic {ph.magic:#010x} version {ph.version}")
+    check(ph.magic == DSV4_MAGIC and ph.version in DSV4_VERSIONS, name,
+          f"unsupported session payload: magic {ph.magic:#010x} version {ph.version}, expected 2 (or 1, May 2026)")
     counts_at = PAYLOAD_HEADER_BYTES + 4 * ph.tokens + F32 * ph.vocab
     check(counts_at + 8 * ph.n_layer <= header.payload_bytes, name, "truncated session payload: row counts")
     f.seek(header.payload_offset + counts_at)

@@ -55,7 +55,7 @@ class Entry:
     last_used = _header_field("last_used", "Unix seconds of the last save or load (0: never)")
     created_at = _header_field("created_at", "Unix seconds of the save")
     reason = _header_field("reason", "the SaveReason")
-    model_id = _header_field("reserved7", "header byte 7, the model id (ds4 Flash: 0)")
+    model_id = _header_field("model_id", "header byte 7, the model id (ds4 Flash: 0)")
 
 
 @dataclass(frozen=True)

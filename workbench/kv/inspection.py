@@ -3,7 +3,8 @@
 One function per question, used by ``workbench kv``, the widgets, the demo and the
 notebooks: ``stored_text`` (the rendered text a file was saved under), ``infer_layout``
 (a layout from the payload header alone), ``payload_breakdown`` (payload bytes per layer
-and kind) and ``inspect_file`` (all of it for one file, plus its trailer).
+and kind), ``file_trailer`` (a listed file's trailers: ABI, title, tool map, footer) and
+``inspect_file`` (all of it for one file).
 """
 
 from __future__ import annotations
@@ -16,11 +17,23 @@ from typing import BinaryIO
 from workbench.kv.dsv4 import PAYLOAD_HEADER_BYTES, PayloadSummary, read_payload_summary
 from workbench.kv.errors import KVFormatError
 from workbench.kv.header import TEXT_OFFSET, KVHeader, parse_header, read_header, read_text
-from workbench.kv.kvfile import Trailer, read_trailer
+from workbench.kv.trailers import Trailer, read_trailer
 from workbench.spec.args import ds4_ratio_schedule
 from workbench.spec.statelayout import F32, StateLayout
 
 DS4_DIMS = (43, 512, 128, 129280)  # n_layer, head_dim, idx_dim, vocab of ds4-server's model
+
+
+def file_trailer(path: str | os.PathLike, header: KVHeader) -> Trailer:
+    """What follows a listed file's payload (kind "invalid", the error in its notes, when
+    it does not parse); a few small reads."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            return read_trailer(f, header, name)
+    except (OSError, KVFormatError) as err:
+        msg = str(err) if isinstance(err, KVFormatError) else f"{name}: {err.strerror or err}"
+        return Trailer("invalid", max(0, header.file_size - header.payload_end), notes=(msg,))
 
 
 def stored_text(path: str | os.PathLike, header: KVHeader | None = None) -> bytes:
@@ -88,8 +101,8 @@ class Inspection:
     header: KVHeader
     text: bytes
     trailer: Trailer  # kind "invalid" (with the error as its note) when it does not parse
-    summary: PayloadSummary
-    layout: StateLayout
+    summary: PayloadSummary | None  # None: no payload (ds4's agent /strip)
+    layout: StateLayout | None
     layout_note: str  # where the layout came from
     breakdown: list[dict]  # payload_breakdown rows
 
@@ -107,7 +120,8 @@ def inspect_file(path: str | os.PathLike, layout: StateLayout | None = None, lay
 
     ``layout`` None infers one from the payload header; a given layout whose dimensions
     differ from the payload's raises (``must_fit``) or is replaced by the inferred one.
-    A trailer that does not parse is reported, not raised (``kv verify`` fails on it).
+    A trailer that does not parse is reported, not raised (``kv verify`` fails on it). A
+    file without a payload has no summary, layout or breakdown.
     """
     p = Path(path)
     name = str(p)
@@ -119,9 +133,12 @@ def inspect_file(path: str | os.PathLike, layout: StateLayout | None = None, lay
                 trailer = read_trailer(f, header, name)
             except KVFormatError as err:
                 trailer = Trailer("invalid", header.file_size - header.payload_end, notes=(str(err),))
-            summary = read_payload_summary(f, header, name)
+            summary = None if header.stripped else read_payload_summary(f, header, name)
     except OSError as err:
         raise KVFormatError(f"{name}: cannot read: {err.strerror or err}") from err
+    if summary is None:
+        return Inspection(p, header, text, trailer, None, None, "no payload (ds4 agent /strip): listed, never loaded",
+                          [])
     ph = summary.header
     if layout is not None and (layout.n_layer, layout.head_dim, layout.idx_dim, layout.n_vocab) != (
             ph.n_layer, ph.head_dim, ph.idx_dim, ph.vocab):

@@ -102,12 +102,15 @@ def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx:
     try:
         with open(p, "rb", buffering=0) as f:
             header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
-            if layout is None:
+            if layout is None and not header.stripped:
                 layout, layout_note = file_layout(f, header, name)
             header, text, _, trailer = read_kv_file(f, layout, ctx, name=name, keep=False)
         m = NAME_RE.match(p.name)
-        if m and text_sha(text) != m.group(1).lower():
-            raise KVFormatError(f"{name}: cached text hash mismatch: SHA-1(text) {text_sha(text)} != file name")
+        if m and m.group(1).lower() not in trailer.names(text, header.created_at):
+            raise KVFormatError(f"{name}: cached text hash mismatch: SHA-1(text) {text_sha(text)} != file name"
+                                + (" (nor SHA-1 of title and created_at)" if trailer.title is not None else ""))
+        if header.stripped:
+            layout_note = "no payload (ds4 agent /strip): listed, never loaded"
     except KVFormatError as err:
         return VerifyReport(p, False, str(err), header, layout_note)
     except OSError as err:

@@ -105,7 +105,7 @@ class Manifest:
     shards: tuple[ShardEntry, ...]
     quant_bits: int = 2
     reason: SaveReason = SaveReason.UNKNOWN
-    ext_flags: int = 0  # KVC byte 6 without the checksum bit
+    ext_flags: int = 0  # KVC byte 6 without ds4's trailer bits (tool map, title)
     created_at: int = 0  # Unix seconds
     last_used: int = 0
     hits: int = 0
@@ -236,7 +236,7 @@ def make_manifest(state_like: SessionState, shards: Sequence[ShardEntry], save_i
     m = Manifest(save_id=save_id, layout=state_like.layout, ctx=state_like.ctx,
                  prefill_chunk=state_like.prefill_chunk, tokens=tuple(int(t) for t in state_like.tokens),
                  text=bytes(text), shards=tuple(sorted(shards, key=lambda s: s.start)), quant_bits=quant_bits,
-                 reason=SaveReason(reason), ext_flags=int(ext_flags) & ~int(ExtFlag.CHECKSUM) & 0xFF,
+                 reason=SaveReason(reason), ext_flags=int(ext_flags) & ~int(ExtFlag.TOOL_MAP | ExtFlag.TITLE) & 0xFF,
                  created_at=now, last_used=now if last_used is None else last_used, hits=hits)
     check_ranges(m.ranges, m.layout.n_layer, "shard ranges")
     return m

@@ -1,8 +1,11 @@
 """The disk prefix cache: a directory of ds4 ``.kv`` files keyed by rendered text.
 
 Each file is ``<sha1(text)>.kv`` (40 lower-case hex), readable by ds4-server and written
-exactly as it writes them, plus an optional checksum trailer it ignores (see
-``workbench.kv.kvfile``). The store keeps an in-memory index (``workbench.kv.index``)
+exactly as today's ds4 writes them (model id, ABI 2, DSV4 version 2), plus the
+workbench's footer (checksums, model fingerprint) that ds4 ignores (see
+``workbench.kv.kvfile``). A load first checks the file belongs to this model
+(``model_mismatch``: fingerprint, else model id and quant bits); a file of another model
+is a miss with that reason, and is kept. The store keeps an in-memory index (``workbench.kv.index``)
 refreshed only when the directory changed; which file serves a prompt and which files to
 evict are pure decisions over that index's metadata (``workbench.kv.lookup``,
 ``workbench.kv.eviction``), so a replay without files runs the same rules.
@@ -62,18 +65,24 @@ from workbench.kv.events import (
     Consumed, Evicted, Hit, KVEvent, LoadFailed, Loaded, Miss, Replaced, Saved, SaveFailed, SaveSkipped,
 )
 from workbench.kv.header import (
-    OFF_HITS, OFF_LAST_USED, TEXT_OFFSET, KVHeader, SaveReason, encode_text, parse_header, read_text, text_sha,
+    MODEL_FLASH, OFF_HITS, OFF_LAST_USED, TEXT_OFFSET, KVHeader, SaveReason, encode_text, parse_header, read_text,
+    text_sha,
 )
 from workbench.kv.index import NAME_RE, DirIndex, Entry, OtherFile
-from workbench.kv.kvfile import kv_file_bytes, read_kv_file, write_kv_file
+from workbench.kv.kvfile import kv_file_bytes, model_mismatch, read_kv_file, write_kv_file
 from workbench.kv.lock import DirLock
 from workbench.kv.lookup import LookupRules, decide
 from workbench.kv.maintenance import MiB, Maintenance
 from workbench.kv.eviction import EvictionRules
 from workbench.kv.policy import KVPolicy
 from workbench.kv.stream import Progress
+from workbench.kv.trailers import read_trailer
 from workbench.spec.statelayout import StateLayout
 from workbench.state import SessionState
+
+
+class _OtherModel(KVFormatError):
+    """A checkpoint written by another model (``model_mismatch``'s reason)."""
 
 
 class KVWriter(Protocol):
@@ -84,7 +93,8 @@ class KVWriter(Protocol):
 
     def __call__(self, f: BinaryIO, state: SessionState, text: bytes, *, quant_bits: int, reason: SaveReason,
                  ext_flags: int = 0, checksum: bool = True, now: int, hits: int = 0,
-                 progress: Progress | None = None) -> tuple[KVHeader, int]: ...
+                 progress: Progress | None = None, model_id: int = MODEL_FLASH,
+                 fingerprint: bytes | None = None) -> tuple[KVHeader, int]: ...
 
 
 @dataclass(frozen=True)
@@ -119,7 +129,8 @@ class KVStore(Maintenance):
 
     def __init__(self, directory: str | os.PathLike, budget_mb: float | None = 4096, min_tokens: int = 512, *,
                  quant_bits: int = 2, reject_different_quant: bool = False, checksum: bool = True,
-                 eviction: EvictionRules | None = None, model_id: int = 0, consume_on_load_above: int | None = None,
+                 eviction: EvictionRules | None = None, model_id: int = MODEL_FLASH, fingerprint: bytes | None = None,
+                 consume_on_load_above: int | None = None,
                  tmp_grace_s: float = 60.0, create: bool = True,
                  maintain: bool = True, on_event: Callable[[KVEvent], None] | None = None, events_max: int = 1000):
         self.dir = Path(directory)
@@ -141,6 +152,7 @@ class KVStore(Maintenance):
         self.checksum = checksum
         self.eviction = eviction or EvictionRules()
         self.model_id = model_id
+        self.fingerprint = fingerprint
         self.consume_on_load_above = consume_on_load_above
         self.tmp_grace_s = tmp_grace_s
         self.listeners: list[Callable[[KVEvent], None]] = [] if on_event is None else [on_event]
@@ -261,6 +273,7 @@ class KVStore(Maintenance):
         try:
             with self.lock.shared():
                 with open(path, "rb", buffering=0) as f:
+                    self._check_model(f, name)
                     header, text, state, trailer = read_kv_file(f, layout, ctx, name=name, prefill_chunk=prefill_chunk,
                                                                 verify=verify, progress=progress)
                     ino = os.fstat(f.fileno()).st_ino
@@ -272,6 +285,9 @@ class KVStore(Maintenance):
         except FileNotFoundError as err:
             self._emit(LoadFailed(path=path, error=f"{name}: no longer exists"))
             raise KVLoadError(f"{name}: no longer exists (evicted or consumed?)") from err
+        except _OtherModel as err:  # a valid file of another model: a miss, not a bad entry
+            self._emit(LoadFailed(path=path, error=str(err)))
+            raise KVLoadError(str(err)) from err
         except (KVFormatError, OSError) as err:
             msg = str(err) if isinstance(err, KVFormatError) else f"{name}: {err.strerror or err}"
             try:
@@ -290,6 +306,16 @@ class KVStore(Maintenance):
         self._emit(Loaded(path=path, tokens=header.tokens, bytes=header.file_size, seconds=time.perf_counter() - t0,
                           checksum=trailer.checksum_status(verify)))
         return state, text
+
+    def _check_model(self, f: BinaryIO, name: str) -> None:
+        """Raise _OtherModel when the open file was written by another model (header and
+        trailers only: the payload is not read)."""
+        header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
+        why = model_mismatch(header, read_trailer(f, header, name), model_id=self.model_id,
+                             quant_bits=self.quant_bits, fingerprint=self.fingerprint)
+        if why is not None:
+            raise _OtherModel(f"{name}: {why}")
+        f.seek(0)
 
     def _touch(self, path: Path, ino: int, hit: bool) -> None:
         """hits += 1 (if ``hit``) and last_used = now, written in place under the exclusive
@@ -447,7 +473,8 @@ class KVStore(Maintenance):
         with os.fdopen(fd, "wb", buffering=0) as f:
             header, n = (writer or write_kv_file)(f, state, key, quant_bits=self.quant_bits, reason=reason,
                                                   ext_flags=ext_flags, checksum=self.checksum, now=int(time.time()),
-                                                  progress=progress)
+                                                  progress=progress, model_id=self.model_id,
+                                                  fingerprint=self.fingerprint)
             if durable:
                 os.fsync(f.fileno())
         return header, n

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from workbench.kv.eviction import Candidate, keep_value, plan_eviction
-from workbench.kv.checksum import checksum_trailer_bytes
+from workbench.kv.checksum import footer_bytes
 from workbench.kv.dsv4 import payload_size
 from workbench.kv.header import TEXT_OFFSET, SaveReason
 from workbench.kv.policy import ContinuedSchedule, KVPolicy, plan_saves
@@ -158,7 +158,7 @@ class Replay:
     def file_size(self, tokens: int, text_bytes: int) -> int:
         """Exact bytes of the .kv file a save of ``tokens`` tokens with this text writes."""
         p = payload_size(self.layout, tokens, self.ctx)
-        return TEXT_OFFSET + text_bytes + p + (checksum_trailer_bytes(p) if self.checksum else 0)
+        return TEXT_OFFSET + text_bytes + p + (footer_bytes(p) if self.checksum else 0)
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> ReplayResult:

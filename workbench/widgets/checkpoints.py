@@ -64,8 +64,8 @@ def header_frame(h: KVHeader) -> pd.DataFrame:
     """A .kv header as (field, value) rows."""
     rows = [("tokens", f"{h.tokens:,}"), ("save reason", h.reason.name.lower()), ("hits", h.hits),
             ("context", f"{h.ctx:,}"), ("created", _when(h.created_at)), ("last used", _when(h.last_used)),
-            ("routed expert bits", h.quant_bits), ("flags", f"{h.ext_flags:#04x}"
-                                                   + (" (checksum trailer)" if h.has_checksum else "")),
+            ("routed expert bits", h.quant_bits), ("model id", h.model_id), ("ABI", h.abi_name),
+            ("flags", f"{h.ext_flags:#04x}"),
             ("text", f"{h.text_bytes:,} bytes"), ("payload", f"{h.payload_bytes:,} bytes"),
             ("file", f"{h.file_size:,} bytes ({h.file_size / MIB:,.2f} MiB)")]
     return pd.DataFrame([(k, str(v)) for k, v in rows], columns=["field", "value"])

@@ -68,7 +68,8 @@ def test_crafted_ds4_files_load_list_show_verify(tmp_path, capsys, case: str) ->
     state = random_state(SMALL, 300, CTX)
     kw: dict = {}
     if case == "title":  # the agent: reason agent-session, named SHA1(title || created_at u64 LE)
-        kw = dict(ext=ExtFlag.TITLE, reason=SaveReason.AGENT_SESSION, trailer=kv_craft.title("Fix the “parser” bug".encode()))
+        kw = dict(ext=ExtFlag.TITLE, reason=SaveReason.AGENT_SESSION,
+                  trailer=kv_craft.title("Fix the “parser” bug".encode()))
     elif case == "tool-map":
         kw = dict(ext=ExtFlag.TOOL_MAP, trailer=kv_craft.tool_map([(b"call_1", b"<dsml>a</dsml>"), (b"call_2", b"x")]))
     elif case == "may":

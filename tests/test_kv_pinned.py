@@ -69,9 +69,11 @@ def only_abi_changed(new: bytes, old_digest: str, checksum: bool) -> None:
 # (tokens, checksum, reason, ext flags) -> sha256[:32] of write_kv_file's bytes at NOW: (today, before issue 11)
 KV_FILES = {
     (5, True, SaveReason.COLD, 0): ("bed4f461bc8bffecfaddaf399aa7fa83", "bea6e3d5979da766d86bac270a4114aa"),
-    (300, True, SaveReason.CONTINUED, ExtFlag.THINKING_VISIBLE): ("1f62593f7124c9e6c4f9fcc6f0175f7c", "6c37989d487383b089c7178710178b3a"),
+    (300, True, SaveReason.CONTINUED, ExtFlag.THINKING_VISIBLE):
+        ("1f62593f7124c9e6c4f9fcc6f0175f7c", "6c37989d487383b089c7178710178b3a"),
     (300, False, SaveReason.EVICT, 0): ("730997c0d7a9a7ecbf4b29926080e5a5", "da0448cb4dcab7915733a3a7a9f908ad"),
-    (129, True, SaveReason.SHUTDOWN, ExtFlag.RESPONSES_VISIBLE): ("7ac2301813476e3139549523147c631b", "5a475fd9fec7cb83440794c5308167fc"),
+    (129, True, SaveReason.SHUTDOWN, ExtFlag.RESPONSES_VISIBLE):
+        ("7ac2301813476e3139549523147c631b", "5a475fd9fec7cb83440794c5308167fc"),
 }
 
 
@@ -86,7 +88,8 @@ def test_kv_file_bytes_pinned(key: tuple) -> None:
     only_abi_changed(buf.getvalue(), KV_FILES[key][1], checksum)
 
 
-STORE_FILE = ("be523b6aa0d574ead9a9a1ba29c91e5f", "f50103e7b759f3847911cb0854e35077")  # KVStore.save of det_state(300) under TEXT at NOW
+# KVStore.save of det_state(300) under TEXT at NOW: (today, before issue 11)
+STORE_FILE = ("be523b6aa0d574ead9a9a1ba29c91e5f", "f50103e7b759f3847911cb0854e35077")
 
 
 @pytest.mark.parametrize("writer", [None, write_staged], ids=["direct", "staged"])

@@ -223,7 +223,8 @@ def _show(args: argparse.Namespace) -> int:
         print(f"  payload: none ({ins.layout_note})")
         return 0
     ph = summary.header
-    print(f"  payload: DSV4 version {ph.version}, prefill chunk {ph.prefill_chunk}, raw cap {ph.raw_cap}, raw window {ph.raw_window}, "
+    print(f"  payload: DSV4 version {ph.version}, prefill chunk {ph.prefill_chunk}, raw cap {ph.raw_cap}, "
+          f"raw window {ph.raw_window}, "
           f"comp cap {ph.comp_cap}, raw rows {ph.raw_live}")
     print(f"  layout: {ins.layout_note}")
     kinds = [k for k in ("raw window", "compressed", "indexer", "frontiers") if k in by_kind]

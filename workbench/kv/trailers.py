@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from workbench.kv.checksum import (
-    CHECKSUM_MAGIC, FOOTER_VERSION, LEGACY_VERSION, Checksums, footer_length, has_footer, legacy_trailer_bytes, parse_footer,
-    parse_legacy_trailer,
+    CHECKSUM_MAGIC, FOOTER_VERSION, LEGACY_VERSION, Checksums, footer_length, has_footer, legacy_trailer_bytes,
+    parse_footer, parse_legacy_trailer,
 )
 from workbench.kv.errors import KVFormatError, check
 from workbench.kv.header import ABI_MAY_2026, ExtFlag, KVHeader

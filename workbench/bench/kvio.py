@@ -11,7 +11,7 @@ head_dim 512, payload 23,995,788 + 13,764·T bytes) are saved and restored with
   warm: the copy out of the page cache is the floor), for a restore = ``KVStore.load``
   (every check, CRCs) + ``SessionState.to_mlx`` (what ``Session.restore`` does); the
   table also has ``load_only_s`` (``KVStore.load`` alone, NumPy state);
-* the store with the checksum trailer off (checksum on vs off);
+* the store with the checksum footer off (checksum on vs off);
 * mlx-lm's ``save_prompt_cache`` / ``load_prompt_cache`` (safetensors) holding the same
   tensors (one ``ArraysCache`` per layer plus one for the logits), when mlx-lm is
   installed.

@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--ranks", type=number(int, 1, 1024), default=2, help="number of even layer ranges (--to-shards, default 2)")
     c.add_argument("--layers", default=None, help="explicit inclusive ranges, e.g. 0-2,3-5 (--to-shards)")
     c.add_argument("--model", default=None, help="GGUF giving the exact layout (--to-shards; default: inferred)")
-    c.add_argument("--no-checksum", action="store_true", help="write the .kv without the KCS trailer (--to-kv)")
+    c.add_argument("--no-checksum", action="store_true", help="write the .kv without the workbench footer (--to-kv)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
 
     v = sub.add_parser("verify", help="read every byte of a sharded checkpoint and check it")

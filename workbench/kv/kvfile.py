@@ -69,7 +69,7 @@ def read_kv_file(f: BinaryIO, layout: StateLayout | None, ctx: int | None = None
 
     Checks the header, the text, the trailer, the payload (all §1.4 checks against the
     runtime ``ctx``), the payload's token count against the header's, and, when the file
-    carries a checksum trailer and ``verify`` is set, every CRC while streaming. A file
+    carries checksums (footer or old bit-3 trailer) and ``verify`` is set, every CRC while streaming. A file
     whose layout is unknown gets one from ``workbench.kv.inspection.file_layout``. A file
     without a payload (ds4's agent ``/strip``; ``layout`` may be None) is checked up to
     its trailers with ``keep=False`` and refused with ``keep=True``.

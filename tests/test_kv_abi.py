@@ -173,6 +173,11 @@ def test_another_model_never_restores(tmp_path) -> None:
         KVStore(tmp_path, budget_mb=None, min_tokens=1, fingerprint=fb).load(saved.path, SMALL, CTX)
     st = KVStore(tmp_path, budget_mb=None, min_tokens=1, fingerprint=fa)
     assert_same_state(state, st.load(saved.path, SMALL, CTX)[0])
+    assert st.save(state, TEXT, SaveReason.COLD).status == "exists"
+    # the other model's save of the same text replaces the file (ds4 replaces another model id's file)
+    other = KVStore(tmp_path, budget_mb=None, min_tokens=1, fingerprint=fb)
+    assert other.save(state, TEXT, SaveReason.COLD).status == "saved"
+    assert_same_state(state, other.load(saved.path, SMALL, CTX)[0])
     # no footer: ds4's own file
     path = saved.path
     path.write_bytes(kv_craft.ds4_file(state, TEXT, now=NOW))

@@ -444,13 +444,17 @@ class KVStore(Maintenance):
         return SaveResult(final, "saved", predicted, seconds, evicted)
 
     def _same_key(self, final: Path, key: bytes, ctx: int) -> tuple[str | None, int]:
-        """(None: no file | 'compatible' | why the same-name file gets replaced, its inode)."""
+        """(None: no file | 'compatible' | why the same-name file gets replaced, its inode).
+        A file of another model (``model_mismatch``) is replaced, as ds4 replaces one of
+        another model id."""
         try:
             with self.lock.shared():
                 with open(final, "rb") as f:
                     st = os.fstat(f.fileno())
                     header = parse_header(f.read(TEXT_OFFSET), str(final), st.st_size)
                     text = read_text(f, header, str(final))
+                    other = model_mismatch(header, read_trailer(f, header, str(final)), model_id=self.model_id,
+                                           quant_bits=self.quant_bits, fingerprint=self.fingerprint)
         except FileNotFoundError:
             return None, 0
         except (KVFormatError, OSError) as err:
@@ -459,6 +463,8 @@ class KVStore(Maintenance):
             why = "stored text differs (SHA-1 collision)"
         elif header.ctx > ctx:
             why = f"written for a larger context ({header.ctx} > {ctx})"
+        elif other is not None:  # as ds4 replaces a same-name file of another model id
+            why = other
         elif self.reject_different_quant and header.quant_bits != self.quant_bits:
             why = f"quant bits {header.quant_bits} != {self.quant_bits}"
         else:

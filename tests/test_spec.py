@@ -77,6 +77,22 @@ def test_absurd_values_are_refused(key, value):
         ModelArgs.from_metadata(meta)
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("block_count", "six", "block_count = 'six' is not an integer"),
+    ("expert_count", [1, 2], "expert_count = [1, 2] is not an integer"),
+    ("rope.freq_base", "x" * 100, "rope.freq_base = 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... is not a number"),
+    ("attention.compress_ratios", ["a"] * 43, "is not a list of integers"),
+])
+def test_values_of_the_wrong_kind_are_one_line_errors(key, value, message):
+    """from_metadata runs before validation in some tools (kv show --model): a crafted
+    value gives a ConfigError naming the key, not a traceback."""
+    meta = _real_metadata()
+    meta[PREFIX + key] = value
+    with pytest.raises(ConfigError) as err:
+        ModelArgs.from_metadata(meta)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_per_layer_array_entries_are_ranged():
     meta = _real_metadata()
     meta[PREFIX + "swiglu_clamp_exp"] = [10.0] * 42 + [math.inf]
@@ -133,7 +149,8 @@ def test_loader_view_roles():
 def test_block_sizes_come_from_gguf():
     import gguf
     for t in (Q8_0, Q2_K, Q4_K, IQ2_XXS):
-        assert (GGML_TYPES[t].block_elems, GGML_TYPES[t].block_bytes) == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)]
+        want = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)]
+        assert (GGML_TYPES[t].block_elems, GGML_TYPES[t].block_bytes) == want
     assert GGML_TYPES[39].name == "MXFP4"  # known without a table here
 
 

@@ -95,12 +95,22 @@ class ModelArgs:
         missing = [k.key for k in METADATA_KEYS if k.field and k.required and k.key not in meta]
         if missing:
             raise ConfigError("missing metadata: " + ", ".join(missing))
-        n_layer = int(meta[PREFIX + "block_count"])
+        block_count = meta[PREFIX + "block_count"]
+        try:
+            n_layer = int(block_count)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{PREFIX}block_count = {_short(block_count)} is not an integer") from None
         values: dict[str, Any] = {"name": str(meta.get("general.name", ""))}
+        bad: list[str] = []
         for k in METADATA_KEYS:
             if k.field and k.key in meta:
                 convert = _CONVERT[_FIELD_TYPES[k.field]]
-                values[k.field] = convert(meta[k.key], n_layer)
+                try:
+                    values[k.field] = convert(meta[k.key], n_layer)
+                except (TypeError, ValueError, OverflowError):
+                    bad.append(f"{k.key} = {_short(meta[k.key])} is not {_KIND[_FIELD_TYPES[k.field]]}")
+        if bad:
+            raise ConfigError("; ".join(bad))
         built = cls(**values)
         problems = built.problems() if check else []
         if problems:
@@ -134,6 +144,12 @@ class ModelArgs:
         return p
 
 
+def _short(value: Any) -> str:
+    """A metadata value for a one-line message (long values cut)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 VALID_RATIOS = (0, 4, 128)  # per-layer compression ratios ds4 knows
 
 
@@ -150,4 +166,6 @@ _CONVERT: dict[str, Callable[[Any, int], Any]] = {
     "tuple[int, ...]": lambda v, n: tuple(int(x) for x in list(v)[:n]),
     "tuple[float, ...]": lambda v, n: tuple(float(x) for x in list(v)[:n]),
 }
+_KIND = {"int": "an integer", "float": "a number", "bool": "a boolean", "tuple[int, ...]": "a list of integers",
+         "tuple[float, ...]": "a list of numbers"}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ModelArgs)}

@@ -21,11 +21,12 @@ Routed experts stay quantized. Two ways to apply an expert to the rows routed to
   float32 BLAS matmul.
 
 On Metal every expert of those three types is native. On the CPU MLX's quantized matmul
-is slow per row but saves the dequantization, so an expert is native when it has at most
-``native_max_rows`` rows, by default :data:`NATIVE_MAX_ROWS` for its types (measured by
-``workbench bench --only experts`` on real-width experts): decode (one row per expert)
-of MXFP4 and Q8_0 experts is native, prefill mostly dequantized. The dequantized path handles a batch of experts at
-a time (``expert_batch_bytes`` of float32 weights). When gate and up are ``QTensor`` s of one type,
+is slow per row but saves the dequantization, so (when the few-row kernel is not built) an
+expert is native when it has at most ``native_max_rows`` rows, by default
+:data:`NATIVE_MAX_ROWS` for its types (measured by ``workbench bench --only experts`` on
+real-width experts): decode of MXFP4 and Q8_0 experts is native, prefill mostly
+dequantized. The dequantized path handles a batch of experts at a time
+(``expert_batch_bytes`` of float32 weights). When gate and up are ``QTensor`` s of one type,
 they are dequantized together as one ``[2·n_ff, n_embd]`` matrix per expert and applied in
 one matmul. Dequantized batches are short-lived, equal-sized buffers: with MLX's buffer
 cache large enough to hold a few of them (``workbench.session.load`` sets it on the CPU),

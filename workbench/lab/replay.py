@@ -23,6 +23,7 @@ from workbench.kv.eviction import Candidate, keep_value, plan_eviction
 from workbench.kv.checksum import footer_bytes
 from workbench.kv.dsv4 import payload_size
 from workbench.kv.header import TEXT_OFFSET, SaveReason
+from workbench.kv.lookup import LookupRules, decide
 from workbench.kv.policy import ContinuedSchedule, KVPolicy, plan_saves
 from workbench.lab.misses import Checkpoint, explain_losses, plain_words
 from workbench.lab.trace import Trace, TraceRequest
@@ -67,6 +68,23 @@ class SimEntry:
     @property
     def tokens(self) -> int:
         return len(self.ends)
+
+    # kv.lookup.CheckpointMeta: a file of the trace's own model, saved at the replay's ctx
+    @property
+    def sha(self) -> str:
+        return self.key
+
+    @property
+    def ctx(self) -> int:
+        return 0
+
+    @property
+    def quant_bits(self) -> int:
+        return 2
+
+    @property
+    def model_id(self) -> int:
+        return 0
 
 
 @dataclass
@@ -233,7 +251,12 @@ class Replay:
 
     # ---- store operations ---------------------------------------------------------------------
     def _lookup(self, req: TraceRequest) -> SimEntry | None:
-        """The longest stored text that prefixes the prompt, with at least min_tokens tokens."""
+        """The longest stored text that prefixes the prompt, with at least min_tokens tokens:
+        the store's own decision (``kv.lookup.decide``) when the trace keeps its texts."""
+        data = req.data()
+        if data is not None:
+            return decide(data[: req.prompt_bytes], self.entries, self.ctx, LookupRules(self.policy.min_tokens),
+                          lambda e: req.matches(e.text_bytes, e.key)).hit
         best = None
         for e in self.entries.values():
             if e.text_bytes > req.prompt_bytes or e.tokens < self.policy.min_tokens:

@@ -4,8 +4,9 @@ The replay follows :class:`workbench.engine.Engine` step by step (live text pref
 save, disk lookup, restore, cold and continued saves at ``policy.plan_saves``' points,
 decode) over *simulated* checkpoints: a checkpoint is its text (or its prefix hash), its
 token count and its exact file size from the layout formula
-(``workbench.kv.dsv4.payload_size``), with no tensors. Admission and eviction are the
-store's own pure functions (``workbench.kv.eviction``), so with the policy and budget a
+(``workbench.kv.dsv4.payload_size``), with no tensors. Lookup (``kv.lookup.decide``,
+for traces that keep their texts), admission and eviction (``kv.eviction``) are the
+store's own pure functions, so with the policy and budget a
 trace was recorded under, the replay reproduces every request's source, cached tokens,
 saves and evictions.
 

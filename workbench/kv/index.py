@@ -17,12 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.kv.chain import CHAIN_DIR, CHAIN_SUFFIX, read_chain_header
 from workbench.kv.errors import KVFormatError, KVStoreError
 from workbench.kv.header import KVHeader, read_header
 from workbench.kv.lock import LOCK_NAME
 
 NAME_RE = re.compile(r"^([0-9a-fA-F]{40})\.kv$")
 TMP_RE = re.compile(r"^[0-9a-fA-F]{40}\.kv\.tmp\.(\d+)$")
+CHAIN_RE = re.compile(r"^([0-9a-f]{40})\.kvd$")
+CHAIN_TMP_RE = re.compile(r"^[0-9a-f]{40}\.kvd\.tmp\.(\d+)$")
 QUARANTINE_DIR = "quarantine"
 RACY_S = 2.0  # a directory modified this recently is rescanned (timestamps are coarse)
 StatKey = tuple[int, int, int]  # (inode, size, mtime_ns): a file unchanged since it was classified
@@ -56,6 +59,18 @@ class Entry:
     created_at = _header_field("created_at", "Unix seconds of the save")
     reason = _header_field("reason", "the SaveReason")
     model_id = _header_field("model_id", "header byte 7, the model id (ds4 Flash: 0)")
+    parent: str | None = None  # chain entries: the parent's SHA-1 (None: a base or a flat file)
+    depth: int = 0  # chain entries: links below this one (0: a base)
+
+    @property
+    def chained(self) -> bool:
+        """True for a chain entry (``chain/<sha>.kvd``), False for a flat ``<sha>.kv``."""
+        return self.path.suffix == CHAIN_SUFFIX
+
+    @property
+    def key(self) -> str:
+        """The index's name for the file: relative to the cache directory."""
+        return f"{CHAIN_DIR}/{self.path.name}" if self.chained else self.path.name
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,25 @@ def classify(path: Path, st: os.stat_result) -> Entry | OtherFile:
     return OtherFile(path, st.st_size, "foreign", "not a <sha1>.kv checkpoint")
 
 
+def classify_chain(path: Path, st: os.stat_result) -> Entry | OtherFile:
+    """What the file at ``path`` in the ``chain/`` subdirectory is, reading at most its
+    header and chain reference."""
+    name = path.name
+    if not stat.S_ISREG(st.st_mode):
+        return OtherFile(path, st.st_size, "foreign", "not a regular file")
+    m = CHAIN_RE.match(name)
+    if m:
+        try:
+            header, ref = read_chain_header(path)
+        except KVFormatError as err:
+            return OtherFile(path, st.st_size, "invalid", str(err))
+        return Entry(path, m.group(1), header, st.st_mtime_ns, ref.parent, ref.depth)
+    m = CHAIN_TMP_RE.match(name)
+    if m:
+        return OtherFile(path, st.st_size, "tmp", f"temp file of pid {m.group(1)}")
+    return OtherFile(path, st.st_size, "foreign", "not a <sha1>.kvd chain entry")
+
+
 class DirIndex:
     """Every file of one cache directory, classified; not locked (the store locks around it)."""
 
@@ -103,7 +137,7 @@ class DirIndex:
         self.dir = directory
         self._cache: dict[str, tuple[StatKey, Entry | OtherFile]] = {}
         self._extra: list[OtherFile] = []  # subdirectories' contents
-        self._dir_mtime_ns: int | None = None
+        self._dir_mtime_ns: tuple[int, int] | None = None
 
     def scan(self, full: bool) -> None:
         """Refresh; unless ``full``, skip when the directory is unchanged."""
@@ -111,7 +145,11 @@ class DirIndex:
             dst = os.stat(self.dir)
         except OSError as err:
             raise KVStoreError(f"{self.dir}: {err.strerror or err}") from err
-        if not full and self._dir_mtime_ns == dst.st_mtime_ns:
+        try:  # chain files change the subdirectory's mtime, not the top one's
+            stamp = (dst.st_mtime_ns, os.stat(self.dir / CHAIN_DIR).st_mtime_ns)
+        except OSError:
+            stamp = (dst.st_mtime_ns, 0)
+        if not full and self._dir_mtime_ns == stamp:
             return
         cache: dict[str, tuple[StatKey, Entry | OtherFile]] = {}
         extra: list[OtherFile] = []
@@ -126,7 +164,9 @@ class DirIndex:
                     except FileNotFoundError:
                         continue
                     if stat.S_ISDIR(st.st_mode):
-                        if de.name == QUARANTINE_DIR:
+                        if de.name == CHAIN_DIR:
+                            self._scan_chain(path, cache)
+                        elif de.name == QUARANTINE_DIR:
                             extra += [OtherFile(q, q.lstat().st_size, "quarantined", "moved by kv verify")
                                       for q in sorted(path.iterdir()) if q.is_file()]
                         else:
@@ -139,12 +179,36 @@ class DirIndex:
             raise KVStoreError(f"{self.dir}: cannot list cache directory: {err.strerror or err}") from err
         self._cache, self._extra = cache, extra
         # a directory changed within RACY_S may change again within the same timestamp tick
-        racy = time.time() - dst.st_mtime < RACY_S
-        self._dir_mtime_ns = None if racy else dst.st_mtime_ns
+        racy = time.time() - max(stamp) / 1e9 < RACY_S
+        self._dir_mtime_ns = None if racy else stamp
 
-    def put(self, entry: Entry, st: os.stat_result) -> None:
+    def _scan_chain(self, path: Path, cache: dict[str, tuple[StatKey, Entry | OtherFile]]) -> None:
+        """Classify the files of the ``chain/`` subdirectory into ``cache`` (keys ``chain/<name>``)."""
+        with os.scandir(path) as it:
+            for de in it:
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                key, sub = (st.st_ino, st.st_size, st.st_mtime_ns), f"{CHAIN_DIR}/{de.name}"
+                prev = self._cache.get(sub)
+                cache[sub] = (key, prev[1] if prev and prev[0] == key else classify_chain(path / de.name, st))
+
+    def children(self) -> dict[str, list[Entry]]:
+        """Chain entries by the SHA-1 of the parent they reference."""
+        out: dict[str, list[Entry]] = {}
+        for item in self.items():
+            if isinstance(item, Entry) and item.parent is not None:
+                out.setdefault(item.parent, []).append(item)
+        return out
+
+    def classify(self, path: Path, st: os.stat_result) -> Entry | OtherFile:
+        """What a file of this directory or of its ``chain/`` subdirectory is."""
+        return classify_chain(path, st) if path.parent.name == CHAIN_DIR else classify(path, st)
+
+    def put(self, entry: Entry | OtherFile, st: os.stat_result) -> None:
         """Index a file this process just published (from the header it wrote)."""
-        self._cache[entry.path.name] = ((st.st_ino, st.st_size, st.st_mtime_ns), entry)
+        self._cache[entry.key if isinstance(entry, Entry) else entry.path.name] = ((st.st_ino, st.st_size, st.st_mtime_ns), entry)
 
     def drop(self, name: str) -> None:
         self._cache.pop(name, None)

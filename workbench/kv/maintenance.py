@@ -21,9 +21,10 @@ from typing import Iterable
 from workbench.kv.errors import KVFormatError, KVStoreError
 from workbench.kv.eviction import Candidate, EvictionRules, keep_value, plan_eviction
 from workbench.kv.events import Evicted, Quarantined, TmpSwept
+from workbench.kv.chain import CHAIN_DIR, CHAIN_SUFFIX, chain_summary, read_chain, read_chain_header
 from workbench.kv.header import TEXT_OFFSET, KVHeader, SaveReason, parse_header, text_sha
-from workbench.kv.index import NAME_RE, QUARANTINE_DIR, DirIndex, Entry, OtherFile
-from workbench.kv.inspection import file_layout
+from workbench.kv.index import CHAIN_RE, NAME_RE, QUARANTINE_DIR, DirIndex, Entry, OtherFile
+from workbench.kv.inspection import file_layout, infer_layout
 from workbench.kv.kvfile import read_kv_file
 from workbench.kv.lock import DirLock
 from workbench.spec.statelayout import StateLayout
@@ -125,6 +126,23 @@ def candidate(e: Entry, incoming_text: bytes) -> Candidate:
     return Candidate(e.sha, e.tokens, e.file_size, e.hits, e.last_used, e.created_at, e.reason, prefix)
 
 
+def verify_chain_file(path: Path, layout: StateLayout | None = None, ctx: int | None = None,
+                      layout_note: str = "") -> VerifyReport:
+    """Restore a chain entry from its whole chain (every file, every check) and report."""
+    name, header = str(path), None
+    try:
+        header, ref = read_chain_header(path)
+        if layout is None:
+            layout, layout_note = infer_layout(chain_summary(path))
+        read_chain(path, layout, ctx)
+    except KVFormatError as err:
+        return VerifyReport(path, False, str(err), header, layout_note)
+    except OSError as err:
+        return VerifyReport(path, False, f"{name}: {err.strerror or err}", header, layout_note)
+    link = "a base" if ref.parent is None else f"over {ref.parent} ({ref.parent_tokens} tokens)"
+    return VerifyReport(path, True, "", header, layout_note, "absent", (f"chain depth {ref.depth}, {link}",))
+
+
 class Maintenance:
     """The directory-wide operations of ``KVStore``, which provides the attributes below
     and ``_emit(event)``, ``entries()`` and ``invalid()``."""
@@ -159,32 +177,41 @@ class Maintenance:
     def _evict(self, budget: int | None, protect: set[str], incoming: int, replacing: str, why: str,
                dry_run: bool = False, incoming_text: bytes = b"") -> list[Evicted]:
         """Unlink the entries ``plan_eviction`` picks until the directory plus ``incoming``
-        bytes (minus the file named ``replacing``) fits ``budget``. Caller holds the exclusive
-        lock, index fresh. ``dry_run`` only returns what would go (no unlink, no events)."""
+        bytes (minus the file named ``replacing``) fits ``budget``. An entry another chain
+        entry names as parent is not a candidate until that child is gone (evicting frees
+        only its own file); the plan is redone after each victim, so a leaf's parent may
+        follow it in the same pass. Caller holds the exclusive lock, index fresh.
+        ``dry_run`` only returns what would go (no unlink, no events)."""
         if budget is None:
             return []
         now = time.time()
         total = self.index.total() - self.index.size_of(replacing)
-        entries = {e.sha: e for e in self.index.entries().values() if e.path.name != replacing}
-        victims = plan_eviction([candidate(e, incoming_text) for e in entries.values()], total, budget,
-                                self.eviction, now, incoming, protect)
-        out = []
-        for c in victims:
+        out: list[Evicted] = []
+        gone: set[str] = set()
+        while True:
+            parents = {p for p, kids in self.index.children().items() if any(k.sha not in gone for k in kids)}
+            entries = {e.sha: e for e in self.index.entries().values()
+                       if e.key != replacing and e.sha not in gone and e.sha not in parents}
+            victims = plan_eviction([candidate(e, incoming_text) for e in entries.values()], total, budget,
+                                    self.eviction, now, incoming, protect)
+            if not victims:
+                return out
+            c = victims[0]
             e = entries[c.key]
             total -= e.file_size
+            gone.add(e.sha)
             if not dry_run:
                 try:
                     os.unlink(e.path)
                 except FileNotFoundError:
                     pass
                 except OSError:
-                    break  # as ds4: stop the pass when an unlink fails
-                self.index.drop(e.path.name)
+                    return out  # as ds4: stop the pass when an unlink fails
+                self.index.drop(e.key)
             event = Evicted(path=e.path, tokens=e.tokens, bytes=e.file_size, score=keep_value(c, now, self.eviction)[0],
                             save_reason=e.reason.name.lower(), why=why,
                             disk_bytes=total + self.index.size_of(replacing))
             out.append(event if dry_run else self._emit(event))
-        return out
 
     def evict_to_budget(self, budget_mb: float | None = None, dry_run: bool = False) -> list[Evicted]:
         """Evict until every file together fits the budget (``budget_mb`` overrides the
@@ -203,8 +230,12 @@ class Maintenance:
         """Delete one checkpoint of this directory (under the exclusive lock, so no other
         process is mid-read of it). Only ``<sha>.kv`` files are removed."""
         path = entry.path if isinstance(entry, Entry) else Path(entry)
-        if path.parent.resolve() != self.dir.resolve() or not NAME_RE.match(path.name):
+        flat = path.parent.resolve() == self.dir.resolve() and NAME_RE.match(path.name)
+        chained = path.parent.resolve() == (self.dir / CHAIN_DIR).resolve() and CHAIN_RE.match(path.name)
+        if not (flat or chained):
             raise KVStoreError(f"{path}: not a checkpoint of {self.dir}")
+        if chained and path.name[:40] in self.index.children():
+            raise KVStoreError(f"{path}: other chain entries extend it (remove them first)")
         with self.lock.exclusive():
             try:
                 path.unlink()
@@ -220,7 +251,8 @@ class Maintenance:
         reports = []
         for path in sorted(e.path for e in self.entries()) + sorted(o.path for o in self.invalid()):
             with self.lock.shared():
-                rep = verify_file(path, layout, ctx, layout_note)
+                check_file = verify_chain_file if path.suffix == CHAIN_SUFFIX else verify_file
+                rep = check_file(path, layout, ctx, layout_note)
             if not rep.ok and quarantine:
                 self.quarantine(path, rep.error)
             reports.append(rep)

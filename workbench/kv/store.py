@@ -55,7 +55,7 @@ import struct
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Protocol
 
@@ -68,6 +68,8 @@ from workbench.kv.header import (
     MODEL_FLASH, OFF_HITS, OFF_LAST_USED, TEXT_OFFSET, KVHeader, SaveReason, encode_text, parse_header, read_text,
     text_sha,
 )
+from workbench.kv.chain import CHAIN_SUFFIX, read_chain
+from workbench.kv.chainstore import LAYOUTS, MAX_DEPTH, ChainOps
 from workbench.kv.index import NAME_RE, DirIndex, Entry, OtherFile
 from workbench.kv.kvfile import kv_file_bytes, model_mismatch, read_kv_file, write_kv_file
 from workbench.kv.lock import DirLock
@@ -113,7 +115,7 @@ class SaveResult:
         return self.status == "saved"
 
 
-class KVStore(Maintenance):
+class KVStore(ChainOps, Maintenance):
     """A ds4-compatible KV checkpoint directory with a disk budget.
 
     ``budget_mb`` (MiB, None: unlimited) caps the bytes of *all* files in the directory;
@@ -124,7 +126,10 @@ class KVStore(Maintenance):
     sweeps stale temp files of dead processes (older than ``tmp_grace_s``) and evicts to
     the budget on open, as ds4 does at startup; pass False to only read. ``on_event`` (and
     every ``subscribe``-d function) is called with each event, possibly while the
-    directory lock is held: it must not call back into the store.
+    directory lock is held: it must not call back into the store. ``kv_layout`` "flat"
+    writes ds4's ``<sha>.kv`` files; "chain" writes ``chain/<sha>.kvd`` entries over a
+    stored parent, at most ``max_depth`` links deep (``workbench.kv.chainstore``); either
+    store reads both.
     """
 
     def __init__(self, directory: str | os.PathLike, budget_mb: float | None = 4096, min_tokens: int = 512, *,
@@ -132,7 +137,8 @@ class KVStore(Maintenance):
                  eviction: EvictionRules | None = None, model_id: int = MODEL_FLASH, fingerprint: bytes | None = None,
                  consume_on_load_above: int | None = None,
                  tmp_grace_s: float = 60.0, create: bool = True,
-                 maintain: bool = True, on_event: Callable[[KVEvent], None] | None = None, events_max: int = 1000):
+                 maintain: bool = True, on_event: Callable[[KVEvent], None] | None = None, events_max: int = 1000,
+                 kv_layout: str = "flat", max_depth: int = MAX_DEPTH):
         self.dir = Path(directory)
         if create:
             try:
@@ -145,6 +151,12 @@ class KVStore(Maintenance):
             raise KVStoreError(f"{self.dir}: budget must be > 0 MiB or None, got {budget_mb}")
         if quant_bits not in (2, 4):
             raise KVStoreError(f"{self.dir}: quant bits {quant_bits}, expected 2 or 4")
+        if kv_layout not in LAYOUTS:
+            raise KVStoreError(f"{self.dir}: kv layout {kv_layout!r}, expected one of {', '.join(LAYOUTS)}")
+        if max_depth < 1:
+            raise KVStoreError(f"{self.dir}: chain max depth {max_depth}, expected >= 1")
+        self.kv_layout = kv_layout
+        self.max_depth = max_depth
         self.budget_mb = budget_mb
         self.min_tokens = min_tokens
         self.quant_bits = quant_bits
@@ -237,7 +249,7 @@ class KVStore(Maintenance):
             self.index.scan(full=False)
             index = self.index.entries()
             failed = {e.sha for e in index.values()
-                      if self._failed.get(e.path.name, 0) == self.index.stat_key(e.path.name)}
+                      if self._failed.get(e.path.name, 0) == self.index.stat_key(e.key)}
             d = decide(prompt, index, ctx, self.rules, lambda e: self._text_matches(e, prompt), failed, min_tokens)
             if d.hit is not None:
                 e = d.hit
@@ -272,11 +284,15 @@ class KVStore(Maintenance):
         t0 = time.perf_counter()
         try:
             with self.lock.shared():
-                with open(path, "rb", buffering=0) as f:
-                    self._check_model(f, name)
-                    header, text, state, trailer = read_kv_file(f, layout, ctx, name=name, prefill_chunk=prefill_chunk,
-                                                                verify=verify, progress=progress)
-                    ino = os.fstat(f.fileno()).st_ino
+                if path.suffix == CHAIN_SUFFIX:
+                    state, text, header, _ = read_chain(path, layout, ctx, prefill_chunk=prefill_chunk)
+                    trailer, ino = None, os.stat(path).st_ino
+                else:
+                    with open(path, "rb", buffering=0) as f:
+                        self._check_model(f, name)
+                        header, text, state, trailer = read_kv_file(f, layout, ctx, name=name, verify=verify,
+                                                                    prefill_chunk=prefill_chunk, progress=progress)
+                        ino = os.fstat(f.fileno()).st_ino
             m = NAME_RE.match(path.name)
             if m and text_sha(text) != m.group(1).lower():
                 raise KVFormatError(f"{name}: cached text hash mismatch: SHA-1(text) != file name")
@@ -299,12 +315,13 @@ class KVStore(Maintenance):
             raise KVLoadError(msg) from err
         self._failed.pop(path.name, None)
         assert state is not None
-        if self.consume_on_load_above is not None and header.tokens > self.consume_on_load_above:
+        if (self.consume_on_load_above is not None and header.tokens > self.consume_on_load_above
+                and path.name[:40].lower() not in self.index.children()):  # a parent stays
             self._consume(path, ino, header.tokens)
         else:
             self._touch(path, ino, hit=True)
         self._emit(Loaded(path=path, tokens=header.tokens, bytes=header.file_size, seconds=time.perf_counter() - t0,
-                          checksum=trailer.checksum_status(verify)))
+                          checksum="absent" if trailer is None else trailer.checksum_status(verify)))
         return state, text
 
     def _check_model(self, f: BinaryIO, name: str) -> None:
@@ -370,6 +387,11 @@ class KVStore(Maintenance):
         rules = self.eviction
         keep = {sha} | ({p.sha if isinstance(p, Entry) else str(p).lower() for p in protect}
                         if rules.protect_hit else set())
+        if self.kv_layout == "chain":  # fsynced before visible: a parent precedes its children on disk
+            final, chain_size, writer, parent = self._chain_plan(state, key, sha)
+            keep |= parent  # the parent this entry will name is never evicted to make room for it
+            durable = True
+        name = str(final.relative_to(self.dir))  # the index's key
         t0 = time.perf_counter()
 
         def skipped(status: str, nbytes: int, skip: str, detail: str, evicted: list[Evicted] = ()) -> SaveResult:
@@ -382,7 +404,7 @@ class KVStore(Maintenance):
 
         with self._save_mutex:
             try:
-                predicted = kv_file_bytes(state, len(key), self.checksum)
+                predicted = chain_size if self.kv_layout == "chain" else kv_file_bytes(state, len(key), self.checksum)
             except KVFormatError as err:
                 msg = f"{final}: {err}"
                 self._emit(SaveFailed(path=final, tokens=state.n_tokens, error=msg, reason=why))
@@ -400,9 +422,9 @@ class KVStore(Maintenance):
             if budget is not None and rules.pre_write:
                 with self.lock.exclusive():
                     self.index.scan(full=True)
-                    evicted = self._evict(budget, keep, incoming=predicted, replacing=final.name, why="make-room",
+                    evicted = self._evict(budget, keep, incoming=predicted, replacing=name, why="make-room",
                                           incoming_text=key)
-                    room = self.index.total() - self.index.size_of(final.name) + predicted <= budget
+                    room = self.index.total() - self.index.size_of(name) + predicted <= budget
             if not room:
                 return skipped("skipped", predicted, "no-room", "budget is held by protected, foreign or invalid files",
                                evicted)
@@ -418,7 +440,7 @@ class KVStore(Maintenance):
                     if durable:
                         fsync_dir(self.dir)
                     st = os.stat(final)  # index the new file from the header just written
-                    self.index.put(Entry(final, sha, replace(header, file_size=st.st_size), st.st_mtime_ns), st)
+                    self.index.put(self.index.classify(final, st), st)
                     if existing is not None:
                         self._emit(Replaced(path=final, why=existing))
                     self.index.scan(full=True)

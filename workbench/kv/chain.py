@@ -1,0 +1,294 @@
+"""Chained checkpoints: a conversation's checkpoints stored as a base plus deltas.
+
+A chain entry is ``<dir>/chain/<sha1(text)>.kvd`` (the same SHA-1 a flat ``.kv`` file
+would have). ds4-server lists only ``<40 hex>.kv`` files at the top of its directory,
+so it never sees these files (its own budget does not count them; this workbench's
+store counts every file, the ``chain/`` tree included). File layout::
+
+    0            52 + text   KVC header and text (``workbench.kv.header``), exactly as a
+                             flat file's, except payload_bytes = the chain section's bytes
+                             and ext bit3 (checksum trailer) clear
+    chain ref    36 B        "DSVC", u32 version 1, 20 B parent SHA-1 (zeros: a base),
+                             u32 parent tokens (0 for a base), u32 depth (0 for a base)
+    delta        rest        the DSV4 payload header of the whole state (52 B), then
+                             tokens[parent:T] (u32), logits (f32 [vocab]), the whole
+                             state's compressed/indexer row counts (u32 [2 * n_layer]),
+                             then per layer in DSV4 order: raw window (whole), comp rows
+                             [parent rows:], comp frontiers, idx rows [parent rows:], idx
+                             frontiers (float32)
+
+Compressed and indexer rows and tokens only grow by appending, so the parent's rows are
+exactly the first rows of the child's; what changes (raw window, frontiers, logits) is
+stored whole in every entry. Restoring walks the chain from the base: each file is
+opened once, its appended rows read straight into the whole state's buffers, and the
+raw window, frontiers and logits read from the leaf only (ancestors' are seeked past).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import mlx.core as mx
+import numpy as np
+
+from workbench.kv.dsv4 import (
+    _PAYLOAD_HEADER, PAYLOAD_HEADER_BYTES, PayloadHeader, PayloadSummary, check_payload_header, check_row_counts,
+    layer_tensor_shapes, runtime_chunk, serializable_problems,
+)
+from workbench.kv.errors import KVFormatError, check
+from workbench.kv.header import TEXT_OFFSET, KVHeader, SaveReason, new_header, parse_header, read_text, text_sha
+from workbench.kv.stream import Sink, f32_bytes
+from workbench.state import F32, LayerState, SessionState, StateLayout
+
+CHAIN_DIR = "chain"
+CHAIN_SUFFIX = ".kvd"
+CHAIN_MAGIC = b"DSVC"
+CHAIN_VERSION = 1
+_REF = struct.Struct("<4sI20sII")
+REF_BYTES = _REF.size  # 36
+GROWING = ("comp", "idx")  # the fields that only grow by appending rows
+
+
+@dataclass(frozen=True)
+class ChainRef:
+    """What a chain entry says about its parent."""
+
+    parent: str | None  # SHA-1 hex of the parent entry; None for a base
+    parent_tokens: int
+    depth: int  # 0 for a base, parent's depth + 1 otherwise
+
+    def pack(self) -> bytes:
+        raw = bytes.fromhex(self.parent) if self.parent else bytes(20)
+        return _REF.pack(CHAIN_MAGIC, CHAIN_VERSION, raw, self.parent_tokens, self.depth)
+
+
+def chain_path(directory: Path, sha: str) -> Path:
+    """Where the chain entry of ``sha`` lives in cache directory ``directory``."""
+    return directory / CHAIN_DIR / f"{sha}{CHAIN_SUFFIX}"
+
+
+def read_ref(f: BinaryIO, header: KVHeader, name: str) -> ChainRef:
+    """The chain reference after the text of an open chain file."""
+    f.seek(header.payload_offset)
+    raw = f.read(REF_BYTES)
+    check(len(raw) == REF_BYTES and header.payload_bytes >= REF_BYTES, name, "truncated chain reference")
+    magic, version, parent, ptok, depth = _REF.unpack(raw)
+    check(magic == CHAIN_MAGIC and version == CHAIN_VERSION, name,
+          f"chain reference magic {magic!r} version {version}, expected {CHAIN_MAGIC!r} version {CHAIN_VERSION}")
+    is_base = parent == bytes(20)
+    check(is_base == (ptok == 0) == (depth == 0), name,
+          f"chain reference: parent {parent.hex()}, parent tokens {ptok}, depth {depth} disagree")
+    check(ptok < header.tokens, name, f"chain reference: parent tokens {ptok} >= entry tokens {header.tokens}")
+    return ChainRef(None if is_base else parent.hex(), ptok, depth)
+
+
+def read_chain_header(path: Path) -> tuple[KVHeader, ChainRef]:
+    """Header and chain reference of a chain file (no text, no payload)."""
+    name = str(path)
+    try:
+        with open(path, "rb") as f:
+            header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
+            return header, read_ref(f, header, name)
+    except OSError as err:
+        raise KVFormatError(f"{name}: cannot read chain entry: {err.strerror or err}") from err
+
+
+# ---- writing --------------------------------------------------------------------------------
+def delta_shapes(layout: StateLayout, layer: int, n_raw: int, tokens: int, parent_tokens: int
+                 ) -> list[tuple[str, tuple[int, int], int]]:
+    """(field, [rows, cols] stored, first row) of one layer's delta tensors, in order."""
+    out = []
+    for fname, (rows, cols) in layer_tensor_shapes(layout, layer, n_raw, layout.n_comp(layer, tokens),
+                                                   layout.n_idx(layer, tokens)):
+        first = 0
+        if fname == "comp":
+            first = layout.n_comp(layer, parent_tokens)
+        elif fname == "idx":
+            first = layout.n_idx(layer, parent_tokens)
+        out.append((fname, (rows - first, cols), first))
+    return out
+
+
+def delta_bytes(state: SessionState, parent_tokens: int) -> int:
+    """Bytes of the chain section (reference + delta) for ``state`` over a parent of
+    ``parent_tokens`` tokens (0: a base)."""
+    lay, T = state.layout, state.n_tokens
+    ph = PayloadHeader.for_state(state)
+    body = sum(rows * cols * F32 for L in range(lay.n_layer)
+               for _, (rows, cols), _ in delta_shapes(lay, L, ph.raw_live, T, parent_tokens))
+    return REF_BYTES + PAYLOAD_HEADER_BYTES + 4 * (T - parent_tokens) + F32 * lay.n_vocab + 8 * lay.n_layer + body
+
+
+def chain_file_bytes(state: SessionState, text_len: int, parent_tokens: int) -> int:
+    """Exact bytes of the chain file ``write_chain_file`` writes."""
+    return TEXT_OFFSET + text_len + delta_bytes(state, parent_tokens)
+
+
+def write_chain_file(f: BinaryIO, state: SessionState, text: bytes, ref: ChainRef, *, quant_bits: int,
+                     reason: SaveReason, ext_flags: int = 0, now: int, hits: int = 0) -> tuple[KVHeader, int]:
+    """Write the chain file of ``state`` over the parent ``ref`` names; returns (header, bytes)."""
+    problems = serializable_problems(state)
+    if not state.is_whole:
+        problems.insert(0, "holds a layer range only (a chain entry holds every layer)")
+    if problems:
+        raise KVFormatError("cannot serialize session state: " + "; ".join(problems[:5]))
+    lay, T, P = state.layout, state.n_tokens, ref.parent_tokens
+    header = new_header(text, tokens=T, ctx=state.ctx, payload_bytes=delta_bytes(state, P), quant_bits=quant_bits,
+                        reason=reason, ext_flags=ext_flags, checksum=False, now=now, hits=hits)
+    out = Sink(f)
+    out.put(header.pack())
+    out.put(text)
+    out.put(ref.pack())
+    ph = PayloadHeader.for_state(state)
+    out.put(ph.pack())
+    out.put(np.asarray(state.tokens[P:], dtype="<u4").tobytes())
+    out.put(f32_bytes(state.logits))
+    out.put(struct.pack(f"<{lay.n_layer}I", *(lay.n_comp(L, T) for L in range(lay.n_layer))))
+    out.put(struct.pack(f"<{lay.n_layer}I", *(lay.n_idx(L, T) for L in range(lay.n_layer))))
+    for L, ls in enumerate(state.layers):
+        for fname, (rows, _), first in delta_shapes(lay, L, ph.raw_live, T, P):
+            arr = getattr(ls, fname)
+            if rows:
+                out.put(f32_bytes(arr[first:] if first else arr))
+    return header, out.n
+
+
+# ---- reading --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Link:
+    """One file of a chain, as found walking from the leaf."""
+
+    path: Path
+    header: KVHeader
+    ref: ChainRef
+
+
+def walk(leaf: Path) -> list[Link]:
+    """The chain of ``leaf``, base first. Raises KVFormatError naming the first file whose
+    parent is missing or disagrees (tokens, depth, context, text)."""
+    links: list[Link] = []
+    path = leaf
+    while True:
+        header, ref = read_chain_header(path)
+        if links:
+            child = links[-1]
+            check(header.tokens == child.ref.parent_tokens and ref.depth == child.ref.depth - 1
+                  and header.ctx == child.header.ctx and header.text_bytes <= child.header.text_bytes, str(child.path),
+                  f"parent {path.name} does not match: tokens {header.tokens} (expected {child.ref.parent_tokens}), "
+                  f"depth {ref.depth} (expected {child.ref.depth - 1}), ctx {header.ctx}")
+        links.append(Link(path, header, ref))
+        if ref.parent is None:
+            return links[::-1]
+        parent = path.parent / f"{ref.parent}{CHAIN_SUFFIX}"
+        if not parent.exists():
+            raise KVFormatError(f"{path}: chain parent {parent.name} is missing (broken chain)")
+        path = parent
+
+
+def chain_tokens(leaf: Path) -> list[int]:
+    """The whole token list of a chain entry (reads only the token pieces)."""
+    tokens: list[int] = []
+    for link in walk(leaf):
+        with open(link.path, "rb") as f:
+            f.seek(link.header.payload_offset + REF_BYTES + PAYLOAD_HEADER_BYTES)
+            n = link.header.tokens - link.ref.parent_tokens
+            raw = f.read(4 * n)
+            check(len(raw) == 4 * n, str(link.path), "file ends inside the token ids")
+            tokens.extend(np.frombuffer(raw, dtype="<u4").tolist())
+    return tokens
+
+
+def _read_into(f: BinaryIO, mv: memoryview, name: str, what: str) -> None:
+    got = 0
+    while got < len(mv):
+        n = f.readinto(mv[got:])
+        if not n:
+            raise KVFormatError(f"{name}: file ends inside {what}")
+        got += n
+
+
+def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefill_chunk: int | None = None
+               ) -> tuple[SessionState, bytes, KVHeader, list[Link]]:
+    """Restore a chain entry: (state, its text, its header, the chain base first).
+
+    Every file is opened and read once; the growing rows of each go straight into the
+    whole state's buffers at their row offset; the leaf's raw window, frontiers and logits
+    are read, the ancestors' seeked past. Runs ds4's payload checks on the leaf's payload
+    header and row counts and checks the text against the file name.
+    """
+    links = walk(leaf)
+    name = str(leaf)
+    last = links[-1]
+    with open(leaf, "rb") as f:
+        text = read_text(f, last.header, name)
+        f.seek(last.header.payload_offset + REF_BYTES)
+        ph = PayloadHeader(*_PAYLOAD_HEADER.unpack(f.read(PAYLOAD_HEADER_BYTES)))
+    check(text_sha(text) == leaf.name[:40].lower(), name, "cached text hash mismatch: SHA-1(text) != file name")
+    check_payload_header(ph, layout, name, ctx, prefill_chunk)
+    T = ph.tokens
+    check(T == last.header.tokens, name, f"payload holds {T} tokens, header {last.header.tokens}")
+    n_comp = [layout.n_comp(L, T) for L in range(layout.n_layer)]
+    n_idx = [layout.n_idx(L, T) for L in range(layout.n_layer)]
+    tokens = np.zeros(T, dtype="<u4")
+    logits = mx.array(np.zeros(layout.n_vocab, dtype=np.float32))
+    layers = []
+    for L in range(layout.n_layer):
+        ls = LayerState(raw=None)
+        for fname, shape in layer_tensor_shapes(layout, L, ph.raw_live, n_comp[L], n_idx[L]):
+            setattr(ls, fname, mx.array(np.zeros(shape, dtype=np.float32)))
+        layers.append(ls)
+    for link in links:
+        leafmost = link is last
+        P, Ti = link.ref.parent_tokens, link.header.tokens
+        lname = str(link.path)
+        with open(link.path, "rb", buffering=0) as f:
+            end = link.header.payload_offset + link.header.payload_bytes
+            f.seek(link.header.payload_offset + REF_BYTES)
+            pph = PayloadHeader(*_PAYLOAD_HEADER.unpack(f.read(PAYLOAD_HEADER_BYTES)))
+            check(pph.tokens == Ti and pph.ctx == ph.ctx and pph.n_layer == ph.n_layer, lname,
+                  f"chain payload header: tokens {pph.tokens} ctx {pph.ctx}, expected {Ti} ctx {ph.ctx}")
+            _read_into(f, memoryview(tokens[P:Ti]).cast("B"), lname, "token ids")
+            if leafmost:
+                _read_into(f, memoryview(logits).cast("B"), lname, "logits")
+                counts = struct.unpack(f"<{2 * layout.n_layer}I", f.read(8 * layout.n_layer))
+                check_row_counts(ph, layout, list(counts[:layout.n_layer]), list(counts[layout.n_layer:]), lname, ctx)
+            else:
+                f.seek(F32 * layout.n_vocab + 8 * layout.n_layer, os.SEEK_CUR)
+            for L in range(layout.n_layer):
+                for fname, (rows, cols), first in delta_shapes(layout, L, pph.raw_live, Ti, P):
+                    nbytes = rows * cols * F32
+                    if not nbytes:
+                        continue
+                    if fname in GROWING:
+                        mv = memoryview(getattr(layers[L], fname)).cast("B")
+                        _read_into(f, mv[first * cols * F32: first * cols * F32 + nbytes], lname, f"layer {L} {fname}")
+                    elif leafmost:
+                        _read_into(f, memoryview(getattr(layers[L], fname)).cast("B"), lname, f"layer {L} {fname}")
+                    else:
+                        f.seek(nbytes, os.SEEK_CUR)
+            check(f.tell() == end and os.fstat(f.fileno()).st_size >= end, lname,
+                  f"chain delta ends at byte {f.tell()}, header says {end}")
+    state = SessionState(layout=layout, ctx=ph.ctx if ctx is None else ctx,
+                         prefill_chunk=runtime_chunk(ph.prefill_chunk, ctx, prefill_chunk),
+                         tokens=tokens.tolist(), logits=logits, layers=layers)
+    return state, text, last.header, links
+
+
+def chain_summary(leaf: Path) -> PayloadSummary:
+    """The whole state's payload header and row counts of a chain entry (no tensors)."""
+    header, ref = read_chain_header(leaf)
+    name = str(leaf)
+    with open(leaf, "rb") as f:
+        f.seek(header.payload_offset + REF_BYTES)
+        raw = f.read(PAYLOAD_HEADER_BYTES)
+        check(len(raw) == PAYLOAD_HEADER_BYTES, name, "truncated chain payload header")
+        ph = PayloadHeader(*_PAYLOAD_HEADER.unpack(raw))
+        f.seek(4 * (ph.tokens - ref.parent_tokens) + F32 * ph.vocab, os.SEEK_CUR)
+        raw = f.read(8 * ph.n_layer)
+        check(len(raw) == 8 * ph.n_layer, name, "file ends inside the row counts")
+    counts = struct.unpack(f"<{2 * ph.n_layer}I", raw)
+    return PayloadSummary(ph, list(counts[: ph.n_layer]), list(counts[ph.n_layer:]))

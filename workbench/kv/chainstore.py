@@ -1,0 +1,186 @@
+"""The store's chained layout: choosing a parent, export to ds4 ``.kv``, import, orphans.
+
+With ``KVStore(kv_layout="chain")`` a save is written as ``chain/<sha>.kvd``
+(``workbench.kv.chain``) over the *parent*: the stored chain entry with the longest text
+that is a byte prefix of the new text, whose tokens are a prefix of the new tokens, with
+the same context and quant bits. No such entry: a base.
+
+Re-basing rule: an entry is at most ``max_depth`` links above its base (default
+``MAX_DEPTH`` = 8); a save whose parent is already at depth ``max_depth`` is written as a
+new base. Restoring reads every appended row once whatever the depth (ancestors' raw
+windows, frontiers and logits are seeked past), so depth costs one open and a few seeks
+per link; the bound keeps that overhead small (measured by ``workbench bench kvchain``).
+
+Eviction and shared rows (reference counting by the index): an entry that other chain
+entries name as parent is never an eviction candidate, so evicting an entry frees exactly
+its own file, which nobody else uses; once its last child is gone it becomes a leaf and a
+candidate like any other. Crash safety: every chain file is fsynced, renamed into place
+and the directory fsynced before the save returns, so a parent is on disk before any
+child names it; a crash leaves at worst a temp file (swept like ds4's). ``orphans`` lists
+what no valid chain reaches (broken chains: a missing or mismatching ancestor) and stale
+temp files; ``remove_orphans`` deletes them (``workbench kv gc``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from workbench.atomic import atomic_write
+from workbench.kv.chain import (
+    CHAIN_DIR, CHAIN_SUFFIX, ChainRef, chain_file_bytes, chain_path, chain_tokens, read_chain, walk,
+    write_chain_file,
+)
+from workbench.kv.errors import KVFormatError, KVStoreError
+from workbench.kv.header import ExtFlag, KVHeader, SaveReason
+from workbench.kv.index import DirIndex, Entry
+from workbench.kv.kvfile import read_kv_file, write_kv_file
+from workbench.kv.lock import DirLock
+from workbench.kv.maintenance import TMP_PID_RE, pid_alive
+from workbench.kv.stream import Progress
+from workbench.state import SessionState, StateLayout
+
+MAX_DEPTH = 8
+LAYOUTS = ("flat", "chain")
+
+
+def chain_writer(ref: ChainRef):
+    """A ``KVWriter`` that writes the chain file over ``ref``'s parent."""
+
+    def write_chain(f: BinaryIO, state: SessionState, text: bytes, *, quant_bits: int, reason: SaveReason,
+                    ext_flags: int = 0, checksum: bool = True, now: int, hits: int = 0,
+                    progress: Progress | None = None) -> tuple[KVHeader, int]:
+        return write_chain_file(f, state, text, ref, quant_bits=quant_bits, reason=reason,
+                                ext_flags=ext_flags & ~ExtFlag.CHECKSUM, now=now, hits=hits)
+
+    return write_chain
+
+
+class ChainOps:
+    """The chained-layout operations of ``KVStore``, which provides these attributes and
+    ``_text_matches(entry, text)``, ``entries()``, ``save(...)``."""
+
+    dir: Path
+    lock: DirLock
+    index: DirIndex
+    kv_layout: str
+    max_depth: int
+    quant_bits: int
+    checksum: bool
+
+    def _chain_parent(self, state: SessionState, key: bytes) -> ChainRef:
+        """The reference a chain save of ``state`` under ``key`` gets (see the module doc)."""
+        with self.lock.shared():
+            self.index.scan(full=False)
+            candidates = sorted((e for e in self.index.entries().values()
+                                 if e.chained and e.text_bytes < len(key) and e.tokens < state.n_tokens
+                                 and e.ctx == state.ctx and e.quant_bits == self.quant_bits),
+                                key=lambda e: e.text_bytes, reverse=True)
+            for e in candidates:
+                if not self._text_matches(e, key):
+                    continue
+                try:
+                    if chain_tokens(e.path) != list(state.tokens[: e.tokens]):
+                        continue
+                except (KVFormatError, OSError):
+                    continue
+                if e.depth + 1 > self.max_depth:
+                    break  # re-base
+                return ChainRef(e.sha, e.tokens, e.depth + 1)
+        return ChainRef(None, 0, 0)
+
+    def _chain_plan(self, state: SessionState, key: bytes, sha: str) -> tuple[Path, int, object, set[str]]:
+        """(final path, predicted bytes, writer, shas to protect) of a chain save."""
+        ref = self._chain_parent(state, key)
+        (self.dir / CHAIN_DIR).mkdir(mode=0o700, exist_ok=True)
+        protect = set() if ref.parent is None else {ref.parent}
+        return chain_path(self.dir, sha), chain_file_bytes(state, len(key), ref.parent_tokens), chain_writer(ref), \
+            protect
+
+    def export(self, entry: Entry | str, out: str | os.PathLike, layout: StateLayout) -> Path:
+        """Write entry ``entry`` (an Entry or its SHA-1) as a ds4 ``.kv`` file at ``out``
+        through the flat writer: the same header fields (times now), text and payload."""
+        e = self._find(entry)
+        with self.lock.shared():
+            if e.chained:
+                state, text, header, _ = read_chain(e.path, layout)
+            else:
+                with open(e.path, "rb", buffering=0) as f:
+                    header, text, state, _ = read_kv_file(f, layout, name=str(e.path))
+        dest = Path(out)
+        with atomic_write(dest) as f:
+            write_kv_file(f, state, text, quant_bits=header.quant_bits, reason=header.reason,
+                          ext_flags=header.ext_flags & ~ExtFlag.CHECKSUM, checksum=self.checksum,
+                          now=int(time.time()), hits=header.hits)
+        return dest
+
+    def import_dir(self, src: str | os.PathLike, layout: StateLayout) -> list[Path]:
+        """Store every valid ds4 ``.kv`` file of directory ``src`` in this store, shortest
+        text first (so a conversation's earlier checkpoints become its later ones'
+        parents); returns what was saved. Files that do not load are skipped."""
+        files = []
+        for p in sorted(Path(src).glob("*.kv")):
+            try:
+                with open(p, "rb", buffering=0) as f:
+                    header, text, state, _ = read_kv_file(f, layout, name=str(p))
+            except (KVFormatError, OSError):
+                continue
+            files.append((len(text), p, header, text))
+        out = []
+        for _, p, header, text in sorted(files, key=lambda t: (t[0], t[1].name)):
+            with open(p, "rb", buffering=0) as f:
+                _, _, state, _ = read_kv_file(f, layout, name=str(p))
+            res = self.save(state, text, header.reason, ext_flags=header.ext_flags & ~ExtFlag.CHECKSUM)
+            if res.saved:
+                out.append(res.path)
+        return out
+
+    def _find(self, entry: Entry | str) -> Entry:
+        if isinstance(entry, Entry):
+            return entry
+        want = str(entry).lower()
+        if want.endswith(".kv") or want.endswith(CHAIN_SUFFIX):
+            want = Path(want).stem
+        for e in self.entries():
+            if e.sha == want:
+                return e
+        raise KVStoreError(f"{self.dir}: no entry {entry}")
+
+    def orphans(self) -> list[tuple[Path, int, str]]:
+        """(path, bytes, why) of chain files no valid chain reaches (a missing or
+        mismatching ancestor) and of temp files of processes that are gone."""
+        with self.lock.shared():
+            return _orphans_of(self.index)
+
+    def remove_orphans(self) -> list[tuple[Path, int, str]]:
+        """Delete what ``orphans`` lists (under the exclusive lock); returns it."""
+        gone = []
+        with self.lock.exclusive():
+            for path, size, why in _orphans_of(self.index):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                gone.append((path, size, why))
+            self.index.scan(full=True)
+        return gone
+
+
+def _orphans_of(index: DirIndex) -> list[tuple[Path, int, str]]:
+    """``ChainOps.orphans`` over an index the caller has locked (rescanned here)."""
+    index.scan(full=True)
+    out = []
+    for e in index.entries().values():
+        if e.chained:
+            try:
+                walk(e.path)
+            except KVFormatError as err:
+                out.append((e.path, e.file_size, str(err)))
+    for o in index.others():
+        if o.kind == "tmp":
+            m = TMP_PID_RE.search(o.path.name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                out.append((o.path, o.size, "temp file of a process that is gone"))
+    return out

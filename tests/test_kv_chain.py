@@ -145,17 +145,14 @@ def test_cli_export_import_ls_verify_gc(tmp_path, capsys) -> None:
     for state, text in conversation(3, step=300):
         flat.save(state, text, SaveReason.CONTINUED)
     chain_dir = tmp_path / "chain"
-    assert cli_main(["kv", "import", str(tmp_path / "flat"), "--into", str(chain_dir), "--n-layer", "6",
-                     "--head-dim", "128", "--idx-dim", "128", "--n-vocab", "1024", "--ratios", "0,0,4,128,4,128"]) == 0
+    assert cli_main(["kv", "import", str(tmp_path / "flat"), "--into", str(chain_dir)]) == 0
     st = KVStore(chain_dir, budget_mb=None)
     assert sorted(e.depth for e in st.entries()) == [0, 1, 2]
     assert cli_main(["kv", "ls", str(chain_dir)]) == 0
     assert "chain" in capsys.readouterr().out
     for e in flat.entries():
         out = tmp_path / f"{e.sha}.kv"
-        assert cli_main(["kv", "export", str(chain_dir), e.sha, "--out", str(out), "--n-layer", "6",
-                         "--head-dim", "128", "--idx-dim", "128", "--n-vocab", "1024",
-                         "--ratios", "0,0,4,128,4,128"]) == 0
+        assert cli_main(["kv", "export", str(chain_dir), e.sha, "--out", str(out)]) == 0
         assert payload_and_text(out) == payload_and_text(e.path)
     assert cli_main(["kv", "gc", str(chain_dir)]) == 0
     assert os.listdir(chain_dir / CHAIN_DIR)

@@ -1,17 +1,20 @@
-"""``workbench kv ls|show|verify|gc``: inspect and maintain a KV checkpoint directory.
+"""``workbench kv ls|show|verify|gc|export|import``: inspect and maintain a KV checkpoint directory.
 
 Works on ds4-server cache directories without a model: a payload whose header says
 43 layers x 512 x 128 x 129280 is read with ds4-server's layout; other layouts come from
 ``--model F.gguf`` metadata, or are inferred from the payload header (and said so).
 ``ls``/``show``/``verify`` never modify anything except ``verify --quarantine``, which
-moves failing files to ``DIR/quarantine/``; ``gc`` sweeps dead temp files and evicts
-to a budget.
+moves failing files to ``DIR/quarantine/``; ``gc`` sweeps dead temp files, removes
+broken chains (``workbench.kv.chainstore``) and evicts to a budget; ``export`` writes
+any entry (flat or chained) as a ds4 ``.kv`` file; ``import`` stores a directory of ds4
+``.kv`` files as chains.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -21,10 +24,12 @@ from typing import Any
 from workbench.commands.common import number
 from workbench.errors import WorkbenchError
 from workbench.kv.errors import KVFormatError
-from workbench.kv.header import ExtFlag, KVHeader
-from workbench.kv.inspection import file_trailer, inspect_file, stored_text
+from workbench.kv.chain import CHAIN_SUFFIX, chain_summary
+from workbench.kv.chainstore import MAX_DEPTH
+from workbench.kv.header import TEXT_OFFSET, ExtFlag, KVHeader, parse_header
+from workbench.kv.inspection import file_layout, file_trailer, infer_layout, inspect_file, stored_text
 from workbench.kv.trailers import Trailer
-from workbench.kv.maintenance import MiB, verify_file
+from workbench.kv.maintenance import MiB, verify_chain_file, verify_file
 from workbench.kv.store import KVStore
 from workbench.spec.statelayout import StateLayout
 
@@ -60,16 +65,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tokens", type=int, default=512, help="lookup floor and save minimum (default 512)")
     p.add_argument("--kv-align", type=int, default=2048, help="the boundary alignment in use (default 2048)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p = sub.add_parser("gc", help="remove dead temp files and evict checkpoints down to a budget")
-    p.add_argument("dir", type=Path, help="cache directory (holds <sha1>.kv files)")
-    p.add_argument("--budget-mb", type=number(float, 0, lo_open=True), required=True,
-                   help="budget in MiB (> 0) for all files in DIR")
+    p = sub.add_parser("gc", help="remove dead temp files and broken chains, evict checkpoints down to a budget")
+    p.add_argument("dir", type=Path, help="cache directory (holds <sha1>.kv files and chain/)")
+    p.add_argument("--budget-mb", type=number(float, 0, lo_open=True),
+                   help="budget in MiB (> 0) for all files in DIR (default: evict nothing)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+    p = sub.add_parser("export", help="write one entry (flat or chained) as a ds4 .kv file")
+    p.add_argument("dir", type=Path, help="cache directory holding the entry")
+    p.add_argument("entry", help="the entry's SHA-1 (its file name without extension)")
+    p.add_argument("--out", type=Path, required=True, help="the .kv file to write")
+    p.add_argument("--model", type=Path, help="GGUF whose metadata gives the state layout")
+    p = sub.add_parser("import", help="store every ds4 .kv file of a directory as chain entries")
+    p.add_argument("src", type=Path, help="directory of ds4 .kv files (not modified)")
+    p.add_argument("--into", type=Path, required=True, help="cache directory to store the chains in")
+    p.add_argument("--max-depth", type=number(int, 1), default=MAX_DEPTH, help="links above a base before re-basing")
+    p.add_argument("--model", type=Path, help="GGUF whose metadata gives the state layout")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def run(args: argparse.Namespace) -> int:
-    return {"ls": _ls, "show": _show, "verify": _verify, "gc": _gc, "lookup": _lookup}[args.kv_command](args)
+    return {"ls": _ls, "show": _show, "verify": _verify, "gc": _gc, "lookup": _lookup, "export": _export,
+            "import": _import}[args.kv_command](args)
 
 
 # ---- helpers --------------------------------------------------------------------------
@@ -164,7 +183,8 @@ def _ls(args: argparse.Namespace) -> int:
         except KVFormatError as err:  # removed or unreadable since the listing
             text = f"({err})".encode()
         trailer = _trailer_dict(file_trailer(e.path, e.header))
-        rows.append({"sha": e.sha, "path": str(e.path), "tokens": e.tokens, "ctx": e.ctx,
+        rows.append({"sha": e.sha, "path": str(e.path), "layout": "chain" if e.chained else "flat",
+                     "parent": e.parent, "depth": e.depth, "tokens": e.tokens, "ctx": e.ctx,
                      "reason": e.header.reason.name.lower(), "hits": e.header.hits, "bytes": e.file_size,
                      "created_at": _iso(e.header.created_at), "last_used": _iso(e.header.last_used),
                      "abi": e.header.abi, "abi_name": e.header.abi_name, "model_id": e.header.model_id,
@@ -179,10 +199,12 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.dir}: {len(rows)} checkpoints, {len(other_rows)} other files, {total / MiB:,.1f} MiB in all")
     if rows:
-        print(f"  {'sha':<12} {'tokens':>8} {'ctx':>8} {'reason':<13} {'hits':>4} {'MiB':>9} {'used':>6} abi crc  "
-              "text")
+        print(f"  {'sha':<12} {'layout':<20} {'tokens':>8} {'ctx':>8} {'reason':<13} {'hits':>4} {'MiB':>9} "
+              f"{'used':>6} abi crc  text")
         for r, e in zip(rows, entries):
-            print(f"  {r['sha'][:12]} {r['tokens']:>8,} {r['ctx']:>8,} {r['reason']:<13} {r['hits']:>4} "
+            link = "flat" if not e.chained else "chain base" if e.parent is None \
+                else f"chain {e.depth} <- {e.parent[:8]}"
+            print(f"  {r['sha'][:12]} {link:<20} {r['tokens']:>8,} {r['ctx']:>8,} {r['reason']:<13} {r['hits']:>4} "
                   f"{r['bytes'] / MiB:>9.1f} {_age(e.header.last_used, now):>6} {r['abi']:>3} "
                   f"{'yes' if r['checksum'] else 'no ':<4} {r['preview']}")
             for line in _abi_lines(e.header, r):
@@ -246,7 +268,8 @@ def _verify(args: argparse.Namespace) -> int:
         reports = store.verify(layout, args.ctx, quarantine=args.quarantine, layout_note=note)
         quarantined = args.quarantine
     else:
-        reports = [verify_file(target, layout, args.ctx, note)]
+        check_file = verify_chain_file if target.suffix == CHAIN_SUFFIX else verify_file
+        reports = [check_file(target, layout, args.ctx, note)]
         quarantined = False
     bad = [r for r in reports if not r.ok]
     if args.json:
@@ -269,10 +292,12 @@ def _verify(args: argparse.Namespace) -> int:
 def _gc(args: argparse.Namespace) -> int:
     store = KVStore(args.dir, budget_mb=args.budget_mb, create=False, maintain=False)
     swept = [] if args.dry_run else store.sweep_tmp()
+    orphans = store.orphans() if args.dry_run else store.remove_orphans()
     evicted = store.evict_to_budget(dry_run=args.dry_run)
     total = store.total_bytes()
     out = {"dir": str(args.dir), "budget_bytes": store.budget_bytes, "dry_run": args.dry_run,
            "swept": [str(s.path) for s in swept],
+           "orphans": [{"path": str(p), "bytes": n, "why": why} for p, n, why in orphans],
            "evicted": [{"path": str(e.path), "tokens": e.tokens, "bytes": e.bytes, "score": e.score,
                         "save_reason": e.save_reason} for e in evicted],
            "total_bytes": total - (sum(e.bytes for e in evicted) if args.dry_run else 0)}
@@ -284,9 +309,56 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"  {verb} {e.path.name}  {e.tokens:,} tokens  {e.bytes / MiB:.1f} MiB  score {e.score:.3g}")
     for s in swept:
         print(f"  removed stale temp file {s.path.name}")
-    over = " (still over: protected by foreign/invalid files)" if out["total_bytes"] > store.budget_bytes else ""
-    print(f"{args.dir}: {len(evicted)} {verb}, {len(swept)} temp files removed, "
-          f"{out['total_bytes'] / MiB:,.1f} MiB of {args.budget_mb:,.1f} MiB{over}")
+    for p, n, why in orphans:
+        print(f"  {'would remove' if args.dry_run else 'removed'} orphan {p.name}  {n / MiB:.2f} MiB  {why}")
+    budget = store.budget_bytes
+    over = " (still over: protected by foreign/invalid files)" if budget is not None and out["total_bytes"] > budget \
+        else ""
+    of = "" if args.budget_mb is None else f" of {args.budget_mb:,.1f} MiB"
+    print(f"{args.dir}: {len(evicted)} {verb}, {len(swept)} temp files removed, {len(orphans)} orphans, "
+          f"{out['total_bytes'] / MiB:,.1f} MiB{of}{over}")
+    return 0
+
+
+# ---- export / import -------------------------------------------------------------------------
+def _entry_layout(path: Path, model: Path | None) -> StateLayout:
+    """The layout from ``--model``, else inferred from the file's payload header."""
+    layout, _ = _model_layout(model)
+    if layout is not None:
+        return layout
+    if path.suffix == CHAIN_SUFFIX:
+        return infer_layout(chain_summary(path))[0]
+    with open(path, "rb") as f:
+        header = parse_header(f.read(TEXT_OFFSET), str(path), os.fstat(f.fileno()).st_size)
+        return file_layout(f, header, str(path))[0]
+
+
+def _export(args: argparse.Namespace) -> int:
+    store = KVStore.readonly(args.dir)
+    entry = store._find(args.entry)
+    out = store.export(entry, args.out, _entry_layout(entry.path, args.model))
+    print(f"{out}: {out.stat().st_size:,} bytes, {entry.tokens:,} tokens "
+          f"({'chain depth ' + str(entry.depth) if entry.chained else 'flat'} entry {entry.sha})")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    files = sorted(args.src.glob("*.kv"))
+    if not files:
+        raise WorkbenchError(f"{args.src}: no .kv files to import")
+    store = KVStore(args.into, budget_mb=None, kv_layout="chain", max_depth=args.max_depth)
+    saved = store.import_dir(args.src, _entry_layout(files[0], args.model))
+    entries = {e.path: e for e in store.entries()}
+    rows = [{"path": str(p), "depth": entries[p].depth if p in entries else None,
+             "bytes": entries[p].file_size if p in entries else 0} for p in saved]
+    if args.json:
+        _print({"src": str(args.src), "into": str(args.into), "files": len(files), "saved": rows,
+                "total_bytes": store.total_bytes()}, True)
+        return 0
+    for r in rows:
+        print(f"  {Path(r['path']).name}  depth {r['depth']}  {r['bytes'] / MiB:.2f} MiB")
+    print(f"{args.into}: {len(saved)} of {len(files)} files stored as chains, {store.total_bytes() / MiB:,.1f} MiB "
+          f"(source {sum(f.stat().st_size for f in files) / MiB:,.1f} MiB)")
     return 0
 
 

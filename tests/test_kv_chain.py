@@ -158,3 +158,15 @@ def test_cli_export_import_ls_verify_gc(tmp_path, capsys) -> None:
     assert os.listdir(chain_dir / CHAIN_DIR)
     h, ref = read_chain_header(max(st.entries(), key=lambda e: e.tokens).path)
     assert ref.depth == 2 and h.tokens == 900
+
+
+def test_bench_kv_chain_figures(tmp_path) -> None:
+    from workbench.bench import BenchContext, kvchain
+
+    ctx = BenchContext("quick", tmp_path / "tiny.gguf", tmp_path / "work", tmp_path / "real")
+    res = kvchain.run(ctx, n_layer=6, step=1024, n=8)
+    (row,) = res.tables["kv_chain"]
+    assert row["chain_disk"] * 2 <= row["flat_disk"] and row["chain_written"] == row["chain_disk"]
+    assert row["chain_depth"] == 7 and row["chain_restore_s"] > 0 and row["flat_restore_s"] > 0
+    assert {f.name for f in res.figures} == {"chain.disk", "chain.written", "chain.restore"}
+    assert not (tmp_path / "work" / "kv_chain" / "chain").exists()

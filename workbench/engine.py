@@ -125,13 +125,17 @@ class Engine:
     counted over the whole prompt (it starts at the reused tokens, and the segments
     between save points continue one count). ``chunk`` is the prefill chunk in tokens
     (None: the session's). ``recorder`` collects telemetry (see :mod:`workbench.telemetry`).
+    ``kv_layout`` (flat | chain, None: the store's own) sets how the store writes checkpoints.
     """
 
     def __init__(self, session: Session, store: KVStore | None = None, policy: KVPolicy | None = None,
                  tokenizer: Tokenizer | None = None, recorder: Recorder | None = None, durable: bool = False,
-                 progress: Callable[[Progress], None] | None = None, chunk: int | None = None) -> None:
+                 progress: Callable[[Progress], None] | None = None, chunk: int | None = None,
+                 kv_layout: str | None = None) -> None:
         self.session = session
         self.store = store
+        if kv_layout is not None and store is not None:  # flat | chain: how the store writes from now on
+            store.use_layout(kv_layout)
         self.policy = policy or KVPolicy()
         if tokenizer is None:
             tokenizer = Tokenizer.from_gguf(session.file)

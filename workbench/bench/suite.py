@@ -14,6 +14,7 @@ from workbench.bench.core import BenchContext, BenchError, BenchResult, Figure, 
 # name -> module (each has ``run(ctx) -> BenchResult``), in run order
 BENCHMARKS: dict[str, str] = {
     "kv_io": "workbench.bench.kvio",
+    "kv_chain": "workbench.bench.kvchain",
     "lookup": "workbench.bench.lookup",
     "dequant": "workbench.bench.dequant",
     "experts": "workbench.bench.experts",

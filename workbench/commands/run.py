@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 from workbench import distributed
 from workbench.commands.common import add_sampling_args, number, sampler_from_args, stdin_lines, utf8_text
 from workbench.errors import WorkbenchError
+from workbench.kv.chainstore import LAYOUTS
 from workbench.safeopen import PROMPT_FILE_CAP, read_capped
 from workbench.sampling import Sampler
 from workbench.session import DEFAULT_CTX, MAX_PREFILL_CHUNK, Progress, Session
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # the engine pulls in pandas: imported when a turn is served,
     from workbench.engine import Completion, Engine, SaveRecord
     from workbench.kv.policy import KVPolicy
 
+CONTINUED_INTERVAL = 10000  # KVPolicy's default: rounded up to the 2048 alignment, ds4's 10240
 HELP = "generate from a prompt (or chat interactively) with a ds4 GGUF model"
 
 
@@ -77,6 +79,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-align", type=number(int, 0), default=2048,
                         help="cold/continued save boundary alignment in tokens, 0: none (default 2048)")
     parser.add_argument("--kv-durable", action="store_true", help="fsync checkpoints and the directory")
+    parser.add_argument("--kv-layout", choices=LAYOUTS, default="flat",
+                        help="flat: ds4's <sha>.kv files (default); chain: chain/<sha>.kvd entries that store only "
+                             "what is new over the stored checkpoint they extend (kv export makes the .kv)")
+    parser.add_argument("--kv-continued-interval", type=number(int, 0), default=CONTINUED_INTERVAL,
+                        help="tokens between continued saves, rounded up to --kv-align (default 10000: ds4's 10240; "
+                             "0: none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per turn, no progress bar")
     parser.add_argument("--layers", default=None,
                         help="under mlx.launch: the layer range of each rank, inclusive, e.g. 0-21,22-42 "
@@ -254,13 +262,15 @@ def open_store(session: Session, args: argparse.Namespace) -> tuple[Any, KVPolic
     """The ``--kv-dir`` store and its policy (None store without ``--kv-dir``)."""
     from workbench.kv.policy import KVPolicy
 
-    policy = KVPolicy(min_tokens=args.kv_min_tokens, boundary_align=args.kv_align, budget_mb=args.kv_budget_mb)
+    policy = KVPolicy(min_tokens=args.kv_min_tokens, boundary_align=args.kv_align, budget_mb=args.kv_budget_mb,
+                      continued_interval=args.kv_continued_interval)
     if args.kv_dir is None:
         return None, policy
     from workbench.gguf.fingerprint import checkpoint_identity
     from workbench.kv.store import KVStore
 
-    return KVStore.from_policy(args.kv_dir, policy, **checkpoint_identity(session.file)), policy
+    return KVStore.from_policy(args.kv_dir, policy, kv_layout=args.kv_layout,
+                               **checkpoint_identity(session.file)), policy
 
 
 def serve(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler, text: str | None) -> bool:

@@ -6,7 +6,7 @@ that is a byte prefix of the new text, whose tokens are a prefix of the new toke
 the same context and quant bits. No such entry: a base.
 
 Re-basing rule: an entry is at most ``max_depth`` links above its base (default
-``MAX_DEPTH`` = 8); a save whose parent is already at depth ``max_depth`` is written as a
+``MAX_DEPTH`` = 16); a save whose parent is already at depth ``max_depth`` is written as a
 new base. Restoring reads every appended row once whatever the depth (ancestors' raw
 windows, frontiers and logits are seeked past), so depth costs one open and a few seeks
 per link; the bound keeps that overhead small (measured by ``workbench bench kvchain``).
@@ -42,7 +42,7 @@ from workbench.kv.maintenance import TMP_PID_RE, pid_alive
 from workbench.kv.stream import Progress
 from workbench.state import SessionState, StateLayout
 
-MAX_DEPTH = 8
+MAX_DEPTH = 16
 LAYOUTS = ("flat", "chain")
 
 
@@ -69,6 +69,12 @@ class ChainOps:
     max_depth: int
     quant_bits: int
     checksum: bool
+
+    def use_layout(self, kv_layout: str) -> None:
+        """Write flat ``.kv`` files or chain entries from now on (both are always read)."""
+        if kv_layout not in LAYOUTS:
+            raise KVStoreError(f"{self.dir}: kv layout {kv_layout!r}, expected one of {', '.join(LAYOUTS)}")
+        self.kv_layout = kv_layout
 
     def _chain_parent(self, state: SessionState, key: bytes) -> ChainRef:
         """The reference a chain save of ``state`` under ``key`` gets (see the module doc)."""

@@ -69,7 +69,7 @@ from workbench.kv.header import (
     text_sha,
 )
 from workbench.kv.chain import CHAIN_SUFFIX, read_chain
-from workbench.kv.chainstore import LAYOUTS, MAX_DEPTH, ChainOps
+from workbench.kv.chainstore import MAX_DEPTH, ChainOps
 from workbench.kv.index import NAME_RE, DirIndex, Entry, OtherFile
 from workbench.kv.kvfile import kv_file_bytes, model_mismatch, read_kv_file, write_kv_file
 from workbench.kv.lock import DirLock
@@ -151,11 +151,9 @@ class KVStore(ChainOps, Maintenance):
             raise KVStoreError(f"{self.dir}: budget must be > 0 MiB or None, got {budget_mb}")
         if quant_bits not in (2, 4):
             raise KVStoreError(f"{self.dir}: quant bits {quant_bits}, expected 2 or 4")
-        if kv_layout not in LAYOUTS:
-            raise KVStoreError(f"{self.dir}: kv layout {kv_layout!r}, expected one of {', '.join(LAYOUTS)}")
         if max_depth < 1:
             raise KVStoreError(f"{self.dir}: chain max depth {max_depth}, expected >= 1")
-        self.kv_layout = kv_layout
+        self.use_layout(kv_layout)
         self.max_depth = max_depth
         self.budget_mb = budget_mb
         self.min_tokens = min_tokens

@@ -202,13 +202,42 @@ def chain_tokens(leaf: Path) -> list[int]:
     return tokens
 
 
-def _read_into(f: BinaryIO, mv: memoryview, name: str, what: str) -> None:
-    got = 0
-    while got < len(mv):
-        n = f.readinto(mv[got:])
-        if not n:
-            raise KVFormatError(f"{name}: file ends inside {what}")
-        got += n
+IOV_MAX = 512  # buffers per preadv call (POSIX guarantees at least 16; Linux and macOS allow 1024)
+
+
+class _Plan:
+    """The reads of one chain file: runs of adjacent destination buffers, each run one
+    ``preadv`` at its offset (skipped ranges split runs and cost no I/O)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at  # file offset of the next field
+        self.runs: list[tuple[int, list[memoryview]]] = []
+        self._open = False
+
+    def add(self, view: memoryview | None, nbytes: int) -> None:
+        """The next ``nbytes`` of the file go into ``view`` (None: skipped)."""
+        if view is None:
+            self._open = False
+        elif nbytes:
+            if not self._open:
+                self.runs.append((self.at, []))
+                self._open = True
+            self.runs[-1][1].append(view)
+        self.at += nbytes
+
+    def read(self, fd: int, name: str) -> None:
+        """Fill every buffer (short reads continue where they stopped)."""
+        for offset, views in self.runs:
+            while views:
+                n = os.preadv(fd, views[:IOV_MAX], offset)
+                if n <= 0:
+                    raise KVFormatError(f"{name}: file ends at byte {offset} inside the chain delta")
+                offset += n
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                if n:
+                    views[0] = views[0][n:]
 
 
 def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefill_chunk: int | None = None
@@ -241,37 +270,37 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
         for fname, shape in layer_tensor_shapes(layout, L, ph.raw_live, n_comp[L], n_idx[L]):
             setattr(ls, fname, mx.array(np.zeros(shape, dtype=np.float32)))
         layers.append(ls)
+    counts = bytearray(8 * layout.n_layer)
     for link in links:
         leafmost = link is last
         P, Ti = link.ref.parent_tokens, link.header.tokens
         lname = str(link.path)
         with open(link.path, "rb", buffering=0) as f:
-            end = link.header.payload_offset + link.header.payload_bytes
-            f.seek(link.header.payload_offset + REF_BYTES)
-            pph = PayloadHeader(*_PAYLOAD_HEADER.unpack(f.read(PAYLOAD_HEADER_BYTES)))
+            fd = f.fileno()
+            at = link.header.payload_offset + REF_BYTES
+            raw = os.pread(fd, PAYLOAD_HEADER_BYTES, at)
+            check(len(raw) == PAYLOAD_HEADER_BYTES, lname, "truncated chain payload header")
+            pph = PayloadHeader(*_PAYLOAD_HEADER.unpack(raw))
             check(pph.tokens == Ti and pph.ctx == ph.ctx and pph.n_layer == ph.n_layer, lname,
                   f"chain payload header: tokens {pph.tokens} ctx {pph.ctx}, expected {Ti} ctx {ph.ctx}")
-            _read_into(f, memoryview(tokens[P:Ti]).cast("B"), lname, "token ids")
-            if leafmost:
-                _read_into(f, memoryview(logits).cast("B"), lname, "logits")
-                counts = struct.unpack(f"<{2 * layout.n_layer}I", f.read(8 * layout.n_layer))
-                check_row_counts(ph, layout, list(counts[:layout.n_layer]), list(counts[layout.n_layer:]), lname, ctx)
-            else:
-                f.seek(F32 * layout.n_vocab + 8 * layout.n_layer, os.SEEK_CUR)
+            plan = _Plan(at + PAYLOAD_HEADER_BYTES)
+            plan.add(memoryview(tokens[P:Ti]).cast("B"), 4 * (Ti - P))
+            plan.add(memoryview(logits).cast("B") if leafmost else None, F32 * layout.n_vocab)
+            plan.add(memoryview(counts) if leafmost else None, len(counts))
             for L in range(layout.n_layer):
                 for fname, (rows, cols), first in delta_shapes(layout, L, pph.raw_live, Ti, P):
                     nbytes = rows * cols * F32
-                    if not nbytes:
-                        continue
-                    if fname in GROWING:
-                        mv = memoryview(getattr(layers[L], fname)).cast("B")
-                        _read_into(f, mv[first * cols * F32: first * cols * F32 + nbytes], lname, f"layer {L} {fname}")
-                    elif leafmost:
-                        _read_into(f, memoryview(getattr(layers[L], fname)).cast("B"), lname, f"layer {L} {fname}")
+                    if fname in GROWING and nbytes:
+                        start = first * cols * F32
+                        plan.add(memoryview(getattr(layers[L], fname)).cast("B")[start:start + nbytes], nbytes)
                     else:
-                        f.seek(nbytes, os.SEEK_CUR)
-            check(f.tell() == end and os.fstat(f.fileno()).st_size >= end, lname,
-                  f"chain delta ends at byte {f.tell()}, header says {end}")
+                        plan.add(memoryview(getattr(layers[L], fname)).cast("B") if leafmost else None, nbytes)
+            end = link.header.payload_offset + link.header.payload_bytes
+            check(plan.at == end, lname, f"chain delta ends at byte {plan.at}, header says {end}")
+            plan.read(fd, lname)
+        if leafmost:
+            c = struct.unpack(f"<{2 * layout.n_layer}I", counts)
+            check_row_counts(ph, layout, list(c[:layout.n_layer]), list(c[layout.n_layer:]), lname, ctx)
     state = SessionState(layout=layout, ctx=ph.ctx if ctx is None else ctx,
                          prefill_chunk=runtime_chunk(ph.prefill_chunk, ctx, prefill_chunk),
                          tokens=tokens.tolist(), logits=logits, layers=layers)

@@ -3,6 +3,7 @@ whole, exported byte-identical to the flat file, evicted leaf first, orphans fou
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -154,6 +155,12 @@ def test_cli_export_import_ls_verify_gc(tmp_path, capsys) -> None:
         out = tmp_path / f"{e.sha}.kv"
         assert cli_main(["kv", "export", str(chain_dir), e.sha, "--out", str(out)]) == 0
         assert payload_and_text(out) == payload_and_text(e.path)
+    leaf = max(st.entries(), key=lambda e: e.tokens)
+    capsys.readouterr()
+    assert cli_main(["kv", "show", str(leaf.path), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [c["depth"] for c in shown["chain"]] == [0, 1, 2] and shown["header"]["tokens"] == 900
+    assert cli_main(["kv", "verify", str(chain_dir)]) == 0
     assert cli_main(["kv", "gc", str(chain_dir)]) == 0
     assert os.listdir(chain_dir / CHAIN_DIR)
     h, ref = read_chain_header(max(st.entries(), key=lambda e: e.tokens).path)

@@ -24,7 +24,8 @@ from typing import Any
 from workbench.commands.common import number
 from workbench.errors import WorkbenchError
 from workbench.kv.errors import KVFormatError
-from workbench.kv.chain import CHAIN_SUFFIX, chain_summary
+from workbench.kv.chain import CHAIN_SUFFIX, chain_summary, walk
+from workbench.kv.dsv4 import payload_size
 from workbench.kv.chainstore import MAX_DEPTH
 from workbench.kv.header import TEXT_OFFSET, ExtFlag, KVHeader, parse_header
 from workbench.kv.inspection import file_layout, file_trailer, infer_layout, inspect_file, stored_text
@@ -217,6 +218,8 @@ def _ls(args: argparse.Namespace) -> int:
 # ---- show -----------------------------------------------------------------------------------
 def _show(args: argparse.Namespace) -> int:
     path: Path = args.file
+    if path.suffix == CHAIN_SUFFIX:
+        return _show_chain(args)
     layout, note = _model_layout(args.model)
     ins = inspect_file(path, layout, note)
     header, summary, trailer, layout, rows = ins.header, ins.summary, ins.trailer, ins.layout, ins.breakdown
@@ -256,6 +259,36 @@ def _show(args: argparse.Namespace) -> int:
         print(f"  {L:>5} {layout.ratios[L]:>5} " + " ".join(f"{per.get(k, 0):>12,}" for k in kinds)
               + f" {sum(per.values()):>12,}")
     print("\n  bytes by kind: " + ", ".join(f"{k} {v:,}" for k, v in by_kind.items()))
+    return 0
+
+
+def _show_chain(args: argparse.Namespace) -> int:
+    """``kv show`` of a chain entry: its header, its chain (base first) and what each file adds."""
+    path: Path = args.file
+    try:
+        links = walk(path)
+    except KVFormatError as err:
+        raise WorkbenchError(str(err)) from err
+    leaf = links[-1]
+    summary = chain_summary(path)
+    layout = _entry_layout(path, args.model)
+    flat = payload_size(layout, leaf.header.tokens, summary.header.ctx)
+    chain = [{"path": str(k.path), "tokens": k.header.tokens, "depth": k.ref.depth, "parent": k.ref.parent,
+              "bytes": k.header.file_size} for k in links]
+    out = {"path": str(path), "header": _header_dict(leaf.header), "payload_header": asdict(summary.header),
+           "flat_payload_bytes": flat, "chain": chain, "chain_bytes": sum(c["bytes"] for c in chain),
+           "text_preview": _preview(stored_text(path, leaf.header))}
+    if args.json:
+        _print(out, True)
+        return 0
+    h = leaf.header
+    print(f"{path}")
+    print(f"  chain entry: tokens {h.tokens:,}  ctx {h.ctx:,}  reason {h.reason.name.lower()}  hits {h.hits}  "
+          f"depth {leaf.ref.depth}")
+    print(f"  file {h.file_size:,} B; the whole chain {out['chain_bytes']:,} B; flat payload {flat:,} B")
+    for c in chain:
+        print(f"    depth {c['depth']:>3}  {Path(c['path']).name}  {c['tokens']:>8,} tokens  {c['bytes']:>12,} B")
+    print(f"  text: {out['text_preview']}")
     return 0
 
 

@@ -208,7 +208,8 @@ class DirIndex:
 
     def put(self, entry: Entry | OtherFile, st: os.stat_result) -> None:
         """Index a file this process just published (from the header it wrote)."""
-        self._cache[entry.key if isinstance(entry, Entry) else entry.path.name] = ((st.st_ino, st.st_size, st.st_mtime_ns), entry)
+        key = entry.key if isinstance(entry, Entry) else entry.path.name
+        self._cache[key] = ((st.st_ino, st.st_size, st.st_mtime_ns), entry)
 
     def drop(self, name: str) -> None:
         self._cache.pop(name, None)

@@ -2,11 +2,12 @@
 
 ``sweep_stale_tmp`` removes the ``*.tmp.<pid>`` files of processes that are gone (crash
 leftovers of ``workbench.atomic`` publications and of ds4: ``<sha>.kv.tmp.<pid>``).
-``verify_file`` reads every byte of one ``.kv`` file and runs every check.
-``Maintenance`` gives ``KVStore`` the directory-wide operations built on them and on
-``workbench.kv.eviction``: ``sweep_tmp``, ``verify``, ``quarantine``, ``remove`` and
-``evict_to_budget``, each under the directory lock, each recording its events. Nothing
-here deletes a file that is not a dead temp file or a checkpoint chosen for eviction.
+``verify_file`` reads every byte of one ``.kv`` file and runs every check;
+``verify_chain_file`` restores a chain entry from its whole chain. ``Maintenance`` gives
+``KVStore`` the directory-wide operations built on them and on ``workbench.kv.eviction``:
+``sweep_tmp``, ``verify``, ``quarantine``, ``remove`` and ``evict_to_budget``, each under
+the directory lock, each recording its events. Nothing here deletes a file that is not a
+dead temp file or a checkpoint chosen for eviction.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ class Maintenance:
         try:
             with self.lock.exclusive():
                 self.index.scan(full=True)
-                tmp = [o.path.name for o in self.index.items() if isinstance(o, OtherFile) and o.kind == "tmp"]
+                tmp = [str(o.path.relative_to(self.dir)) for o in self.index.items()
+                       if isinstance(o, OtherFile) and o.kind == "tmp"]
                 out = [TmpSwept(path=p, bytes=n) for p, n in sweep_stale_tmp(self.dir, self.tmp_grace_s, tmp)]
                 for event in out:
                     self._emit(event)
@@ -208,7 +210,8 @@ class Maintenance:
                 except OSError:
                     return out  # as ds4: stop the pass when an unlink fails
                 self.index.drop(e.key)
-            event = Evicted(path=e.path, tokens=e.tokens, bytes=e.file_size, score=keep_value(c, now, self.eviction)[0],
+            score = keep_value(c, now, self.eviction)[0]
+            event = Evicted(path=e.path, tokens=e.tokens, bytes=e.file_size, score=score,
                             save_reason=e.reason.name.lower(), why=why,
                             disk_bytes=total + self.index.size_of(replacing))
             out.append(event if dry_run else self._emit(event))

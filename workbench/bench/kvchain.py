@@ -23,7 +23,8 @@ from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair, m
 from workbench.bench.kvio import random_state, text_for
 from workbench.kv.header import SaveReason
 from workbench.kv.store import KVStore
-from workbench.state import SessionState, StateLayout
+from workbench.spec.statelayout import StateLayout
+from workbench.state import SessionState
 
 NAME = "kv_chain"
 CTX = 131072

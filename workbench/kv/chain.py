@@ -37,12 +37,13 @@ import numpy as np
 
 from workbench.kv.dsv4 import (
     _PAYLOAD_HEADER, PAYLOAD_HEADER_BYTES, PayloadHeader, PayloadSummary, check_payload_header, check_row_counts,
-    layer_tensor_shapes, runtime_chunk, serializable_problems,
+    runtime_chunk, serializable_problems,
 )
 from workbench.kv.errors import KVFormatError, check
 from workbench.kv.header import TEXT_OFFSET, KVHeader, SaveReason, new_header, parse_header, read_text, text_sha
 from workbench.kv.stream import Sink, f32_bytes
-from workbench.state import F32, LayerState, SessionState, StateLayout
+from workbench.spec.statelayout import F32, StateLayout
+from workbench.state import LayerState, SessionState
 
 CHAIN_DIR = "chain"
 CHAIN_SUFFIX = ".kvd"
@@ -102,8 +103,7 @@ def delta_shapes(layout: StateLayout, layer: int, n_raw: int, tokens: int, paren
                  ) -> list[tuple[str, tuple[int, int], int]]:
     """(field, [rows, cols] stored, first row) of one layer's delta tensors, in order."""
     out = []
-    for fname, (rows, cols) in layer_tensor_shapes(layout, layer, n_raw, layout.n_comp(layer, tokens),
-                                                   layout.n_idx(layer, tokens)):
+    for fname, (rows, cols) in layout.layer_shapes(layer, tokens, n_raw):
         first = 0
         if fname == "comp":
             first = layout.n_comp(layer, parent_tokens)
@@ -260,14 +260,12 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
     check_payload_header(ph, layout, name, ctx, prefill_chunk)
     T = ph.tokens
     check(T == last.header.tokens, name, f"payload holds {T} tokens, header {last.header.tokens}")
-    n_comp = [layout.n_comp(L, T) for L in range(layout.n_layer)]
-    n_idx = [layout.n_idx(L, T) for L in range(layout.n_layer)]
     tokens = np.zeros(T, dtype="<u4")
     logits = mx.array(np.zeros(layout.n_vocab, dtype=np.float32))
     layers = []
     for L in range(layout.n_layer):
         ls = LayerState(raw=None)
-        for fname, shape in layer_tensor_shapes(layout, L, ph.raw_live, n_comp[L], n_idx[L]):
+        for fname, shape in layout.layer_shapes(L, T, ph.raw_live):
             setattr(ls, fname, mx.array(np.zeros(shape, dtype=np.float32)))
         layers.append(ls)
     counts = bytearray(8 * layout.n_layer)

@@ -40,7 +40,8 @@ from workbench.kv.kvfile import read_kv_file, write_kv_file
 from workbench.kv.lock import DirLock
 from workbench.kv.maintenance import TMP_PID_RE, pid_alive
 from workbench.kv.stream import Progress
-from workbench.state import SessionState, StateLayout
+from workbench.spec.statelayout import StateLayout
+from workbench.state import SessionState
 
 MAX_DEPTH = 16
 LAYOUTS = ("flat", "chain")

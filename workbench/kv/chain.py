@@ -40,7 +40,7 @@ from workbench.kv.dsv4 import (
     runtime_chunk, serializable_problems,
 )
 from workbench.kv.errors import KVFormatError, check
-from workbench.kv.header import TEXT_OFFSET, KVHeader, SaveReason, new_header, parse_header, read_text, text_sha
+from workbench.kv.header import MODEL_FLASH, TEXT_OFFSET, KVHeader, SaveReason, new_header, parse_header, read_text, text_sha
 from workbench.kv.stream import Sink, f32_bytes
 from workbench.spec.statelayout import F32, StateLayout
 from workbench.state import LayerState, SessionState
@@ -129,7 +129,8 @@ def chain_file_bytes(state: SessionState, text_len: int, parent_tokens: int) -> 
 
 
 def write_chain_file(f: BinaryIO, state: SessionState, text: bytes, ref: ChainRef, *, quant_bits: int,
-                     reason: SaveReason, ext_flags: int = 0, now: int, hits: int = 0) -> tuple[KVHeader, int]:
+                     reason: SaveReason, ext_flags: int = 0, now: int, hits: int = 0,
+                     model_id: int = MODEL_FLASH) -> tuple[KVHeader, int]:
     """Write the chain file of ``state`` over the parent ``ref`` names; returns (header, bytes)."""
     problems = serializable_problems(state)
     if not state.is_whole:
@@ -138,7 +139,7 @@ def write_chain_file(f: BinaryIO, state: SessionState, text: bytes, ref: ChainRe
         raise KVFormatError("cannot serialize session state: " + "; ".join(problems[:5]))
     lay, T, P = state.layout, state.n_tokens, ref.parent_tokens
     header = new_header(text, tokens=T, ctx=state.ctx, payload_bytes=delta_bytes(state, P), quant_bits=quant_bits,
-                        reason=reason, ext_flags=ext_flags, checksum=False, now=now, hits=hits)
+                        reason=reason, ext_flags=ext_flags, now=now, hits=hits, model_id=model_id)
     out = Sink(f)
     out.put(header.pack())
     out.put(text)

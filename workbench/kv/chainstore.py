@@ -34,7 +34,7 @@ from workbench.kv.chain import (
     write_chain_file,
 )
 from workbench.kv.errors import KVFormatError, KVStoreError
-from workbench.kv.header import ExtFlag, KVHeader, SaveReason
+from workbench.kv.header import MODEL_FLASH, ExtFlag, KVHeader, SaveReason
 from workbench.kv.index import DirIndex, Entry
 from workbench.kv.kvfile import read_kv_file, write_kv_file
 from workbench.kv.lock import DirLock
@@ -45,6 +45,7 @@ from workbench.state import SessionState
 
 MAX_DEPTH = 16
 LAYOUTS = ("flat", "chain")
+TRAILER_FLAGS = ExtFlag.TOOL_MAP | ExtFlag.TITLE  # trailers ds4 writes after a payload; chains keep none
 
 
 def chain_writer(ref: ChainRef):
@@ -52,9 +53,10 @@ def chain_writer(ref: ChainRef):
 
     def write_chain(f: BinaryIO, state: SessionState, text: bytes, *, quant_bits: int, reason: SaveReason,
                     ext_flags: int = 0, checksum: bool = True, now: int, hits: int = 0,
-                    progress: Progress | None = None) -> tuple[KVHeader, int]:
+                    progress: Progress | None = None, model_id: int = MODEL_FLASH,
+                    fingerprint: bytes | None = None) -> tuple[KVHeader, int]:
         return write_chain_file(f, state, text, ref, quant_bits=quant_bits, reason=reason,
-                                ext_flags=ext_flags & ~ExtFlag.CHECKSUM, now=now, hits=hits)
+                                ext_flags=ext_flags & ~TRAILER_FLAGS, now=now, hits=hits, model_id=model_id)
 
     return write_chain
 
@@ -119,7 +121,9 @@ class ChainOps:
         dest = Path(out)
         with atomic_write(dest) as f:
             write_kv_file(f, state, text, quant_bits=header.quant_bits, reason=header.reason,
-                          ext_flags=header.ext_flags & ~ExtFlag.CHECKSUM, checksum=self.checksum,
+                          ext_flags=header.ext_flags & ~TRAILER_FLAGS, checksum=self.checksum,
+                          model_id=header.model_id,
+                          fingerprint=self.fingerprint,
                           now=int(time.time()), hits=header.hits)
         return dest
 
@@ -139,7 +143,7 @@ class ChainOps:
         for _, p, header, text in sorted(files, key=lambda t: (t[0], t[1].name)):
             with open(p, "rb", buffering=0) as f:
                 _, _, state, _ = read_kv_file(f, layout, name=str(p))
-            res = self.save(state, text, header.reason, ext_flags=header.ext_flags & ~ExtFlag.CHECKSUM)
+            res = self.save(state, text, header.reason, ext_flags=header.ext_flags & ~TRAILER_FLAGS)
             if res.saved:
                 out.append(res.path)
         return out

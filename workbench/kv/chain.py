@@ -40,7 +40,9 @@ from workbench.kv.dsv4 import (
     runtime_chunk, serializable_problems,
 )
 from workbench.kv.errors import KVFormatError, check
-from workbench.kv.header import MODEL_FLASH, TEXT_OFFSET, KVHeader, SaveReason, new_header, parse_header, read_text, text_sha
+from workbench.kv.header import (
+    MODEL_FLASH, TEXT_OFFSET, KVHeader, SaveReason, new_header, parse_header, read_text, text_sha,
+)
 from workbench.kv.stream import Sink, f32_bytes
 from workbench.spec.statelayout import F32, StateLayout
 from workbench.state import LayerState, SessionState

@@ -136,3 +136,9 @@ def test_gguf_metadata_out_of_range(tmp_path: Path, key: str, value: int) -> Non
     path = write_tiny(tmp_path / "bad.gguf", set_keys={f"deepseek4.{key}": (value, V.UINT32, None)})
     res = workbench(["run", "--model", str(path), "--prompt", "hi", "--json"])
     assert_one_line_error(res, key)
+
+
+def test_kv_show_and_verify_on_a_fifo_do_not_hang(hostile: Path) -> None:
+    assert_one_line_error(workbench(["kv", "show", str(hostile / "fifo")]), "FIFO")
+    res = workbench(["kv", "verify", str(hostile / "fifo")])  # a report on stdout, exit 1
+    assert res.returncode == 1 and b"FIFO" in res.stdout and b"Traceback" not in res.stderr

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from workbench.kv.errors import KVFormatError
+from workbench.safeopen import open_regular
 
 KVC_MAGIC = b"KVC"
 KVC_VERSION = 1
@@ -173,7 +174,7 @@ def read_header(path: str | os.PathLike) -> KVHeader:
     """Read and check a file's header without reading its text or payload."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as f:
+        with open_regular(name) as f:  # a FIFO named *.kv must not block the reader
             size = os.fstat(f.fileno()).st_size
             buf = f.read(TEXT_OFFSET)
     except OSError as err:

@@ -18,6 +18,7 @@ from workbench.kv.dsv4 import PAYLOAD_HEADER_BYTES, PayloadSummary, read_payload
 from workbench.kv.errors import KVFormatError
 from workbench.kv.header import TEXT_OFFSET, KVHeader, parse_header, read_header, read_text
 from workbench.kv.trailers import Trailer, read_trailer
+from workbench.safeopen import open_regular
 from workbench.spec.args import ds4_ratio_schedule
 from workbench.spec.statelayout import F32, StateLayout
 
@@ -40,7 +41,7 @@ def stored_text(path: str | os.PathLike, header: KVHeader | None = None) -> byte
     """The rendered text a .kv file was saved under (``header``: already read, saves a read)."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as f:
+        with open_regular(name) as f:
             return read_text(f, read_header(name) if header is None else header, name)
     except OSError as err:
         raise KVFormatError(f"{name}: cannot read text: {err.strerror or err}") from err
@@ -126,7 +127,7 @@ def inspect_file(path: str | os.PathLike, layout: StateLayout | None = None, lay
     p = Path(path)
     name = str(p)
     try:
-        with open(p, "rb") as f:
+        with open_regular(p) as f:  # a FIFO named *.kv must not block the reader
             header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
             text = read_text(f, header, name)
             try:

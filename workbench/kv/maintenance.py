@@ -28,6 +28,7 @@ from workbench.kv.index import CHAIN_RE, NAME_RE, QUARANTINE_DIR, DirIndex, Entr
 from workbench.kv.inspection import file_layout, infer_layout
 from workbench.kv.kvfile import read_kv_file
 from workbench.kv.lock import DirLock
+from workbench.safeopen import open_regular
 from workbench.spec.statelayout import StateLayout
 
 MiB = 1024 * 1024
@@ -102,7 +103,7 @@ def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx:
     name = str(p)
     header = None
     try:
-        with open(p, "rb", buffering=0) as f:
+        with open_regular(p) as f:  # a FIFO or device is reported, never read
             header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
             if layout is None and not header.stripped:
                 layout, layout_note = file_layout(f, header, name)

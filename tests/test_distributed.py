@@ -186,10 +186,11 @@ def test_kv_and_shards_convert_losslessly(reference: dict, tmp_path: Path) -> No
     kv = tmp_path / "a.kv"
     with open(kv, "wb") as f:
         write_kv_file(f, st, "hé\xff".encode("latin-1"), quant_bits=4, reason=SaveReason.CONTINUED, ext_flags=4,
-                      now=1_700_000_000, hits=3)
-    S.kv_to_checkpoint(kv, tmp_path / "c", 3)
+                      now=1_700_000_000, hits=3, fingerprint=bytes(range(32)))
+    m = S.kv_to_checkpoint(kv, tmp_path / "c", 3)
+    assert S.read_manifest(tmp_path / "c").fingerprint == m.fingerprint == bytes(range(32))
     back = S.checkpoint_to_kv(tmp_path / "c", tmp_path / "b.kv")
-    assert back.read_bytes() == kv.read_bytes()  # header, text (not UTF-8), payload, checksum trailer
+    assert back.read_bytes() == kv.read_bytes()  # header, text (not UTF-8), payload, footer with the fingerprint
     # shards -> .kv -> shards: identical shard files; into a directory the store's <sha1>.kv name
     S.write_checkpoint(tmp_path / "d", [st.layer_slice(a, b) for a, b in [(0, 2), (2, 6)]], "x")
     (tmp_path / "store").mkdir()

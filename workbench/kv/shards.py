@@ -109,6 +109,7 @@ class Manifest:
     created_at: int = 0  # Unix seconds
     last_used: int = 0
     hits: int = 0
+    fingerprint: bytes | None = None  # model fingerprint of a converted .kv's footer (32 bytes), kept for the way back
 
     @property
     def n_tokens(self) -> int:
@@ -124,6 +125,7 @@ class Manifest:
 
     def to_json(self) -> str:
         lay = self.layout
+        extra = {} if self.fingerprint is None else {"fingerprint": self.fingerprint.hex()}  # absent: same bytes as before
         return json.dumps({
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "save_id": self.save_id,
             "layout": {"n_layer": lay.n_layer, "head_dim": lay.head_dim, "idx_dim": lay.idx_dim,
@@ -132,7 +134,7 @@ class Manifest:
             "quant_bits": self.quant_bits, "reason": int(self.reason), "ext_flags": self.ext_flags,
             "created_at": self.created_at, "last_used": self.last_used, "hits": self.hits,
             "shards": [s.to_json() for s in self.shards],
-            "text": _text_to_json(self.text), "tokens": list(self.tokens),
+            "text": _text_to_json(self.text), "tokens": list(self.tokens), **extra,
         }, indent=1)
 
     @classmethod
@@ -150,7 +152,8 @@ class Manifest:
                     text=str(d["text"]).encode("utf-8", errors="surrogateescape"),
                     shards=tuple(ShardEntry.from_json(s) for s in d["shards"]), quant_bits=int(d["quant_bits"]),
                     reason=SaveReason(int(d["reason"])), ext_flags=int(d["ext_flags"]),
-                    created_at=int(d["created_at"]), last_used=int(d["last_used"]), hits=int(d["hits"]))
+                    created_at=int(d["created_at"]), last_used=int(d["last_used"]), hits=int(d["hits"]),
+                    fingerprint=None if d.get("fingerprint") is None else bytes.fromhex(str(d["fingerprint"])))
             n = int(d["n_tokens"])
         except ShardError:
             raise
@@ -228,7 +231,8 @@ def write_shard_file(directory: str | os.PathLike, shard: SessionState, save_id:
 
 def make_manifest(state_like: SessionState, shards: Sequence[ShardEntry], save_id: str, text: bytes, *,
                   quant_bits: int = 2, reason: SaveReason = SaveReason.UNKNOWN, ext_flags: int = 0,
-                  created_at: int | None = None, last_used: int | None = None, hits: int = 0) -> Manifest:
+                  created_at: int | None = None, last_used: int | None = None, hits: int = 0,
+                  fingerprint: bytes | None = None) -> Manifest:
     """The manifest for shards written from ``state_like`` (tokens, context, layout)."""
     if quant_bits not in (2, 4):
         raise ShardError(f"quant bits {quant_bits}, expected 2 or 4")
@@ -237,7 +241,10 @@ def make_manifest(state_like: SessionState, shards: Sequence[ShardEntry], save_i
                  prefill_chunk=state_like.prefill_chunk, tokens=tuple(int(t) for t in state_like.tokens),
                  text=bytes(text), shards=tuple(sorted(shards, key=lambda s: s.start)), quant_bits=quant_bits,
                  reason=SaveReason(reason), ext_flags=int(ext_flags) & ~int(ExtFlag.TOOL_MAP | ExtFlag.TITLE) & 0xFF,
-                 created_at=now, last_used=now if last_used is None else last_used, hits=hits)
+                 created_at=now, last_used=now if last_used is None else last_used, hits=hits,
+                 fingerprint=fingerprint)
+    if fingerprint is not None and len(fingerprint) != 32:
+        raise ShardError(f"model fingerprint is {len(fingerprint)} bytes, expected 32")
     check_ranges(m.ranges, m.layout.n_layer, "shard ranges")
     return m
 
@@ -262,7 +269,7 @@ def remove_unreferenced(directory: str | os.PathLike, old: Manifest | None, new:
 def write_checkpoint(directory: str | os.PathLike, parts: Sequence[SessionState], text: str | bytes = b"", *,
                      quant_bits: int = 2, reason: SaveReason = SaveReason.UNKNOWN, ext_flags: int = 0,
                      durable: bool = False, created_at: int | None = None, last_used: int | None = None,
-                     hits: int = 0, progress: Progress | None = None) -> Manifest:
+                     hits: int = 0, fingerprint: bytes | None = None, progress: Progress | None = None) -> Manifest:
     """Write a whole sharded checkpoint from one process (every part, then the manifest).
 
     Replaces an existing checkpoint in ``directory`` atomically (its shards are removed
@@ -288,7 +295,7 @@ def write_checkpoint(directory: str | os.PathLike, parts: Sequence[SessionState]
             entries.append(write_shard_file(d, p, save_id, durable, progress))
         raw = encode_text(text)
         m = make_manifest(parts[0], entries, save_id, raw, quant_bits=quant_bits, reason=reason, ext_flags=ext_flags,
-                          created_at=created_at, last_used=last_used, hits=hits)
+                          created_at=created_at, last_used=last_used, hits=hits, fingerprint=fingerprint)
         publish_manifest(d, m, durable)
     except BaseException:
         for e in entries:
@@ -374,7 +381,7 @@ def kv_to_checkpoint(kv_path: str | os.PathLike, directory: str | os.PathLike,
         with open(name, "rb") as f:
             if layout is None:
                 layout, _ = file_layout(f, parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size), name)
-            header, text, state, _ = read_kv_file(f, layout, name=name)
+            header, text, state, trailer = read_kv_file(f, layout, name=name)
     except OSError as err:
         raise ShardError(f"{name}: cannot read: {err.strerror or err}") from None
     assert state is not None
@@ -383,7 +390,7 @@ def kv_to_checkpoint(kv_path: str | os.PathLike, directory: str | os.PathLike,
     parts = [state.layer_slice(a, b) for a, b in rs]
     return write_checkpoint(directory, parts, text, quant_bits=header.quant_bits, reason=header.reason,
                             ext_flags=header.ext_flags, durable=durable, created_at=header.created_at,
-                            last_used=header.last_used, hits=header.hits)
+                            last_used=header.last_used, hits=header.hits, fingerprint=trailer.fingerprint)
 
 
 def checkpoint_to_kv(directory: str | os.PathLike, out: str | os.PathLike, checksum: bool = True,
@@ -402,7 +409,7 @@ def checkpoint_to_kv(directory: str | os.PathLike, out: str | os.PathLike, check
     try:
         with atomic_write(dest, durable) as f:
             _, n = write_kv_file(f, state, m.text, quant_bits=m.quant_bits, reason=m.reason, ext_flags=m.ext_flags,
-                                 checksum=checksum, now=m.created_at, hits=m.hits)
+                                 checksum=checksum, now=m.created_at, hits=m.hits, fingerprint=m.fingerprint)
             if n != kv_file_bytes(state, len(m.text), checksum):
                 raise ShardError(f"{dest}: wrote {n} bytes, expected {kv_file_bytes(state, len(m.text), checksum)}")
             f.seek(OFF_LAST_USED)  # outside the header checksum, as a store touch rewrites it

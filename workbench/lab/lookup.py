@@ -15,6 +15,7 @@ from workbench.kv.errors import KVFormatError
 from workbench.kv.header import read_text
 from workbench.kv.policy import KVPolicy
 from workbench.kv.store import KVStore
+from workbench.lab.trace import common_prefix_bytes
 from workbench.safeopen import open_regular
 
 ALIGNMENTS = (2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
@@ -59,7 +60,7 @@ def explain_lookup(store: KVStore, prompt: bytes, policy: KVPolicy, ctx: int | N
                 text = read_text(f, e.header, str(e.path))
         except (OSError, KVFormatError):
             continue
-        common = _common(text, prompt)
+        common = common_prefix_bytes(text, prompt)
         if common > best_common or (common == best_common and best is not None and e.tokens > best.tokens):
             best, best_common, best_text = e, common, text
     if best is None:
@@ -77,17 +78,6 @@ def explain_lookup(store: KVStore, prompt: bytes, policy: KVPolicy, ctx: int | N
         len(prompt), len(entries), hit.path.name if hit else None, hit.tokens if hit else 0, miss,
         best.path.name, best_common, best.tokens if whole else common_tokens, estimated,
         None if whole else best_common, None if whole else common_tokens, best.tokens, hint, words)
-
-
-def _common(a: bytes, b: bytes) -> int:
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def _alignment_hint(common_tokens: int, whole: bool, policy: KVPolicy) -> str:

@@ -49,6 +49,19 @@ class TraceError(WorkbenchError):
     """A trace file that cannot be read or written."""
 
 
+def common_prefix_bytes(a: bytes, b: bytes) -> int:
+    """Bytes of the longest common prefix of ``a`` and ``b`` (a binary search whose slice
+    comparisons run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # the largest n with a[:n] == b[:n]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 @dataclass
 class TraceHeader:
     """Line 1 of a trace: what a replay needs besides the requests."""
@@ -152,14 +165,7 @@ class TraceRequest:
         hashed trace: the largest of this prompt's token ends where both agree)."""
         a, b = self.data(), other.data()
         if a is not None and b is not None:
-            lo, hi = 0, min(self.prompt_bytes, len(b))
-            while lo < hi:  # the largest n with a[:n] == b[:n]
-                mid = (lo + hi + 1) // 2
-                if a[:mid] == b[:mid]:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            return lo
+            return common_prefix_bytes(a[:self.prompt_bytes], b)
         best = 0
         for n in self.token_ends:
             theirs = other.key(n)

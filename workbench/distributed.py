@@ -88,7 +88,9 @@ class DistributedError(WorkbenchError):
 @dataclass
 class Traffic:
     """Bytes this rank sent and received: hyper-connection streams (and their messages),
-    logits, gathered/scattered KV state, and commands with their token ids."""
+    logits, gathered/scattered KV state, and commands with their token ids.
+
+    Plain counters (their field list matches other dataclasses' in shape only)."""
 
     hc_sent_bytes: int = 0
     hc_received_bytes: int = 0

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
+from workbench.bench.report import grouped_bars
 from workbench.gguf.quants import dequantize, native_available
 from workbench.spec.ggml import BF16, F16, GGML_TYPES, IQ2_XXS, MXFP4, Q2_K, Q4_K, Q8_0
 
@@ -92,14 +93,9 @@ def run(ctx: BenchContext, n_elems: int | None = None) -> BenchResult:
 
 def charts(tables: dict[str, list[dict]]) -> list[Any]:
     """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
-    import plotly.graph_objects as go
-
     rows = tables[NAME]
-    fig = go.Figure()
-    x = [r["type"] for r in rows]
-    for key, name in (("workbench_gbps", "workbench (MLX)"), ("gguf_numpy_gbps", "gguf.quants (NumPy)"),
-                      ("memcpy_gbps", "memory copy of the output")):
-        fig.add_bar(x=x, y=[r[key] for r in rows], name=name)
-    fig.update_layout(title="Dequantization throughput (GB/s of float32 output)", yaxis_title="GB/s",
-                      barmode="group", template="plotly_white")
-    return [fig]
+    series = [(name, [r[key] for r in rows]) for key, name in (
+        ("workbench_gbps", "workbench (MLX)"), ("gguf_numpy_gbps", "gguf.quants (NumPy)"),
+        ("memcpy_gbps", "memory copy of the output"))]
+    return [grouped_bars([r["type"] for r in rows], series, "Dequantization throughput (GB/s of float32 output)",
+                         "GB/s")]

@@ -23,6 +23,7 @@ from gguf import GGUFValue, GGUFValueType
 
 from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
 from workbench.bench.kvio import raw_read
+from workbench.bench.report import grouped_bars
 from workbench.gguf.layout import validate_ds4
 from workbench.gguf.reader import GGUFFile
 from workbench.gguf.writer import TensorInfo, write_gguf
@@ -127,14 +128,8 @@ def run(ctx: BenchContext, n_q8: int | None = None) -> BenchResult:
 
 def charts(tables: dict[str, list[dict]]) -> list[Any]:
     """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
-    import plotly.graph_objects as go
-
     rows = tables[NAME]
-    fig = go.Figure()
-    x = [f"{r['file']} ({r['what']})" for r in rows]
-    fig.add_bar(x=x, y=[r["seconds"] / r["read_s"] for r in rows], name="load / read once")
-    fig.add_bar(x=x, y=[r["mx_load_s"] / r["read_s"] if "mx_load_s" in r else None for r in rows],
-                name="mx.load / read once")
-    fig.update_layout(title="GGUF load time in units of one read of the file", yaxis_title="x read time",
-                      barmode="group", template="plotly_white")
-    return [fig]
+    series = [("load / read once", [r["seconds"] / r["read_s"] for r in rows]),
+              ("mx.load / read once", [r["mx_load_s"] / r["read_s"] if "mx_load_s" in r else None for r in rows])]
+    return [grouped_bars([f"{r['file']} ({r['what']})" for r in rows], series,
+                         "GGUF load time in units of one read of the file", "x read time")]

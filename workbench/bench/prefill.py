@@ -25,6 +25,7 @@ import numpy as np
 from workbench.bench.core import BenchContext, BenchResult, Figure
 from workbench.bench.flops import prefill_flops
 from workbench.bench.peer import DIFFERENCES, NanoPeer, PeerUnavailable
+from workbench.bench.report import grouped_bars
 
 NAME = "prefill"
 MATMUL_N = 2048
@@ -156,17 +157,12 @@ def _real_dims(ctx: BenchContext, result: BenchResult, peak: float) -> None:
 
 def charts(tables: dict[str, list[dict]]) -> list[Any]:
     """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
-    import plotly.graph_objects as go
-
     rows = tables[NAME]
-    fig = go.Figure()
     x = [f"{r['model']} chunk {r['chunk']}" for r in rows]
-    fig.add_bar(x=x, y=[r["gflops"] for r in rows], name="achieved GFLOP/s")
-    fig.add_bar(x=x, y=[r["matmul_gflops"] for r in rows], name="MLX float32 matmul GFLOP/s")
-    fig.update_layout(title="Prefill: achieved GFLOP/s vs the matmul rate", yaxis_title="GFLOP/s", barmode="group",
-                      template="plotly_white")
-    tps = go.Figure()
-    tps.add_bar(x=x, y=[r["tokens_per_s"] for r in rows], name="workbench (MLX)")
-    tps.add_bar(x=x, y=[r.get("nano_tokens_per_s") for r in rows], name="nano-deepseek-v4 (PyTorch)")
-    tps.update_layout(title="Prefill tokens/s", yaxis_title="tok/s", barmode="group", template="plotly_white")
+    fig = grouped_bars(x, [("achieved GFLOP/s", [r["gflops"] for r in rows]),
+                           ("MLX float32 matmul GFLOP/s", [r["matmul_gflops"] for r in rows])],
+                       "Prefill: achieved GFLOP/s vs the matmul rate", "GFLOP/s")
+    tps = grouped_bars(x, [("workbench (MLX)", [r["tokens_per_s"] for r in rows]),
+                           ("nano-deepseek-v4 (PyTorch)", [r.get("nano_tokens_per_s") for r in rows])],
+                       "Prefill tokens/s", "tok/s")
     return [fig, tps]

@@ -26,6 +26,7 @@ import numpy as np
 from workbench.bench.core import BenchContext, BenchResult, Figure
 from workbench.bench.flops import prefill_flops
 from workbench.bench.prefill import MATMUL_N, matmul_baseline, prompt_tokens
+from workbench.bench.report import grouped_bars
 
 NAME = "real_width"
 CHUNK = 2048  # the session's default (and ds4's maximum) prefill chunk
@@ -143,13 +144,8 @@ def run(ctx: BenchContext) -> BenchResult:
 
 def charts(tables: dict[str, list[dict]]) -> list[Any]:
     """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
-    import plotly.graph_objects as go
-
     rows = tables[NAME]
-    fig = go.Figure()
-    x = [f"{r['model']} {r['what']}" for r in rows]
-    fig.add_bar(x=x, y=[r["gflops"] / r["matmul_gflops"] if r["what"] == "prefill"
-                        else r["tokens_per_s"] / r["bound_tokens_per_s"] for r in rows], name="fraction of the bound")
-    fig.update_layout(title="Real widths: prefill vs the matmul bound, decode vs the memory bound",
-                      yaxis_title="x bound", template="plotly_white")
-    return [fig]
+    fraction = [r["gflops"] / r["matmul_gflops"] if r["what"] == "prefill"
+                else r["tokens_per_s"] / r["bound_tokens_per_s"] for r in rows]
+    return [grouped_bars([f"{r['model']} {r['what']}" for r in rows], [("fraction of the bound", fraction)],
+                         "Real widths: prefill vs the matmul bound, decode vs the memory bound", "x bound")]

@@ -97,6 +97,18 @@ def ratio_chart(figures: list[Figure]) -> Any:
     return fig
 
 
+def grouped_bars(x: list, series: list[tuple[str, list]], title: str, yaxis_title: str) -> Any:
+    """A plotly figure of grouped bars: one trace per ``(name, values)`` over the categories ``x``
+    (the shape of most benchmarks' charts)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, values in series:
+        fig.add_bar(x=x, y=values, name=name)
+    fig.update_layout(title=title, yaxis_title=yaxis_title, barmode="group", template="plotly_white")
+    return fig
+
+
 def _figures_html(figures: list[Figure]) -> str:
     rows = "".join(f"<tr><td style='text-align:left'>{html.escape(f.name)}</td><td style='text-align:left'>"
                    f"{html.escape(f.sizes)}</td><td>{html.escape(fmt_value(f.value, f.unit))}</td>"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.bench.core import BenchContext, BenchResult, Figure, best_pair
+from workbench.bench.report import grouped_bars
 
 NAME = "tokenizer"
 PROMESSI = Path(__file__).resolve().parents[3] / "shared" / "data" / "ds4" / "speed-bench" / "promessi_sposi.txt"
@@ -77,12 +78,7 @@ def run(ctx: BenchContext, max_bytes: int | None = None) -> BenchResult:
 
 def charts(tables: dict[str, list[dict]]) -> list[Any]:
     """The benchmark's plotly figures from its tables (as run, or read back from the CSVs)."""
-    import plotly.graph_objects as go
-
     rows = tables[NAME]
-    fig = go.Figure()
-    x = [r["call"] for r in rows]
-    fig.add_bar(x=x, y=[r["workbench_mbps"] for r in rows], name="workbench Tokenizer")
-    fig.add_bar(x=x, y=[r["tokenizers_mbps"] for r in rows], name="tokenizers (tokenizer.json)")
-    fig.update_layout(title="Tokenizer throughput", yaxis_title="MB/s", barmode="group", template="plotly_white")
-    return [fig]
+    series = [("workbench Tokenizer", [r["workbench_mbps"] for r in rows]),
+              ("tokenizers (tokenizer.json)", [r["tokenizers_mbps"] for r in rows])]
+    return [grouped_bars([r["call"] for r in rows], series, "Tokenizer throughput", "MB/s")]

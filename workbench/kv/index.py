@@ -16,6 +16,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from workbench.kv.chain import CHAIN_DIR, CHAIN_SUFFIX, read_chain_header
 from workbench.kv.errors import KVFormatError, KVStoreError
@@ -94,40 +95,40 @@ def _tree_size(path: Path) -> int:
     return total
 
 
-def classify(path: Path, st: os.stat_result) -> Entry | OtherFile:
-    """What the file at ``path`` (with stat ``st``) is, reading at most its header."""
-    name = path.name
+def _classify(path: Path, st: os.stat_result, name_re: re.Pattern, tmp_re: re.Pattern,
+              entry: Callable[[Path, str, int], Entry], what: str) -> Entry | OtherFile:
+    """A regular file whose name ``name_re`` matches becomes ``entry(path, sha, mtime_ns)``
+    (an ``invalid`` file when its header does not parse), a ``tmp_re`` name a temp file,
+    anything else a foreign file."""
     if not stat.S_ISREG(st.st_mode):
         return OtherFile(path, st.st_size, "foreign", "not a regular file")
-    m = NAME_RE.match(name)
+    m = name_re.match(path.name)
     if m:
         try:
-            return Entry(path, m.group(1).lower(), read_header(path), st.st_mtime_ns)
+            return entry(path, m.group(1).lower(), st.st_mtime_ns)
         except KVFormatError as err:
             return OtherFile(path, st.st_size, "invalid", str(err))
-    m = TMP_RE.match(name)
+    m = tmp_re.match(path.name)
     if m:
         return OtherFile(path, st.st_size, "tmp", f"temp file of pid {m.group(1)}")
-    return OtherFile(path, st.st_size, "foreign", "not a <sha1>.kv checkpoint")
+    return OtherFile(path, st.st_size, "foreign", f"not {what}")
+
+
+def classify(path: Path, st: os.stat_result) -> Entry | OtherFile:
+    """What the file at ``path`` (with stat ``st``) is, reading at most its header."""
+    return _classify(path, st, NAME_RE, TMP_RE, lambda p, sha, ns: Entry(p, sha, read_header(p), ns),
+                     "a <sha1>.kv checkpoint")
+
+
+def _chain_entry(path: Path, sha: str, mtime_ns: int) -> Entry:
+    header, ref = read_chain_header(path)
+    return Entry(path, sha, header, mtime_ns, ref.parent, ref.depth)
 
 
 def classify_chain(path: Path, st: os.stat_result) -> Entry | OtherFile:
     """What the file at ``path`` in the ``chain/`` subdirectory is, reading at most its
     header and chain reference."""
-    name = path.name
-    if not stat.S_ISREG(st.st_mode):
-        return OtherFile(path, st.st_size, "foreign", "not a regular file")
-    m = CHAIN_RE.match(name)
-    if m:
-        try:
-            header, ref = read_chain_header(path)
-        except KVFormatError as err:
-            return OtherFile(path, st.st_size, "invalid", str(err))
-        return Entry(path, m.group(1), header, st.st_mtime_ns, ref.parent, ref.depth)
-    m = CHAIN_TMP_RE.match(name)
-    if m:
-        return OtherFile(path, st.st_size, "tmp", f"temp file of pid {m.group(1)}")
-    return OtherFile(path, st.st_size, "foreign", "not a <sha1>.kvd chain entry")
+    return _classify(path, st, CHAIN_RE, CHAIN_TMP_RE, _chain_entry, "a <sha1>.kvd chain entry")
 
 
 class DirIndex:

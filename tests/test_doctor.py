@@ -116,5 +116,8 @@ def test_doctor_text_without_measuring(capsys):
 
 
 def test_doctor_rejects_non_positive_sizes(capsys):
-    assert main(["doctor", "--sizes", "0"]) == 1
-    assert "--sizes" in capsys.readouterr().err
+    for bad in (["--sizes", "0"], ["--repeats", "0"]):  # a usage error (exit 2) naming the argument
+        with pytest.raises(SystemExit) as exc:
+            main(["doctor", *bad])
+        assert exc.value.code == 2
+        assert bad[0] in capsys.readouterr().err

@@ -13,3 +13,17 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workbench.synth import synthesize
 
     return synthesize("tiny", tmp_path_factory.mktemp("models") / "tiny.gguf", seed=0)
+
+
+@pytest.fixture(params=["native", "mlx"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the native dequantization kernels (skipped when not built) and on the
+    pure-MLX decoders."""
+    from workbench.gguf import quants
+
+    if request.param == "native":
+        if not quants.native_available():
+            pytest.skip("native kernels not built (make native)")
+    else:
+        monkeypatch.setattr(quants, "_NATIVE", None)
+    return request.param

@@ -38,17 +38,6 @@ def assert_bits_equal(got: mx.array | np.ndarray, want: np.ndarray, ignore_zero_
 
 # --- MXFP4 decoding -----------------------------------------------------------------------------
 
-@pytest.fixture(params=["native", "mlx"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Decode with the native kernels (skipped when not built) and with the pure-MLX decoders."""
-    if request.param == "native":
-        if not quants.native_available():
-            pytest.skip("native kernels not built (make native)")
-    else:
-        monkeypatch.setattr(quants, "_NATIVE", None)
-    return request.param
-
-
 def test_mxfp4_geometry() -> None:
     t = GGML_TYPES[39]
     assert (t.name, t.block_elems, t.block_bytes) == ("MXFP4", 32, 17) and MXFP4 == 39

@@ -36,17 +36,6 @@ EDGE_F16 = np.array([0x7BFF, 0xFBFF, 0x0400, 0x03FF, 0x0001, 0x8001, 0x0000, 0x8
 NATIVE_BUILT = any((Path(quants.__file__).parent).glob("_native*.so"))
 
 
-@pytest.fixture(params=["native", "mlx"])
-def path(request, monkeypatch) -> str:
-    """Run a test on the native kernels (skipped when not built) and on the pure-MLX decoders."""
-    if request.param == "native":
-        if not quants.native_available():
-            pytest.skip("native kernels not built (make native)")
-    else:
-        monkeypatch.setattr(quants, "_NATIVE", None)
-    return request.param
-
-
 def test_native_kernels_load_when_built() -> None:
     """A built extension must be picked up (a stale or broken build would silently fall back)."""
     if not NATIVE_BUILT or os.environ.get("WORKBENCH_NATIVE") == "0":

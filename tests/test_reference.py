@@ -13,10 +13,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.quants import quantize
 
 import npref
+from ds4gguf import ds4_tensors, write_ds4_gguf
 from workbench import session
 from workbench.model import hyperconn, qat, rope
 
@@ -168,93 +167,7 @@ MINI = dict(n_layer=4, n_embd=64, n_vocab=300, n_head=2, head_dim=128, n_rot=64,
 
 def write_mini_gguf(path: Path, seed: int = 0) -> None:
     """A 4-layer ds4-layout GGUF (ratios 0,0,4,128) with random weights, for the reference only."""
-    m, rng = MINI, np.random.default_rng(seed)
-    w = GGUFWriter(str(path), "deepseek4")
-    kv = {"block_count": m["n_layer"], "embedding_length": m["n_embd"], "vocab_size": m["n_vocab"],
-          "attention.head_count": m["n_head"], "attention.head_count_kv": 1,
-          "attention.key_length": m["head_dim"], "attention.value_length": m["head_dim"],
-          "rope.dimension_count": m["n_rot"], "attention.q_lora_rank": m["q_lora"],
-          "attention.output_lora_rank": m["o_lora"], "attention.output_group_count": m["o_groups"],
-          "expert_count": m["n_expert"], "expert_used_count": m["n_used"],
-          "expert_feed_forward_length": m["n_ff"], "expert_shared_count": 1, "hash_layer_count": m["n_hash"],
-          "attention.sliding_window": m["n_swa"], "attention.indexer.head_count": m["idx_heads"],
-          "attention.indexer.key_length": m["idx_dim"], "attention.indexer.top_k": m["idx_topk"],
-          "hyper_connection.count": 4, "hyper_connection.sinkhorn_iterations": 20,
-          "rope.scaling.original_context_length": 65536}
-    for k, v in kv.items():
-        w.add_uint32("deepseek4." + k, v)
-    fl = {"rope.freq_base": 10000.0, "rope.scaling.factor": 16.0, "rope.scaling.yarn_beta_fast": 32.0,
-          "rope.scaling.yarn_beta_slow": 1.0, "attention.compress_rope_freq_base": 160000.0,
-          "expert_weights_scale": 1.5, "attention.layer_norm_rms_epsilon": 1e-6, "hyper_connection.epsilon": 1e-6}
-    for k, v in fl.items():
-        w.add_float32("deepseek4." + k, v)
-    w.add_bool("deepseek4.expert_weights_norm", True)
-    w.add_array("deepseek4.attention.compress_ratios", m["ratios"])
-    w.add_array("deepseek4.swiglu_clamp_exp", [10.0] * m["n_layer"])
-
-    def mat(*shape: int, fan_in: int | None = None) -> np.ndarray:
-        return (rng.normal(size=shape) / math.sqrt(fan_in or shape[-1])).astype(np.float32)
-
-    def put(name: str, arr: np.ndarray, kind: str) -> None:
-        if kind == "q8":
-            w.add_tensor(name, quantize(arr, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(name, arr.astype(np.float16 if kind == "f16" else np.float32))
-
-    d, hd, hc = m["n_embd"], m["head_dim"], 4 * m["n_embd"]
-    put("token_embd.weight", rng.normal(size=(m["n_vocab"], d)).astype(np.float32), "f16")
-    put("output_hc_fn.weight", mat(4, hc), "f16")
-    put("output_hc_scale.weight", np.array([0.5], np.float32), "f32")
-    put("output_hc_base.weight", mat(4, fan_in=1) * 0.1, "f32")
-    put("output_norm.weight", 1 + mat(d, fan_in=1) * 0.1, "f32")
-    put("output.weight", mat(m["n_vocab"], d), "q8")
-    for L, r in enumerate(m["ratios"]):
-        b = f"blk.{L}."
-        for sub in ("attn", "ffn"):
-            put(b + f"hc_{sub}_fn.weight", mat(24, hc), "f16")
-            put(b + f"hc_{sub}_scale.weight", np.array([0.5, 0.5, 0.5], np.float32), "f32")
-            put(b + f"hc_{sub}_base.weight", mat(24, fan_in=1) * 0.1, "f32")
-        put(b + "attn_norm.weight", 1 + mat(d, fan_in=1) * 0.1, "f32")
-        put(b + "attn_q_a.weight", mat(m["q_lora"], d), "q8")
-        put(b + "attn_q_a_norm.weight", 1 + mat(m["q_lora"], fan_in=1) * 0.1, "f32")
-        put(b + "attn_q_b.weight", mat(m["n_head"] * hd, m["q_lora"]), "q8")
-        put(b + "attn_kv.weight", mat(hd, d), "q8")
-        put(b + "attn_kv_a_norm.weight", 1 + mat(hd, fan_in=1) * 0.1, "f32")
-        put(b + "attn_sinks.weight", mat(m["n_head"], fan_in=1), "f32")
-        per_group = m["n_head"] // m["o_groups"] * hd
-        put(b + "attn_output_a.weight", mat(m["o_groups"] * m["o_lora"], per_group), "q8")
-        put(b + "attn_output_b.weight", mat(d, m["o_groups"] * m["o_lora"]) * 0.5, "q8")
-        if r:
-            coff = 2 if r == 4 else 1
-            put(b + "attn_compressor_ape.weight", mat(r, coff * hd, fan_in=1), "f16")
-            put(b + "attn_compressor_kv.weight", mat(coff * hd, d), "f16")
-            put(b + "attn_compressor_gate.weight", mat(coff * hd, d), "f16")
-            put(b + "attn_compressor_norm.weight", 1 + mat(hd, fan_in=1) * 0.1, "f32")
-        if r == 4:
-            idim = m["idx_dim"]
-            put(b + "indexer.attn_q_b.weight", mat(m["idx_heads"] * idim, m["q_lora"]), "f16")
-            put(b + "indexer.proj.weight", mat(m["idx_heads"], d), "f16")
-            put(b + "indexer_compressor_ape.weight", mat(4, 2 * idim, fan_in=1), "f16")
-            put(b + "indexer_compressor_kv.weight", mat(2 * idim, d), "f16")
-            put(b + "indexer_compressor_gate.weight", mat(2 * idim, d), "f16")
-            put(b + "indexer_compressor_norm.weight", 1 + mat(idim, fan_in=1) * 0.1, "f32")
-        put(b + "ffn_norm.weight", 1 + mat(d, fan_in=1) * 0.1, "f32")
-        put(b + "ffn_gate_inp.weight", mat(m["n_expert"], d), "f16")
-        if L < m["n_hash"]:
-            tid = np.stack([rng.permutation(m["n_expert"])[:m["n_used"]] for _ in range(m["n_vocab"])])
-            w.add_tensor(b + "ffn_gate_tid2eid.weight", tid.astype(np.int32))
-        else:
-            put(b + "exp_probs_b.bias", mat(m["n_expert"], fan_in=1) * 0.1, "f32")
-        put(b + "ffn_gate_exps.weight", mat(m["n_expert"], m["n_ff"], d), "q8")
-        put(b + "ffn_up_exps.weight", mat(m["n_expert"], m["n_ff"], d), "q8")
-        put(b + "ffn_down_exps.weight", mat(m["n_expert"], d, m["n_ff"]), "q8")
-        put(b + "ffn_gate_shexp.weight", mat(m["n_ff"], d), "q8")
-        put(b + "ffn_up_shexp.weight", mat(m["n_ff"], d), "q8")
-        put(b + "ffn_down_shexp.weight", mat(d, m["n_ff"]), "q8")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_ds4_gguf(path, MINI, ds4_tensors(MINI, np.random.default_rng(seed)))
 
 
 @pytest.fixture(scope="module")

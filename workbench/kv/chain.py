@@ -7,7 +7,7 @@ store counts every file, the ``chain/`` tree included). File layout::
 
     0            52 + text   KVC header and text (``workbench.kv.header``), exactly as a
                              flat file's, except payload_bytes = the chain section's bytes
-                             and ext bit3 (checksum trailer) clear
+                             and no trailer flags (tool map, title)
     chain ref    36 B        "DSVC", u32 version 1, 20 B parent SHA-1 (zeros: a base),
                              u32 parent tokens (0 for a base), u32 depth (0 for a base)
     delta        rest        the DSV4 payload header of the whole state (52 B), then
@@ -16,12 +16,18 @@ store counts every file, the ``chain/`` tree included). File layout::
                              then per layer in DSV4 order: raw window (whole), comp rows
                              [parent rows:], comp frontiers, idx rows [parent rows:], idx
                              frontiers (float32)
+    footer       optional    the workbench's footer (``workbench.kv.checksum``), exactly as a
+                             flat file's: header and text CRCs, chunk checksums of the chain
+                             section (reference + delta), the writer's model fingerprint
 
 Compressed and indexer rows and tokens only grow by appending, so the parent's rows are
 exactly the first rows of the child's; what changes (raw window, frontiers, logits) is
 stored whole in every entry. Restoring walks the chain from the base: each file is
 opened once, its appended rows read straight into the whole state's buffers, and the
-raw window, frontiers and logits read from the leaf only (ancestors' are seeked past).
+raw window, frontiers and logits read from the leaf only (ancestors' are seeked past,
+or, when the file has a footer and the restore verifies, read into scratch so that every
+chunk checksum of every piece is checked). ``model_check`` lets the store refuse a piece
+written by another model (its footer's fingerprint) before any payload byte is read.
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import mlx.core as mx
 import numpy as np
 
+from workbench.kv.checksum import ChunkCRC, Checksums, footer_bytes, header_crc, text_crc
 from workbench.kv.dsv4 import (
     _PAYLOAD_HEADER, PAYLOAD_HEADER_BYTES, PayloadHeader, PayloadSummary, check_payload_header, check_row_counts,
     runtime_chunk, serializable_problems,
@@ -43,7 +50,8 @@ from workbench.kv.errors import KVFormatError, check
 from workbench.kv.header import (
     MODEL_FLASH, TEXT_OFFSET, KVHeader, SaveReason, new_header, parse_header, read_text, text_sha,
 )
-from workbench.kv.stream import Sink, f32_bytes
+from workbench.kv.stream import Sink, f32_bytes, write_all
+from workbench.kv.trailers import Trailer, read_trailer
 from workbench.spec.statelayout import F32, StateLayout
 from workbench.state import LayerState, SessionState
 
@@ -91,11 +99,19 @@ def read_ref(f: BinaryIO, header: KVHeader, name: str) -> ChainRef:
 
 def read_chain_header(path: Path) -> tuple[KVHeader, ChainRef]:
     """Header and chain reference of a chain file (no text, no payload)."""
+    link = read_link(path, trailer=False)
+    return link.header, link.ref
+
+
+def read_link(path: Path, trailer: bool = True) -> "Link":
+    """Header, raw header bytes, chain reference and (``trailer``) footer of one chain file."""
     name = str(path)
     try:
         with open(path, "rb") as f:
-            header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
-            return header, read_ref(f, header, name)
+            head = f.read(TEXT_OFFSET)
+            header = parse_header(head, name, os.fstat(f.fileno()).st_size)
+            ref = read_ref(f, header, name)
+            return Link(path, header, ref, head[:TEXT_OFFSET], read_trailer(f, header, name) if trailer else None)
     except OSError as err:
         raise KVFormatError(f"{name}: cannot read chain entry: {err.strerror or err}") from err
 
@@ -125,15 +141,18 @@ def delta_bytes(state: SessionState, parent_tokens: int) -> int:
     return REF_BYTES + PAYLOAD_HEADER_BYTES + 4 * (T - parent_tokens) + F32 * lay.n_vocab + 8 * lay.n_layer + body
 
 
-def chain_file_bytes(state: SessionState, text_len: int, parent_tokens: int) -> int:
-    """Exact bytes of the chain file ``write_chain_file`` writes."""
-    return TEXT_OFFSET + text_len + delta_bytes(state, parent_tokens)
+def chain_file_bytes(state: SessionState, text_len: int, parent_tokens: int, checksum: bool = True) -> int:
+    """Exact bytes of the chain file ``write_chain_file`` writes (``checksum``: with the footer)."""
+    delta = delta_bytes(state, parent_tokens)
+    return TEXT_OFFSET + text_len + delta + (footer_bytes(delta) if checksum else 0)
 
 
 def write_chain_file(f: BinaryIO, state: SessionState, text: bytes, ref: ChainRef, *, quant_bits: int,
                      reason: SaveReason, ext_flags: int = 0, now: int, hits: int = 0,
-                     model_id: int = MODEL_FLASH) -> tuple[KVHeader, int]:
-    """Write the chain file of ``state`` over the parent ``ref`` names; returns (header, bytes)."""
+                     model_id: int = MODEL_FLASH, checksum: bool = True,
+                     fingerprint: bytes | None = None) -> tuple[KVHeader, int]:
+    """Write the chain file of ``state`` over the parent ``ref`` names, then (``checksum``)
+    the workbench's footer with the model ``fingerprint``; returns (header, bytes)."""
     problems = serializable_problems(state)
     if not state.is_whole:
         problems.insert(0, "holds a layer range only (a chain entry holds every layer)")
@@ -142,9 +161,10 @@ def write_chain_file(f: BinaryIO, state: SessionState, text: bytes, ref: ChainRe
     lay, T, P = state.layout, state.n_tokens, ref.parent_tokens
     header = new_header(text, tokens=T, ctx=state.ctx, payload_bytes=delta_bytes(state, P), quant_bits=quant_bits,
                         reason=reason, ext_flags=ext_flags, now=now, hits=hits, model_id=model_id)
-    out = Sink(f)
-    out.put(header.pack())
-    out.put(text)
+    head = header.pack()
+    crc = ChunkCRC() if checksum else None
+    n = write_all(f, head) + write_all(f, text)
+    out = Sink(f, () if crc is None else (crc,))  # the chain section: what the chunk checksums cover
     out.put(ref.pack())
     ph = PayloadHeader.for_state(state)
     out.put(ph.pack())
@@ -157,7 +177,10 @@ def write_chain_file(f: BinaryIO, state: SessionState, text: bytes, ref: ChainRe
             arr = getattr(ls, fname)
             if rows:
                 out.put(f32_bytes(arr[first:] if first else arr))
-    return header, out.n
+    n += out.n
+    if crc is not None:
+        n += write_all(f, Checksums.of(head, text, crc, fingerprint).pack())
+    return header, n
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -168,6 +191,8 @@ class Link:
     path: Path
     header: KVHeader
     ref: ChainRef
+    head: bytes = b""  # the 48 header bytes as stored (what the footer's header CRC covers)
+    trailer: Trailer | None = None  # what follows the chain section (None: not read)
 
 
 def walk(leaf: Path) -> list[Link]:
@@ -176,14 +201,15 @@ def walk(leaf: Path) -> list[Link]:
     links: list[Link] = []
     path = leaf
     while True:
-        header, ref = read_chain_header(path)
+        link = read_link(path)
+        header, ref = link.header, link.ref
         if links:
             child = links[-1]
             check(header.tokens == child.ref.parent_tokens and ref.depth == child.ref.depth - 1
                   and header.ctx == child.header.ctx and header.text_bytes <= child.header.text_bytes, str(child.path),
                   f"parent {path.name} does not match: tokens {header.tokens} (expected {child.ref.parent_tokens}), "
                   f"depth {ref.depth} (expected {child.ref.depth - 1}), ctx {header.ctx}")
-        links.append(Link(path, header, ref))
+        links.append(link)
         if ref.parent is None:
             return links[::-1]
         parent = path.parent / f"{ref.parent}{CHAIN_SUFFIX}"
@@ -210,15 +236,21 @@ IOV_MAX = 512  # buffers per preadv call (POSIX guarantees at least 16; Linux an
 
 class _Plan:
     """The reads of one chain file: runs of adjacent destination buffers, each run one
-    ``preadv`` at its offset (skipped ranges split runs and cost no I/O)."""
+    ``preadv`` at its offset. Skipped ranges split runs and cost no I/O, unless
+    ``scratch``: then they are read into scratch buffers, so that ``views`` (every buffer
+    in file order) holds every byte of the range, for the chunk checksums."""
 
-    def __init__(self, at: int) -> None:
+    def __init__(self, at: int, scratch: bool = False) -> None:
         self.at = at  # file offset of the next field
+        self.scratch = scratch
         self.runs: list[tuple[int, list[memoryview]]] = []
+        self.views: list[memoryview] = []
         self._open = False
 
     def add(self, view: memoryview | None, nbytes: int) -> None:
         """The next ``nbytes`` of the file go into ``view`` (None: skipped)."""
+        if view is None and self.scratch and nbytes:
+            view = memoryview(bytearray(nbytes))
         if view is None:
             self._open = False
         elif nbytes:
@@ -226,6 +258,7 @@ class _Plan:
                 self.runs.append((self.at, []))
                 self._open = True
             self.runs[-1][1].append(view)
+            self.views.append(view)
         self.at += nbytes
 
     def read(self, fd: int, name: str) -> None:
@@ -243,16 +276,26 @@ class _Plan:
                     views[0] = views[0][n:]
 
 
-def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefill_chunk: int | None = None
+ModelCheck = Callable[["Link"], None]  # raises when a piece must not restore into this model
+
+
+def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefill_chunk: int | None = None,
+               verify: bool = True, model_check: ModelCheck | None = None
                ) -> tuple[SessionState, bytes, KVHeader, list[Link]]:
     """Restore a chain entry: (state, its text, its header, the chain base first).
 
     Every file is opened and read once; the growing rows of each go straight into the
     whole state's buffers at their row offset; the leaf's raw window, frontiers and logits
     are read, the ancestors' seeked past. Runs ds4's payload checks on the leaf's payload
-    header and row counts and checks the text against the file name.
+    header and row counts and checks the text against the file name. ``model_check`` is
+    called with every piece (leaf first) before any payload is read. With ``verify``, a
+    piece with a footer has its header, text and every chunk checksum checked (its
+    skipped fields are read too); a piece without one gets the structural checks only.
     """
     links = walk(leaf)
+    if model_check is not None:
+        for link in reversed(links):
+            model_check(link)
     name = str(leaf)
     last = links[-1]
     with open(leaf, "rb") as f:
@@ -278,13 +321,14 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
         lname = str(link.path)
         with open(link.path, "rb", buffering=0) as f:
             fd = f.fileno()
+            crc = _checker(f, link, text if leafmost else None) if verify else None
             at = link.header.payload_offset + REF_BYTES
             raw = os.pread(fd, PAYLOAD_HEADER_BYTES, at)
             check(len(raw) == PAYLOAD_HEADER_BYTES, lname, "truncated chain payload header")
             pph = PayloadHeader(*_PAYLOAD_HEADER.unpack(raw))
             check(pph.tokens == Ti and pph.ctx == ph.ctx and pph.n_layer == ph.n_layer, lname,
                   f"chain payload header: tokens {pph.tokens} ctx {pph.ctx}, expected {Ti} ctx {ph.ctx}")
-            plan = _Plan(at + PAYLOAD_HEADER_BYTES)
+            plan = _Plan(at + PAYLOAD_HEADER_BYTES, scratch=crc is not None)
             plan.add(memoryview(tokens[P:Ti]).cast("B"), 4 * (Ti - P))
             plan.add(memoryview(logits).cast("B") if leafmost else None, F32 * layout.n_vocab)
             plan.add(memoryview(counts) if leafmost else None, len(counts))
@@ -299,6 +343,10 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
             end = link.header.payload_offset + link.header.payload_bytes
             check(plan.at == end, lname, f"chain delta ends at byte {plan.at}, header says {end}")
             plan.read(fd, lname)
+            if crc is not None:
+                for piece in [memoryview(link.ref.pack()), memoryview(raw)] + plan.views:
+                    crc.update(piece, "the chain delta")
+                crc.finish()
         if leafmost:
             c = struct.unpack(f"<{2 * layout.n_layer}I", counts)
             check_row_counts(ph, layout, list(c[:layout.n_layer]), list(c[layout.n_layer:]), lname, ctx)
@@ -306,6 +354,19 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
                          prefill_chunk=runtime_chunk(ph.prefill_chunk, ctx, prefill_chunk),
                          tokens=tokens.tolist(), logits=logits, layers=layers)
     return state, text, last.header, links
+
+
+def _checker(f: BinaryIO, link: Link, text: bytes | None) -> ChunkCRC | None:
+    """The chunk checker of one piece's chain section after its header and text checksums
+    passed (``text``: already read, else read here); None when the piece has no footer."""
+    cs = link.trailer.checksums if link.trailer is not None else None
+    if cs is None:
+        return None
+    name = str(link.path)
+    check(header_crc(link.head) == cs.header, name, "header checksum mismatch (bytes 0..47 outside hits/last_used)")
+    check(text_crc(read_text(f, link.header, name) if text is None else text) == cs.text, name,
+          "text checksum mismatch")
+    return ChunkCRC(cs.chunk_bytes, cs.chunks, name, cs.algorithm)
 
 
 def chain_summary(leaf: Path) -> PayloadSummary:

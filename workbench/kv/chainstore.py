@@ -30,13 +30,13 @@ from typing import BinaryIO
 
 from workbench.atomic import atomic_write
 from workbench.kv.chain import (
-    CHAIN_DIR, CHAIN_SUFFIX, ChainRef, chain_file_bytes, chain_path, chain_tokens, read_chain, walk,
+    CHAIN_DIR, CHAIN_SUFFIX, ChainRef, chain_file_bytes, chain_path, chain_tokens, read_chain, read_link, walk,
     write_chain_file,
 )
 from workbench.kv.errors import KVFormatError, KVStoreError
 from workbench.kv.header import MODEL_FLASH, ExtFlag, KVHeader, SaveReason
 from workbench.kv.index import DirIndex, Entry
-from workbench.kv.kvfile import read_kv_file, write_kv_file
+from workbench.kv.kvfile import model_mismatch, read_kv_file, write_kv_file
 from workbench.kv.lock import DirLock
 from workbench.kv.maintenance import TMP_PID_RE, pid_alive
 from workbench.kv.stream import Progress
@@ -56,7 +56,8 @@ def chain_writer(ref: ChainRef):
                     progress: Progress | None = None, model_id: int = MODEL_FLASH,
                     fingerprint: bytes | None = None) -> tuple[KVHeader, int]:
         return write_chain_file(f, state, text, ref, quant_bits=quant_bits, reason=reason,
-                                ext_flags=ext_flags & ~TRAILER_FLAGS, now=now, hits=hits, model_id=model_id)
+                                ext_flags=ext_flags & ~TRAILER_FLAGS, now=now, hits=hits, model_id=model_id,
+                                checksum=checksum, fingerprint=fingerprint)
 
     return write_chain
 
@@ -72,6 +73,8 @@ class ChainOps:
     max_depth: int
     quant_bits: int
     checksum: bool
+    model_id: int
+    fingerprint: bytes | None
 
     def use_layout(self, kv_layout: str) -> None:
         """Write flat ``.kv`` files or chain entries from now on (both are always read)."""
@@ -91,7 +94,7 @@ class ChainOps:
                 if not self._text_matches(e, key):
                     continue
                 try:
-                    if chain_tokens(e.path) != list(state.tokens[: e.tokens]):
+                    if self._other_model(e) or chain_tokens(e.path) != list(state.tokens[: e.tokens]):
                         continue
                 except (KVFormatError, OSError):
                     continue
@@ -100,13 +103,18 @@ class ChainOps:
                 return ChainRef(e.sha, e.tokens, e.depth + 1)
         return ChainRef(None, 0, 0)
 
+    def _other_model(self, e: Entry) -> str | None:
+        """Why chain entry ``e`` must not be a parent of this model's entries (None: it may)."""
+        return model_mismatch(e.header, read_link(e.path).trailer, model_id=self.model_id,
+                              quant_bits=self.quant_bits, fingerprint=self.fingerprint)
+
     def _chain_plan(self, state: SessionState, key: bytes, sha: str) -> tuple[Path, int, object, set[str]]:
         """(final path, predicted bytes, writer, shas to protect) of a chain save."""
         ref = self._chain_parent(state, key)
         (self.dir / CHAIN_DIR).mkdir(mode=0o700, exist_ok=True)
         protect = set() if ref.parent is None else {ref.parent}
-        return chain_path(self.dir, sha), chain_file_bytes(state, len(key), ref.parent_tokens), chain_writer(ref), \
-            protect
+        return chain_path(self.dir, sha), chain_file_bytes(state, len(key), ref.parent_tokens, self.checksum), \
+            chain_writer(ref), protect
 
     def export(self, entry: Entry | str, out: str | os.PathLike, layout: StateLayout) -> Path:
         """Write entry ``entry`` (an Entry or its SHA-1) as a ds4 ``.kv`` file at ``out``

@@ -130,19 +130,22 @@ def candidate(e: Entry, incoming_text: bytes) -> Candidate:
 
 def verify_chain_file(path: Path, layout: StateLayout | None = None, ctx: int | None = None,
                       layout_note: str = "") -> VerifyReport:
-    """Restore a chain entry from its whole chain (every file, every check) and report."""
+    """Restore a chain entry from its whole chain (every file, every check, every piece's
+    checksums when it has a footer) and report."""
     name, header = str(path), None
     try:
         header, ref = read_chain_header(path)
         if layout is None:
             layout, layout_note = infer_layout(chain_summary(path))
-        read_chain(path, layout, ctx)
+        links = read_chain(path, layout, ctx)[3]
     except KVFormatError as err:
         return VerifyReport(path, False, str(err), header, layout_note)
     except OSError as err:
         return VerifyReport(path, False, f"{name}: {err.strerror or err}", header, layout_note)
     link = "a base" if ref.parent is None else f"over {ref.parent} ({ref.parent_tokens} tokens)"
-    return VerifyReport(path, True, "", header, layout_note, "absent", (f"chain depth {ref.depth}, {link}",))
+    footers = all(k.trailer is not None and k.trailer.checksums is not None for k in links)
+    return VerifyReport(path, True, "", header, layout_note, "verified" if footers else "absent",
+                        (f"chain depth {ref.depth}, {link}",))
 
 
 class Maintenance:

@@ -68,7 +68,7 @@ from workbench.kv.header import (
     MODEL_FLASH, OFF_HITS, OFF_LAST_USED, TEXT_OFFSET, KVHeader, SaveReason, encode_text, parse_header, read_text,
     text_sha,
 )
-from workbench.kv.chain import CHAIN_SUFFIX, read_chain
+from workbench.kv.chain import CHAIN_SUFFIX, Link, read_chain
 from workbench.kv.chainstore import MAX_DEPTH, ChainOps
 from workbench.kv.index import NAME_RE, DirIndex, Entry, OtherFile
 from workbench.kv.kvfile import kv_file_bytes, model_mismatch, read_kv_file, write_kv_file
@@ -283,8 +283,9 @@ class KVStore(ChainOps, Maintenance):
         try:
             with self.lock.shared():
                 if path.suffix == CHAIN_SUFFIX:
-                    state, text, header, _ = read_chain(path, layout, ctx, prefill_chunk=prefill_chunk)
-                    trailer, ino = None, os.stat(path).st_ino
+                    state, text, header, links = read_chain(path, layout, ctx, prefill_chunk=prefill_chunk,
+                                                            verify=verify, model_check=self._piece_check(path))
+                    trailer, ino = links[-1].trailer, os.stat(path).st_ino
                 else:
                     with open(path, "rb", buffering=0) as f:
                         self._check_model(f, name)
@@ -331,6 +332,20 @@ class KVStore(ChainOps, Maintenance):
         if why is not None:
             raise _OtherModel(f"{name}: {why}")
         f.seek(0)
+
+    def _piece_check(self, leaf: Path) -> Callable[[Link], None]:
+        """The model check of a chain's pieces (called leaf first): a leaf of another model
+        raises _OtherModel (a miss, as a flat file's); an ancestor of another model under
+        this model's leaf makes the entry corrupt (KVFormatError)."""
+
+        def check_piece(link: Link) -> None:
+            why = model_mismatch(link.header, link.trailer, model_id=self.model_id, quant_bits=self.quant_bits,
+                                 fingerprint=self.fingerprint)
+            if why is not None:
+                raise _OtherModel(f"{leaf}: {why}") if link.path == leaf else \
+                    KVFormatError(f"{leaf}: chain piece {link.path.name} {why}")
+
+        return check_piece
 
     def _touch(self, path: Path, ino: int, hit: bool) -> None:
         """hits += 1 (if ``hit``) and last_used = now, written in place under the exclusive

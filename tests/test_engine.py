@@ -141,3 +141,28 @@ def test_records_come_from_the_store_events(session, tmp_path):
     rows = len(df)
     eng.store.lookup("nothing stored starts like this", session.ctx)  # not the engine's call
     assert len(eng.records) == rows
+
+
+def test_engine_kv_layout_chain_writes_and_restores_chains(session, tmp_path):
+    """``Engine(kv_layout="chain")`` switches a flat store to chains: the evict save of a
+    conversation extends its cold save (depth 1), restores to the evicted live state, and
+    a disk hit restores from a chain entry; no flat file is written."""
+    from test_kv_format import assert_same_state
+
+    session.reset()
+    store = KVStore.from_policy(tmp_path / "kv", POLICY)
+    eng = Engine(session, store, POLICY, kv_layout="chain")
+    assert store.kv_layout == "chain"
+    prompt = "Quel ramo del lago di Como. " * 40
+    eng.complete(prompt=prompt, max_tokens=1)
+    live = session.snapshot()
+    eng.complete(prompt="Unrelated. " * 8, max_tokens=0)  # evict save of the first conversation
+    assert not list((tmp_path / "kv").glob("*.kv"))
+    evict = next(e for e in store.entries() if e.reason.name == "EVICT" and e.tokens == live.n_tokens)
+    assert evict.chained and evict.depth == 1 and evict.parent is not None
+    assert_same_state(live, store.load(evict, session.layout, session.ctx)[0])
+    session.reset()
+    eng._live_text = b""
+    out = eng.complete(prompt=prompt, max_tokens=0)
+    assert out.usage.source == "disk"
+    assert eng.records[eng.records.event == "hit"].iloc[-1].path.endswith(".kvd")

@@ -14,11 +14,21 @@ per link; the bound keeps that overhead small (measured by ``workbench bench kvc
 Eviction and shared rows (reference counting by the index): an entry that other chain
 entries name as parent is never an eviction candidate, so evicting an entry frees exactly
 its own file, which nobody else uses; once its last child is gone it becomes a leaf and a
-candidate like any other. Crash safety: every chain file is fsynced, renamed into place
-and the directory fsynced before the save returns, so a parent is on disk before any
-child names it; a crash leaves at worst a temp file (swept like ds4's). ``orphans`` lists
-what no valid chain reaches (broken chains: a missing or mismatching ancestor) and stale
-temp files; ``remove_orphans`` deletes them (``workbench kv gc``).
+candidate like any other.
+
+One entry per name: a flat ``<sha>.kv`` and a chain entry of the same name (a ds4-server
+or a flat store wrote the flat one) are one checkpoint and the flat file wins (ds4's own
+file, restored from one piece): lookup, load, eviction and ``kv ls`` see it; the chain
+copy is ``shadowed`` (counted, never looked up nor evicted, the entries restoring through
+it keep their ancestors; ``kv gc`` removes it once no entry extends it; if the flat file is
+evicted first, the copy becomes the entry of that name). A chain save whose name has a compatible flat file writes nothing
+(status "exists"); a flat save always writes ds4's file.
+
+Crash safety: every chain file is fsynced, renamed into place and the directory fsynced
+before the save returns, so a parent is on disk before any child names it; a crash leaves
+at worst a temp file (swept like ds4's). ``orphans`` lists what no valid chain reaches
+(broken chains: a missing or mismatching ancestor), shadowed chain copies nothing
+extends, and stale temp files; ``remove_orphans`` deletes them (``workbench kv gc``).
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from workbench.kv.chain import (
     write_chain_file,
 )
 from workbench.kv.errors import KVFormatError, KVStoreError
-from workbench.kv.header import MODEL_FLASH, ExtFlag, KVHeader, SaveReason
+from workbench.kv.header import MODEL_FLASH, ExtFlag, KVHeader, SaveReason, read_header
 from workbench.kv.index import DirIndex, Entry
 from workbench.kv.kvfile import model_mismatch, read_kv_file, write_kv_file
 from workbench.kv.lock import DirLock
@@ -138,19 +148,21 @@ class ChainOps:
     def import_dir(self, src: str | os.PathLike, layout: StateLayout) -> list[Path]:
         """Store every valid ds4 ``.kv`` file of directory ``src`` in this store, shortest
         text first (so a conversation's earlier checkpoints become its later ones'
-        parents); returns what was saved. Files that do not load are skipped."""
+        parents); returns what was saved. Each file is read once (its header first, for
+        the order); files that do not load are skipped."""
         files = []
-        for p in sorted(Path(src).glob("*.kv")):
+        for p in Path(src).glob("*.kv"):
+            try:
+                files.append((read_header(p).text_bytes, p.name, p))
+            except KVFormatError:
+                continue
+        out = []
+        for _, _, p in sorted(files):
             try:
                 with open(p, "rb", buffering=0) as f:
                     header, text, state, _ = read_kv_file(f, layout, name=str(p))
             except (KVFormatError, OSError):
                 continue
-            files.append((len(text), p, header, text))
-        out = []
-        for _, p, header, text in sorted(files, key=lambda t: (t[0], t[1].name)):
-            with open(p, "rb", buffering=0) as f:
-                _, _, state, _ = read_kv_file(f, layout, name=str(p))
             res = self.save(state, text, header.reason, ext_flags=header.ext_flags & ~TRAILER_FLAGS)
             if res.saved:
                 out.append(res.path)
@@ -169,7 +181,8 @@ class ChainOps:
 
     def orphans(self) -> list[tuple[Path, int, str]]:
         """(path, bytes, why) of chain files no valid chain reaches (a missing or
-        mismatching ancestor) and of temp files of processes that are gone."""
+        mismatching ancestor), of shadowed chain copies no entry extends, and of temp
+        files of processes that are gone."""
         with self.lock.shared():
             return _orphans_of(self.index)
 
@@ -197,6 +210,9 @@ def _orphans_of(index: DirIndex) -> list[tuple[Path, int, str]]:
                 walk(e.path)
             except KVFormatError as err:
                 out.append((e.path, e.file_size, str(err)))
+    children = index.children()
+    out += [(o.path, o.size, f"chain entry shadowed by the flat file of its name ({o.problem})")
+            for o in index.others() if o.kind == "shadowed" and o.path.name[:40] not in children]
     for o in index.others():
         if o.kind == "tmp":
             m = TMP_PID_RE.search(o.path.name)

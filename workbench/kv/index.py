@@ -80,7 +80,7 @@ class OtherFile:
 
     path: Path
     size: int
-    kind: str  # invalid | foreign | tmp | quarantined
+    kind: str  # invalid | foreign | tmp | quarantined | shadowed
     problem: str
 
 
@@ -203,6 +203,22 @@ class DirIndex:
                 out.setdefault(item.parent, []).append(item)
         return out
 
+    def pinned(self, gone: set[str] = frozenset()) -> set[str]:
+        """SHA-1s of the chain entries some entry (not shadowed, its key not in ``gone``)
+        restores through: its parent, and up the chain through shadowed copies. Eviction
+        spares them."""
+        chains = {i.sha: i for i in self.items() if isinstance(i, Entry) and i.chained}
+        todo = [e.parent for e in self.entries().values() if e.parent is not None and e.key not in gone]
+        out: set[str] = set()
+        while todo:
+            sha = todo.pop()
+            if sha not in out:
+                out.add(sha)
+                up = chains.get(sha)
+                if up is not None and up.parent is not None:
+                    todo.append(up.parent)
+        return out
+
     def classify(self, path: Path, st: os.stat_result) -> Entry | OtherFile:
         """What a file of this directory or of its ``chain/`` subdirectory is."""
         return classify_chain(path, st) if path.parent.name == CHAIN_DIR else classify(path, st)
@@ -223,17 +239,25 @@ class DirIndex:
         return [item for _, item in self._cache.values()] + self._extra
 
     def entries(self) -> dict[str, Entry]:
-        """Checkpoints by SHA (the first of names differing only in case)."""
+        """Checkpoints by SHA: one per name. A flat ``<sha>.kv`` wins over a chain entry of
+        the same name (ds4's own file, restored from one piece); among names differing only
+        in case, the first."""
         out: dict[str, Entry] = {}
         for item in self.items():
-            if isinstance(item, Entry) and item.sha not in out:
-                out[item.sha] = item
+            if isinstance(item, Entry):
+                prev = out.get(item.sha)
+                if prev is None or (prev.chained and not item.chained):
+                    out[item.sha] = item
         return out
 
     def others(self) -> list[OtherFile]:
-        """Every non-checkpoint file, plus checkpoints whose name repeats another's in other case."""
+        """Every non-checkpoint file, plus checkpoints whose name repeats another's: in other
+        case (``invalid``), or a chain entry beside the flat file of its name (``shadowed``:
+        never looked up nor evicted; ``kv gc`` removes it once no entry extends it)."""
         index = self.entries()
-        dup = [OtherFile(i.path, i.file_size, "invalid", f"duplicate of {index[i.sha].path.name} (name case)")
+        dup = [OtherFile(i.path, i.file_size, "shadowed", f"same name as {index[i.sha].path.name}, which serves it")
+               if i.chained and not index[i.sha].chained else
+               OtherFile(i.path, i.file_size, "invalid", f"duplicate of {index[i.sha].path.name} (name case)")
                for i in self.items() if isinstance(i, Entry) and index[i.sha] is not i]
         return [i for i in self.items() if isinstance(i, OtherFile)] + dup
 

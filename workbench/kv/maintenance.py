@@ -183,10 +183,10 @@ class Maintenance:
     def _evict(self, budget: int | None, protect: set[str], incoming: int, replacing: str, why: str,
                dry_run: bool = False, incoming_text: bytes = b"") -> list[Evicted]:
         """Unlink the entries ``plan_eviction`` picks until the directory plus ``incoming``
-        bytes (minus the file named ``replacing``) fits ``budget``. An entry another chain
-        entry names as parent is not a candidate until that child is gone (evicting frees
-        only its own file); the plan is redone after each victim, so a leaf's parent may
-        follow it in the same pass. Caller holds the exclusive lock, index fresh.
+        bytes (minus the file named ``replacing``) fits ``budget``. An entry another entry
+        restores through (``DirIndex.pinned``) is not a candidate until that one is gone
+        (evicting frees only its own file); the plan is redone after each victim, so a
+        leaf's parent may follow it in the same pass. Caller holds the exclusive lock, index fresh.
         ``dry_run`` only returns what would go (no unlink, no events)."""
         if budget is None:
             return []
@@ -195,9 +195,9 @@ class Maintenance:
         out: list[Evicted] = []
         gone: set[str] = set()
         while True:
-            parents = {p for p, kids in self.index.children().items() if any(k.sha not in gone for k in kids)}
+            parents = self.index.pinned(gone)
             entries = {e.sha: e for e in self.index.entries().values()
-                       if e.key != replacing and e.sha not in gone and e.sha not in parents}
+                       if e.key != replacing and e.key not in gone and e.sha not in parents}
             victims = plan_eviction([candidate(e, incoming_text) for e in entries.values()], total, budget,
                                     self.eviction, now, incoming, protect)
             if not victims:
@@ -205,7 +205,7 @@ class Maintenance:
             c = victims[0]
             e = entries[c.key]
             total -= e.file_size
-            gone.add(e.sha)
+            gone.add(e.key)
             if not dry_run:
                 try:
                     os.unlink(e.path)
@@ -259,24 +259,40 @@ class Maintenance:
         for path in sorted(e.path for e in self.entries()) + sorted(o.path for o in self.invalid()):
             with self.lock.shared():
                 check_file = verify_chain_file if path.suffix == CHAIN_SUFFIX else verify_file
-                rep = check_file(path, layout, ctx, layout_note)
-            if not rep.ok and quarantine:
-                self.quarantine(path, rep.error)
-            reports.append(rep)
+                reports.append(check_file(path, layout, ctx, layout_note))
+        for rep in reports:  # after every check: a chain entry's quarantine moves its descendants too
+            if not rep.ok and quarantine and os.path.lexists(rep.path):
+                self.quarantine(rep.path, rep.error)
         return reports
 
     def quarantine(self, path: str | os.PathLike, error: str = "") -> Path:
-        """Move a file into ``<dir>/quarantine/`` (kept, still counted, no longer looked up)."""
+        """Move a file into ``<dir>/quarantine/`` (kept, still counted, no longer looked up);
+        returns where it went. A chain entry takes the chain entries above it along (they
+        cannot restore without it), so no broken chain is left for ``kv gc`` to remove."""
         src = Path(path)
         qdir = self.dir / QUARANTINE_DIR
+        moved = []
         with self.lock.exclusive():
             qdir.mkdir(mode=0o700, exist_ok=True)
-            dest = qdir / src.name
-            n = 1
-            while dest.exists():
-                dest = qdir / f"{src.name}.{n}"
-                n += 1
-            os.replace(src, dest)
-            self.index.drop(src.name)
-        self._emit(Quarantined(path=src, dest=dest, error=error))
-        return dest
+            for p in [src] + (self._descendants(src) if src.suffix == CHAIN_SUFFIX else []):
+                dest = qdir / p.name
+                n = 1
+                while dest.exists():
+                    dest = qdir / f"{p.name}.{n}"
+                    n += 1
+                os.replace(p, dest)
+                self.index.drop(f"{CHAIN_DIR}/{p.name}" if p.suffix == CHAIN_SUFFIX else p.name)
+                moved.append((p, dest))
+        for p, dest in moved:
+            self._emit(Quarantined(path=p, dest=dest, error=error if p == src else f"its chain parent: {error}"))
+        return moved[0][1]
+
+    def _descendants(self, leaf: Path) -> list[Path]:
+        """Every chain entry that names ``leaf`` as ancestor (caller holds the lock)."""
+        self.index.scan(full=True)
+        children, out, todo = self.index.children(), [], [leaf.name[:40]]
+        while todo:
+            kids = children.get(todo.pop(), [])
+            out += [k.path for k in kids]
+            todo += [k.sha for k in kids]
+        return out

@@ -389,7 +389,8 @@ class KVStore(ChainOps, Maintenance):
         the atomic rename; ``durable`` fsyncs the file and the directory. Room is made
         before writing; the files in ``protect`` (entries or shas) and the new file are not
         evicted. A same-key file that is compatible is kept (status "exists", last_used
-        refreshed); an incompatible or invalid one is replaced. Raises KVSaveError on
+        refreshed; for a chain save, the flat file of the name too: one entry per name,
+        ``workbench.kv.chainstore``); an incompatible or invalid one is replaced. Raises KVSaveError on
         failure, after removing the temp file. ``progress`` gets (payload bytes written,
         payload bytes) after each layer.
         """
@@ -423,6 +424,10 @@ class KVStore(ChainOps, Maintenance):
                 self._emit(SaveFailed(path=final, tokens=state.n_tokens, error=msg, reason=why))
                 raise KVSaveError(msg) from err
             existing, ino = self._same_key(final, key, state.ctx)
+            if existing is None and self.kv_layout == "chain":  # one entry per name: a flat file wins
+                flat, flat_ino = self._same_key(self.dir / f"{sha}.kv", key, state.ctx)
+                if flat == "compatible":
+                    final, existing, ino = self.dir / f"{sha}.kv", flat, flat_ino
             if existing == "compatible":
                 self._touch(final, ino, hit=False)
                 return skipped("exists", 0, "already-stored", "already-stored")

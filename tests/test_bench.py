@@ -309,3 +309,21 @@ def test_token_bytes_counts_used_experts_and_one_embedding_row(tiny_gguf: Path) 
         exps = sum(t.nbytes for n, t in f.tensors.items() if "_exps." in n)
     # tiny: 8 experts, 2 used
     assert token_bytes(tiny_gguf) == total - embd.nbytes + embd.nbytes // embd.shape[0] - exps + exps * 2 // 8
+
+
+def test_long_context_decode_figures(ctx: BenchContext) -> None:
+    from workbench.bench import longctx
+
+    args = longctx.bench_args()
+    layers = (2, 3)
+    assert [args.ratio(L) for L in layers] == [4, 128] and args.head_dim == 512 and args.idx_topk == 512
+    # the attention work: top-k capped on the ratio-4 layer, the indexer scores every visible row past top-k
+    at = lambda p: longctx.attention_flops(args, layers, p)  # noqa: E731
+    row = 4 * args.n_head * args.head_dim
+    assert at(100) == row * ((101 + 25) + (101 + 0))  # raw + compressed rows, per layer
+    assert at(65535) == row * ((128 + 512) + (128 + 512)) + 2 * args.idx_heads * args.idx_dim * 16384
+    res = longctx.run(ctx, contexts=(256, 2048), n_tokens=2)
+    assert [r["context"] for r in res.tables["long_ctx"]] == [256, 2048]
+    assert names(res.figures) == {"decode.long_ctx[256]", "decode.long_ctx[2048]", "decode.long_ctx.growth"}
+    assert all(f.value > 0 and f.baseline > 0 for f in res.figures)
+    assert longctx.charts(res.tables)

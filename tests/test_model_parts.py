@@ -256,6 +256,32 @@ def test_attention_chunk_equals_token_by_token() -> None:
     assert st.raw.shape == st_w.raw.shape == (3, 128)
 
 
+def test_indexed_decode_gathers_the_chosen_rows_and_matches_the_masked_chunk() -> None:
+    """A ratio-4 layer past top-k: one query at a time (decode, chosen rows gathered, rows
+    appended into row buffers) gives what the whole chunk gives (top-k as a mask)."""
+    rng = np.random.default_rng(18)
+    base = _attention(n_swa=4)
+    f = lambda *s: mx.array((rng.normal(size=s) / np.sqrt(s[-1])).astype(np.float32))  # noqa: E731
+    comp = _compressor(4, d=128, n_embd=32, seed=3)
+    ix = Indexer(2, 128, 3, 4, IndexerWeights(f(2 * 128, 16), f(2, 32)),
+                 _compressor(4, d=128, n_embd=32, seed=4, kind="index"), RopeSpec(64, 160000.0, DS4_YARN))
+    a = Attention(2, 128, 64, 4, 2, 1e-6, base.w, RopeSpec(64, 160000.0, DS4_YARN), 4, comp, ix)
+    kv, sc = _empty_frontier(comp)
+    ikv, isc = _empty_frontier(ix.compressor)
+    empty = LayerState(raw=mx.zeros((0, 128)), comp=mx.zeros((0, 128)), comp_kv=kv, comp_score=sc,
+                       idx=mx.zeros((0, 128)), idx_kv=ikv, idx_score=isc)
+    h = mx.array(rng.normal(size=(40, 32)).astype(np.float32))  # 10 rows, 3 chosen from token 15 on
+    whole, st_w = a(h, 0, empty)
+    st, outs = empty, []
+    for p in range(40):
+        o, st = a(h[p : p + 1], p, st)
+        outs.append(o)
+    np.testing.assert_allclose(np.array(mx.concatenate(outs)), np.array(whole), atol=1e-4)
+    assert st.comp_rows is not None and st.comp_rows.capacity >= 10
+    np.testing.assert_allclose(np.array(st.comp), np.array(st_w.comp), atol=1e-5)  # float noise of the pooling
+    np.testing.assert_allclose(np.array(st.idx), np.array(st_w.idx), atol=1e-5)
+
+
 # ---- indexer (§2.5.2, §7.10) -----------------------------------------------------------------
 
 def test_topk_ties_go_to_the_lower_index() -> None:

@@ -1,10 +1,14 @@
-"""The session state's layout: shapes, byte breakdown and validation."""
+"""The session state's layout: shapes, byte breakdown and validation; row buffers."""
+
+import io
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
+from workbench.kv.dsv4 import write_payload
 from workbench.spec.statelayout import StateLayout
-from workbench.state import EMPTY_SCORE, SessionState, StateError, join
+from workbench.state import EMPTY_SCORE, ROW_STEP, RowBuffer, SessionState, StateError, join, random_state
 
 
 def test_ds4_layout_fixed_and_per_token_bytes():
@@ -75,3 +79,57 @@ def test_layer_range_states_slice_validate_and_join():
     with pytest.raises(StateError, match="outside the state's layers 0..2"):
         head.layer_slice(2, 4)
     assert SessionState(lay, 64, 64, start=2, stop=3).problems() == ["0 layers for range 2..2"]
+
+
+# ---- row buffers: compressed/indexer rows grow without copying the rows before them ----------
+
+def _rows(rng, n, width=8):
+    return mx.array(rng.normal(size=(n, width)).astype(np.float32))
+
+
+def test_row_buffer_appends_in_place_and_keeps_older_views():
+    rng = np.random.default_rng(0)
+    first, second, third = _rows(rng, 3), _rows(rng, 2), _rows(rng, 1)
+    a, buf = RowBuffer.append(mx.zeros((0, 8)), None, first)
+    b, buf_b = RowBuffer.append(a, buf, second)
+    c, buf_c = RowBuffer.append(b, buf_b, third)
+    assert buf_b is buf and buf_c is buf and buf.capacity == ROW_STEP and buf.filled == 6  # one allocation
+    want = np.concatenate([np.array(first), np.array(second), np.array(third)])
+    assert np.array_equal(np.array(c), want)
+    assert np.array_equal(np.array(a), want[:3]) and np.array_equal(np.array(b), want[:5])  # older views intact
+    same, same_buf = RowBuffer.append(c, buf, mx.zeros((0, 8)))
+    assert same is c and same_buf is buf  # no new rows: nothing copied
+
+
+def test_row_buffer_forks_an_older_view_and_grows_past_its_capacity():
+    rng = np.random.default_rng(1)
+    a, buf = RowBuffer.append(mx.zeros((0, 8)), None, _rows(rng, 4))
+    b, _ = RowBuffer.append(a, buf, _rows(rng, 1))
+    other = _rows(rng, 2)
+    forked, fork_buf = RowBuffer.append(a, buf, other)  # `a` is no longer the tip: copied, never overwrites b
+    assert fork_buf is not buf
+    assert np.array_equal(np.array(forked), np.concatenate([np.array(a), np.array(other)]))
+    assert np.array_equal(np.array(b)[:4], np.array(a)) and not np.array_equal(np.array(b)[4], np.array(other)[0])
+    big = _rows(rng, ROW_STEP)
+    grown, grown_buf = RowBuffer.append(b, buf, big)  # does not fit: a larger buffer
+    assert grown_buf is not buf and grown_buf.capacity >= grown.shape[0] * 1.25
+    assert np.array_equal(np.array(grown), np.concatenate([np.array(b), np.array(big)]))
+
+
+def test_a_state_in_row_buffers_serialises_like_plain_arrays():
+    lay = StateLayout(n_layer=3, head_dim=128, idx_dim=128, n_vocab=10, n_swa=4, ratios=(0, 4, 128))
+    plain = random_state(lay, 300, 1024).to_mlx()
+    grown = plain.copy()
+    for ls in grown.layers:
+        for name in ("comp", "idx"):
+            rows = getattr(ls, name)
+            if rows is not None and rows.shape[0] > 7:  # the same rows, appended in two steps into a row buffer
+                head, buf = RowBuffer.append(rows[:0], None, rows[:7])
+                view, again = RowBuffer.append(head, buf, rows[7:])
+                assert again is buf
+                setattr(ls, name, view)
+                setattr(ls, f"{name}_rows", buf)
+    out_plain, out_grown = io.BytesIO(), io.BytesIO()
+    write_payload(out_plain, plain)
+    write_payload(out_grown, grown)
+    assert out_plain.getvalue() == out_grown.getvalue()

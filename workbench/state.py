@@ -14,6 +14,7 @@ in slot ``4 + p % 4``), copying 4..7 to 0..3 when a window completes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
@@ -24,11 +25,70 @@ from workbench.errors import WorkbenchError
 from workbench.spec.statelayout import F32, KIND_OF, LAYER_FIELDS, SCORE_FIELDS, StateLayout
 
 EMPTY_SCORE = -1e30  # score of an empty frontier slot (ds4's -inf stand-in)
+ROW_STEP = 256  # a row buffer's capacity is a multiple of this many rows
+ROW_GROWTH = 1.25  # a new row buffer holds this many times the rows it starts with (then rounds up)
+
+
+class RowBuffer:
+    """Append-only float32 rows ``[capacity, width]`` that successive states of one layer
+    share, so that a token adds its compressed or indexer rows without copying the rows
+    before it (as mlx-lm's KV caches grow).
+
+    Rows ``0..filled-1`` are written once and never change afterwards, so every state
+    holding a view ``data[:n]`` (n <= filled) keeps seeing its rows. Only the array last
+    handed out by :meth:`append` (the view of all ``filled`` rows) extends in place; an
+    older view (a snapshot continued, a prefill retried after a cancel) gets a new buffer
+    holding a copy of its rows, as does any append that does not fit the capacity (which
+    then grows by ``ROW_GROWTH``, rounded up to ``ROW_STEP`` rows: amortised O(1) per row).
+    """
+
+    def __init__(self, rows: mx.array, new: mx.array) -> None:
+        n, k = rows.shape[0], new.shape[0]
+        capacity = -(-int((n + k) * ROW_GROWTH) // ROW_STEP) * ROW_STEP
+        pad = mx.zeros((capacity - n - k, rows.shape[1]), mx.float32)
+        self.data = mx.concatenate([rows.astype(mx.float32), new.astype(mx.float32), pad])  # [capacity, width]
+        mx.eval(self.data)
+        self.filled = n + k
+        self.tip = self.data[: self.filled]
+        self._lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return int(self.data.shape[0])
+
+    def _extend(self, rows: mx.array, new: mx.array) -> bool:
+        """Write ``new`` after ``rows`` in place when ``rows`` is the tip and they fit."""
+        n, k = rows.shape[0], new.shape[0]
+        with self._lock:
+            if rows is not self.tip or n + k > self.capacity:
+                return False
+            mx.eval(new)
+            dst = np.frombuffer(memoryview(self.data), dtype=np.float32).reshape(self.data.shape)
+            dst[n : n + k] = np.asarray(new, dtype=np.float32)  # rows 0..n-1 untouched: older views stay valid
+            self.filled = n + k
+            self.tip = self.data[: self.filled]
+            return True
+
+    @staticmethod
+    def append(rows: mx.array, buffer: "RowBuffer | None", new: mx.array) -> tuple[mx.array, "RowBuffer | None"]:
+        """``rows`` ``[n, width]`` followed by ``new`` ``[k, width]`` as ``([n + k, width],
+        the buffer holding them)``; ``buffer`` is the one ``rows`` came from (None: none).
+        Appending no rows returns the inputs unchanged (no copy)."""
+        if new.shape[0] == 0:
+            return rows, buffer
+        if buffer is None or not buffer._extend(rows, new):
+            buffer = RowBuffer(rows, new)
+        return buffer.tip, buffer
 
 
 @dataclass
 class LayerState:
-    """One layer's KV state; fields absent for the layer's ratio are None."""
+    """One layer's KV state; fields absent for the layer's ratio are None.
+
+    ``comp_rows``/``idx_rows`` are the :class:`RowBuffer` behind ``comp``/``idx`` when
+    the model grew them (None otherwise): memory management only, never serialised,
+    shapes and values are those of ``comp``/``idx``.
+    """
 
     raw: Any
     comp: Any = None
@@ -37,6 +97,8 @@ class LayerState:
     idx: Any = None
     idx_kv: Any = None
     idx_score: Any = None
+    comp_rows: RowBuffer | None = field(default=None, repr=False, compare=False)
+    idx_rows: RowBuffer | None = field(default=None, repr=False, compare=False)
 
     def tensors(self) -> Iterator[tuple[str, Any]]:
         """(kind, array) in ds4's payload order, skipping absent fields."""
@@ -52,8 +114,8 @@ def as_mlx(a: Any) -> Any:
 
 
 def layers_to_mlx(layers: list[LayerState]) -> list[LayerState]:
-    """New LayerStates whose arrays are all MLX float32."""
-    return [LayerState(**{name: as_mlx(getattr(ls, name)) for name in LAYER_FIELDS}) for ls in layers]
+    """New LayerStates whose arrays are all MLX float32 (row buffers kept)."""
+    return [replace(ls, **{name: as_mlx(getattr(ls, name)) for name in LAYER_FIELDS}) for ls in layers]
 
 
 class StateError(WorkbenchError):

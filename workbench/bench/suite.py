@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "tokenizer": "workbench.bench.tokenization",
     "prefill": "workbench.bench.prefill",
     "real_width": "workbench.bench.realwidth",
+    "long_ctx": "workbench.bench.longctx",
     "ttft": "workbench.bench.ttft",
 }
 DEFAULT_OUT = Path("build/bench")

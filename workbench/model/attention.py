@@ -21,7 +21,7 @@ from workbench.model.indexer import Indexer
 from workbench.model.ops import Weight, grouped_linear, linear, rms_norm
 from workbench.model.qat import fp8_e4m3_sim
 from workbench.model.rope import RopeSpec
-from workbench.state import LayerState
+from workbench.state import LayerState, RowBuffer
 
 # float32 elements of one query block's [heads, block, keys] score tensor
 SCORE_BLOCK_ELEMS = 1 << 24
@@ -69,10 +69,11 @@ class Attention:
         comp = allowed = None
         if self.compressor is not None:
             rows, new.comp_kv, new.comp_score = self.compressor(h, p0, state.comp_kv, state.comp_score)
-            comp = new.comp = mx.concatenate([state.comp, rows])
+            comp, new.comp_rows = RowBuffer.append(state.comp, state.comp_rows, rows)
+            new.comp = comp
         if self.indexer is not None:
             rows, new.idx_kv, new.idx_score = self.indexer.compressor(h, p0, state.idx_kv, state.idx_score)
-            new.idx = mx.concatenate([state.idx, rows])
+            new.idx, new.idx_rows = RowBuffer.append(state.idx, state.idx_rows, rows)
             allowed = self.indexer.visible(qn, h, pos, new.idx)
 
         o = self.attend(q, raw, p0, comp, allowed)  # [H, T, Dh]
@@ -85,7 +86,9 @@ class Attention:
                allowed: mx.array | None) -> mx.array:
         """Softmax attention with sinks for queries q ``[H, T, Dh]`` at p0.. over the raw
         rows (``raw[j]`` at position ``p0 - n_prev + j``) and the compressed rows.
-        ``allowed`` ``[T, n_comp]`` restricts compressed rows (indexer); None: causal only."""
+        ``allowed`` ``[T, n_comp]`` restricts compressed rows (indexer); None: causal only.
+        A block of one query (decode) gathers the rows ``allowed`` keeps instead of masking
+        the others, so its work is the indexer's top-k, not every compressed row."""
         heads, t, dh = q.shape
         n_prev = raw.shape[0] - t
         scale = 1.0 / math.sqrt(dh)
@@ -103,11 +106,15 @@ class Attention:
             if comp is not None:
                 n_vis = (qpos + 1) // self.ratio  # rows whose window ended at or before the query
                 nc = int(n_vis[-1])
+                rows = comp[:nc]
                 cmask = mx.array(np.arange(nc)[None, :] < n_vis[:, None])
-                if allowed is not None:
+                if allowed is not None and e - b == 1:  # one query (decode): only the indexer's rows, gathered
+                    chosen = np.flatnonzero(np.asarray(allowed[b, :nc]))
+                    rows, cmask = comp[mx.array(chosen.astype(np.int32))], mx.ones((1, chosen.size), mx.bool_)
+                elif allowed is not None:
                     cmask = cmask & allowed[b:e, :nc]
                 mask = mx.concatenate([mask, cmask], axis=1)
-                keys = mx.concatenate([keys, comp[:nc]])
+                keys = mx.concatenate([keys, rows])
             s = mx.where(mask, (q[:, b:e] @ keys.T) * scale, -mx.inf)  # [H, B, N]
             s = mx.concatenate([mx.broadcast_to(sink, (heads, e - b, 1)), s], axis=-1)
             p = mx.softmax(s, axis=-1)[..., 1:]  # the sink takes probability mass, no value

@@ -50,6 +50,8 @@ def _policy_args(p: argparse.ArgumentParser, budget_required: bool = False) -> N
     p.add_argument("--prefill-tps", type=float, help="prefill tokens/s (overrides --rates)")
     p.add_argument("--write-mbps", type=float, help="checkpoint write MiB/s (overrides --rates)")
     p.add_argument("--read-mbps", type=float, help="checkpoint restore MiB/s (overrides --rates)")
+    p.add_argument("--kv-layout", choices=("flat", "chain"),
+                   help="account bytes as flat .kv files or chain entries (default: the trace's)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---- policy and rates ---------------------------------------------------------------------
+def _with_layout(trace: Trace, kv_layout: str | None) -> Trace:
+    """The trace replayed as if its store wrote ``kv_layout`` (None: as it did)."""
+    return trace if kv_layout is None else replace(trace, header=replace(trace.header, kv_layout=kv_layout))
+
+
 def trace_policy(trace: Trace, args: argparse.Namespace) -> KVPolicy:
     """The trace's recorded policy with the command line's options applied."""
     from workbench.lab.replay import recorded_policy
@@ -205,7 +212,7 @@ def _import(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from workbench.lab.sweep import run_policy
     from workbench.lab.optimum import infinite, optimal
-    trace = read_trace(args.trace)
+    trace = _with_layout(read_trace(args.trace), args.kv_layout)
     policy = trace_policy(trace, args)
     policy = replace(policy, budget_mb=_budget(args.budget_mb, trace.header.budget_mb))
     rates = rates_of(trace, args)
@@ -230,7 +237,9 @@ def _replay(args: argparse.Namespace) -> int:
               f"{r['explanation']}")
     print(f"{summary['policy']} ({summary['schedule']}) at {summary['budget_mb']} MiB: cached "
           f"{summary['cached_tokens']}/{summary['prompt_tokens']} tokens ({summary['hit_ratio']:.1%}), "
-          f"{summary['saves']} saves, {summary['evictions']} evictions, TTFT {summary['ttft_s']:.2f} s; "
+          f"{summary['saves']} saves, {summary['evictions']} evictions, TTFT {summary['ttft_s']:.2f} s, "
+          f"{summary['kv_layout']} layout: {summary['bytes_written'] / 2**20:,.1f} MiB written, disk "
+          f"{summary['disk_bytes'] / 2**20:,.1f} MiB (peak {summary['peak_disk_bytes'] / 2**20:,.1f}); "
           f"{summary['fraction_of_optimum']:.1%} of the optimum ({summary['optimal_cached_tokens']}), "
           f"infinite budget {summary['infinite_cached_tokens']}")
     return 0
@@ -248,7 +257,7 @@ def _request_row(r) -> dict:
 
 def _sweep(args: argparse.Namespace) -> int:
     from workbench.lab.sweep import sweep, write
-    trace = read_trace(args.trace)
+    trace = _with_layout(read_trace(args.trace), args.kv_layout)
     policy = trace_policy(trace, args)
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in names if p not in POLICIES]

@@ -44,7 +44,7 @@ import numpy as np
 from workbench.kv.checksum import ChunkCRC, Checksums, footer_bytes, header_crc, text_crc
 from workbench.kv.dsv4 import (
     _PAYLOAD_HEADER, PAYLOAD_HEADER_BYTES, PayloadHeader, PayloadSummary, check_payload_header, check_row_counts,
-    runtime_chunk, serializable_problems,
+    raw_rows, runtime_chunk, serializable_problems,
 )
 from workbench.kv.errors import KVFormatError, check
 from workbench.kv.header import (
@@ -131,20 +131,33 @@ def delta_shapes(layout: StateLayout, layer: int, n_raw: int, tokens: int, paren
     return out
 
 
+def delta_size(layout: StateLayout, tokens: int, parent_tokens: int, ctx: int) -> int:
+    """Bytes of the chain section (reference + delta) of a ``tokens``-token state saved at
+    ``ctx`` over a parent of ``parent_tokens`` tokens (0: a base)."""
+    raw = raw_rows(layout, tokens, ctx)
+    body = sum(rows * cols * F32 for L in range(layout.n_layer)
+               for _, (rows, cols), _ in delta_shapes(layout, L, raw, tokens, parent_tokens))
+    return (REF_BYTES + PAYLOAD_HEADER_BYTES + 4 * (tokens - parent_tokens) + F32 * layout.n_vocab
+            + 8 * layout.n_layer + body)
+
+
+def chain_size(layout: StateLayout, tokens: int, parent_tokens: int, ctx: int, text_len: int,
+               checksum: bool = True) -> int:
+    """Exact bytes of a chain file (``checksum``: with the footer); no state needed (the cache
+    lab's replays account chains with it)."""
+    delta = delta_size(layout, tokens, parent_tokens, ctx)
+    return TEXT_OFFSET + text_len + delta + (footer_bytes(delta) if checksum else 0)
+
+
 def delta_bytes(state: SessionState, parent_tokens: int) -> int:
     """Bytes of the chain section (reference + delta) for ``state`` over a parent of
     ``parent_tokens`` tokens (0: a base)."""
-    lay, T = state.layout, state.n_tokens
-    ph = PayloadHeader.for_state(state)
-    body = sum(rows * cols * F32 for L in range(lay.n_layer)
-               for _, (rows, cols), _ in delta_shapes(lay, L, ph.raw_live, T, parent_tokens))
-    return REF_BYTES + PAYLOAD_HEADER_BYTES + 4 * (T - parent_tokens) + F32 * lay.n_vocab + 8 * lay.n_layer + body
+    return delta_size(state.layout, state.n_tokens, parent_tokens, state.ctx)
 
 
 def chain_file_bytes(state: SessionState, text_len: int, parent_tokens: int, checksum: bool = True) -> int:
     """Exact bytes of the chain file ``write_chain_file`` writes (``checksum``: with the footer)."""
-    delta = delta_bytes(state, parent_tokens)
-    return TEXT_OFFSET + text_len + delta + (footer_bytes(delta) if checksum else 0)
+    return chain_size(state.layout, state.n_tokens, parent_tokens, state.ctx, text_len, checksum)
 
 
 def write_chain_file(f: BinaryIO, state: SessionState, text: bytes, ref: ChainRef, *, quant_bits: int,

@@ -49,7 +49,7 @@ def optimal(trace: Trace, base: KVPolicy, rates: Rates, others: Sequence[ReplayR
     have = {r.policy for r in runs}
     runs += [replay(trace, preset_policy(base, p), rates, name=p) for p in ONLINE if p not in have]
     best = max(runs, key=cached)  # ties: the clairvoyant run, listed first
-    return ReplayResult("optimal", base.budget_mb, best.requests, best.policy)
+    return replace(best, policy="optimal", budget_mb=base.budget_mb, schedule=best.policy)
 
 
 def infinite(trace: Trace, base: KVPolicy, rates: Rates) -> ReplayResult:

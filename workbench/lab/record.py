@@ -40,6 +40,7 @@ def trace_header(engine: Engine, model: str = "") -> TraceHeader:
         layout={"n_layer": layout.n_layer, "head_dim": layout.head_dim, "idx_dim": layout.idx_dim,
                 "n_vocab": layout.n_vocab, "n_swa": layout.n_swa, "ratios": list(layout.ratios)},
         ctx=engine.session.ctx, source="engine", checksum=bool(store.checksum) if store is not None else True,
+        kv_layout=store.kv_layout if store is not None else "flat",
         policy=policy, budget_mb=engine.policy.budget_mb, model=model)
 
 

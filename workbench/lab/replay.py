@@ -10,6 +10,13 @@ store's own pure functions, so with the policy and budget a
 trace was recorded under, the replay reproduces every request's source, cached tokens,
 saves and evictions.
 
+``kv_layout`` (default: the trace header's) accounts the bytes of either store layout:
+``flat`` (ds4's ``.kv`` files: every save writes the whole state) or ``chain`` (a save
+extending a stored checkpoint of the same token prefix writes only its delta over it,
+``workbench.kv.chain.chain_size``; re-based past ``max_depth``; a checkpoint another
+one extends is spared by eviction until that one is gone, as ``KVStore`` does). A chained
+restore is counted as reading the whole state (the bytes it reads, spread over the chain).
+
 ``clairvoyant=True`` replaces the eviction order by one that knows the future (Belady by
 size: checkpoints never needed again go first, then the largest next-use distance × bytes)
 at the same save points; ``workbench.lab.optimum`` builds the optimum from it.
@@ -20,6 +27,8 @@ Times are Unix seconds (the trace's arrival times); sizes bytes; rates tokens/s 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from workbench.kv.chain import chain_size
+from workbench.kv.chainstore import LAYOUTS, MAX_DEPTH
 from workbench.kv.eviction import Candidate, keep_value, plan_eviction
 from workbench.kv.checksum import footer_bytes
 from workbench.kv.dsv4 import payload_size
@@ -65,6 +74,8 @@ class SimEntry:
     last_used: int
     hits: int = 0
     request: int = -1  # the request that saved it
+    parent: str | None = None  # chain layout: the key of the checkpoint it extends
+    depth: int = 0  # chain layout: links above its base
 
     @property
     def tokens(self) -> int:
@@ -109,6 +120,7 @@ class RequestResult:
     saves: list[dict] = field(default_factory=list)  # reason, key, tokens, bytes, status
     evictions: list[dict] = field(default_factory=list)  # key, tokens, bytes, reason, by
     recorded: dict = field(default_factory=dict)  # what the trace says happened
+    disk_bytes: int = 0  # bytes of the simulated directory after the request
 
 
 @dataclass
@@ -119,9 +131,12 @@ class ReplayResult:
     budget_mb: float | None
     requests: list[RequestResult]
     schedule: str = ""  # optimal: the run whose schedule it is (clairvoyant or a preset)
+    kv_layout: str = "flat"
+    peak_disk_bytes: int = 0  # the simulated directory's largest size (right after a save)
 
     def summary(self) -> dict:
-        """Totals: tokens, cached tokens and their share, TTFT, bytes, losses by cause."""
+        """Totals: tokens, cached tokens and their share, TTFT, bytes written and read, disk
+        used at the end and at its peak, losses by cause."""
         reqs = self.requests
         prompt = sum(r.prompt_tokens for r in reqs)
         cached = sum(r.cached_tokens for r in reqs)
@@ -136,7 +151,8 @@ class ReplayResult:
             "hit_ratio": cached / prompt if prompt else 0.0,
             "disk_hits": sum(r.source == "disk" for r in reqs), "live_hits": sum(r.source == "live" for r in reqs),
             "ttft_s": sum(r.ttft_s for r in reqs), "bytes_written": sum(r.bytes_written for r in reqs),
-            "bytes_read": sum(r.bytes_read for r in reqs),
+            "bytes_read": sum(r.bytes_read for r in reqs), "kv_layout": self.kv_layout,
+            "disk_bytes": reqs[-1].disk_bytes if reqs else 0, "peak_disk_bytes": self.peak_disk_bytes,
             "saves": sum(sum(s["status"] == "saved" for s in r.saves) for r in reqs),
             "evictions": sum(len(r.evictions) for r in reqs), "losses": losses,
         }
@@ -150,7 +166,12 @@ class Replay:
     """The engine's request loop over a simulated checkpoint directory."""
 
     def __init__(self, trace: Trace, policy: KVPolicy, rates: Rates, clairvoyant: bool = False,
-                 name: str | None = None) -> None:
+                 name: str | None = None, kv_layout: str | None = None, max_depth: int = MAX_DEPTH) -> None:
+        self.kv_layout = kv_layout or trace.header.kv_layout
+        if self.kv_layout not in LAYOUTS:
+            raise ValueError(f"kv layout {self.kv_layout!r}, expected one of {', '.join(LAYOUTS)}")
+        self.max_depth = max_depth
+        self.peak_disk = 0
         self.trace = trace
         self.policy = policy
         self.rules = policy.eviction_rules()
@@ -179,13 +200,30 @@ class Replay:
         p = payload_size(self.layout, tokens, self.ctx)
         return TEXT_OFFSET + text_bytes + p + (footer_bytes(p) if self.checksum else 0)
 
+    def chain_parent(self, text: TraceRequest, nbytes: int, ends: list[int]) -> SimEntry | None:
+        """The checkpoint a chain save of ``text[:nbytes]`` (token ends ``ends``) extends, as
+        ``KVStore`` chooses it: the longest stored text that prefixes it with a prefix of its
+        tokens; None for a base (none, or that one is ``max_depth`` links deep)."""
+        best = None
+        for e in self.entries.values():
+            if (e.text_bytes < nbytes and e.tokens < len(ends) and (best is None or e.text_bytes > best.text_bytes)
+                    and e.ends == ends[:e.tokens] and text.matches(e.text_bytes, e.key)):
+                best = e
+        return None if best is None or best.depth + 1 > self.max_depth else best
+
+    def _pinned(self) -> set[str]:
+        """Keys of the checkpoints another one extends (never evicted while it stays)."""
+        return {e.parent for e in self.entries.values() if e.parent is not None}
+
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> ReplayResult:
         out = []
         for i, req in enumerate(self.trace.requests):
             self._index = i
             out.append(self._request(req))
-        return ReplayResult(self.name, self.policy.budget_mb, out)
+            out[-1].disk_bytes = self._total()
+        return ReplayResult(self.name, self.policy.budget_mb, out, kv_layout=self.kv_layout,
+                            peak_disk_bytes=self.peak_disk)
 
     def _request(self, req: TraceRequest) -> RequestResult:
         now = req.time
@@ -214,7 +252,7 @@ class Replay:
                 hit = self._lookup(req)
             if hit is not None:
                 self._load(hit, now)
-                restore_bytes = hit.size
+                restore_bytes = self.file_size(hit.tokens, hit.text_bytes)
                 if req.char_boundary(hit.text_bytes):
                     ends, source = hit.ends + [e for e in req.token_ends if e > hit.text_bytes], "disk"
                     self._live = (hit.text, hit.text_bytes, hit.ends)
@@ -269,7 +307,7 @@ class Replay:
     def _load(self, e: SimEntry, now: float) -> None:
         e.hits += 1
         e.last_used = int(now)
-        if self.policy.consume_on_load(e.tokens):
+        if self.policy.consume_on_load(e.tokens) and e.key not in self._pinned():  # a parent stays
             del self.entries[e.key]
             self._mark(e.key, "consumed", self._index, "restore")
 
@@ -284,8 +322,10 @@ class Replay:
             record["status"] = "exists"
             self._stored(reason, tokens)
             return
-        size = self.file_size(tokens, nbytes)
-        spared = {key} | (keep if self.rules.protect_hit else set())
+        parent = self.chain_parent(text, nbytes, ends) if self.kv_layout == "chain" else None
+        size = self.file_size(tokens, nbytes) if self.kv_layout == "flat" else \
+            chain_size(self.layout, tokens, parent.tokens if parent else 0, self.ctx, nbytes, self.checksum)
+        spared = {key} | (keep if self.rules.protect_hit else set()) | ({parent.key} if parent else set())
         if not self.rules.admits(size, self.budget):
             record["status"] = "skipped"
             self.history.append(Checkpoint(text, nbytes, key, tokens, "not-saved", self._index, reason))
@@ -297,7 +337,9 @@ class Replay:
                 self.history.append(Checkpoint(text, nbytes, key, tokens, "not-saved", self._index, reason))
                 return
         self.entries[key] = SimEntry(key, text, nbytes, list(ends), size, SaveReason[reason.upper()], int(now),
-                                     int(now), 0, self._index)
+                                     int(now), 0, self._index, parent.key if parent else None,
+                                     parent.depth + 1 if parent else 0)
+        self.peak_disk = max(self.peak_disk, self._total())
         self.history.append(Checkpoint(text, nbytes, key, tokens, "stored", self._index, reason))
         record["bytes"] = size
         if self.budget is not None and self.rules.post_write:
@@ -314,14 +356,25 @@ class Replay:
 
     def _evict(self, incoming: int, spared: set[str], now: float, evictions: list[dict], by: str,
                text: TraceRequest | None, nbytes: int) -> None:
-        cands = [Candidate(e.key, e.tokens, e.size, e.hits, e.last_used, e.created_at, e.reason,
-                           text is not None and e.reason == SaveReason.CONTINUED and e.text_bytes < nbytes
-                           and text.matches(e.text_bytes, e.key))
-                 for e in self.entries.values()]
-        if self.clairvoyant:
-            victims = self._belady(cands, incoming, spared)
-        else:
-            victims = plan_eviction(cands, self._total(), self.budget, self.rules, now, incoming, spared)
+        """Evict as the store does: flat, the whole plan; chain, the plan's first victim
+        among the checkpoints nothing extends, then plan again (a parent may follow)."""
+        while True:
+            pinned = self._pinned() if self.kv_layout == "chain" else set()
+            cands = [Candidate(e.key, e.tokens, e.size, e.hits, e.last_used, e.created_at, e.reason,
+                               text is not None and e.reason == SaveReason.CONTINUED and e.text_bytes < nbytes
+                               and text.matches(e.text_bytes, e.key))
+                     for e in self.entries.values() if e.key not in pinned]
+            if self.clairvoyant:
+                victims = self._belady(cands, incoming, spared)
+            else:
+                victims = plan_eviction(cands, self._total(), self.budget, self.rules, now, incoming, spared)
+            if not victims:
+                return
+            self._drop(victims if self.kv_layout == "flat" else victims[:1], now, evictions, by)
+            if self.kv_layout == "flat":
+                return
+
+    def _drop(self, victims: list[Candidate], now: float, evictions: list[dict], by: str) -> None:
         for c in victims:
             e = self.entries.pop(c.key)
             evictions.append({"key": e.key, "tokens": e.tokens, "bytes": e.size, "reason": e.reason.name.lower(),
@@ -378,9 +431,9 @@ class Replay:
 
 
 def replay(trace: Trace, policy: KVPolicy, rates: Rates, clairvoyant: bool = False,
-           name: str | None = None) -> ReplayResult:
+           name: str | None = None, kv_layout: str | None = None) -> ReplayResult:
     """Run one replay (see :class:`Replay`)."""
-    return Replay(trace, policy, rates, clairvoyant, name).run()
+    return Replay(trace, policy, rates, clairvoyant, name, kv_layout).run()
 
 
 def recorded_policy(trace: Trace) -> KVPolicy:

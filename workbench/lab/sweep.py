@@ -50,7 +50,7 @@ def sweep(trace: Trace, base: KVPolicy, policies: Sequence[str], budgets: Sequen
             runs[(r.policy, b)] = r
         opt = optimal(trace, replace(base, budget_mb=b), rates, here)
         if best_so_far is not None and _cached(best_so_far) > _cached(opt):
-            opt = ReplayResult("optimal", b, best_so_far.requests, best_so_far.schedule + " (smaller budget)")
+            opt = replace(best_so_far, budget_mb=b, schedule=best_so_far.schedule + " (smaller budget)")
         best_so_far = opt
         runs[("optimal", b)] = opt
         for r in here + [opt]:

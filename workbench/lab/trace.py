@@ -70,6 +70,7 @@ class TraceHeader:
     ctx: int
     source: str = "engine"  # engine | ds4-trace | ds4-cache-dir
     checksum: bool = True  # checkpoints carry the workbench's checksum trailer
+    kv_layout: str = "flat"  # how the store wrote checkpoints: flat (ds4's .kv) | chain
     policy: dict = field(default_factory=dict)  # KVPolicy fields it was recorded under
     budget_mb: float | None = None
     rates: dict = field(default_factory=dict)  # prefill_tps, write_bps, read_bps (measured)

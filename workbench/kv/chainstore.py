@@ -21,8 +21,8 @@ or a flat store wrote the flat one) are one checkpoint and the flat file wins (d
 file, restored from one piece): lookup, load, eviction and ``kv ls`` see it; the chain
 copy is ``shadowed`` (counted, never looked up nor evicted, the entries restoring through
 it keep their ancestors; ``kv gc`` removes it once no entry extends it; if the flat file is
-evicted first, the copy becomes the entry of that name). A chain save whose name has a compatible flat file writes nothing
-(status "exists"); a flat save always writes ds4's file.
+evicted first, the copy becomes the entry of that name). A chain save whose name has a
+compatible flat file writes nothing (status "exists"); a flat save always writes ds4's file.
 
 Crash safety: every chain file is fsynced, renamed into place and the directory fsynced
 before the save returns, so a parent is on disk before any child names it; a crash leaves

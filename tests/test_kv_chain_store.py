@@ -91,3 +91,28 @@ def test_import_reads_each_file_once(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(chainstore, "read_kv_file", lambda f, *a, **k: reads.append(k["name"]) or real(f, *a, **k))
     saved = KVStore(tmp_path / "chain", budget_mb=None, kv_layout="chain").import_dir(tmp_path / "flat", SMALL)
     assert len(saved) == 3 and sorted(reads) == sorted(str(e.path) for e in flat.entries())
+
+
+def test_usage_own_logical_shared_bytes_and_the_dashboard_table(tmp_path) -> None:
+    from workbench.widgets.dashboard import chain_html
+
+    conv = conversation(3, step=300)
+    flat = KVStore(tmp_path / "flat", budget_mb=None, min_tokens=1)
+    chain = KVStore(tmp_path / "chain", budget_mb=None, min_tokens=1, kv_layout="chain")
+    for state, text in conv:
+        flat.save(state, text, SaveReason.CONTINUED)
+        chain.save(state, text, SaveReason.CONTINUED)
+    sizes = {e.sha: e.file_size for e in flat.entries()}
+    rows = sorted(chain.usage(SMALL), key=lambda r: r.tokens)
+    assert [(r.chained, r.depth) for r in rows] == [(True, 0), (True, 1), (True, 2)]
+    assert [r.parent for r in rows] == [None, rows[0].sha, rows[1].sha]
+    assert all(r.logical == sizes[r.sha] for r in rows)  # the same state as the flat file
+    assert [r.through for r in rows] == [rows[0].own, rows[0].own + rows[1].own, sum(r.own for r in rows)]
+    assert rows[0].shared == 0 and rows[2].shared == rows[2].logical - rows[2].own > 0  # a base shares none
+    assert all(r.own == r.logical and r.shared == 0 and not r.chained for r in flat.usage(SMALL))
+    html = chain_html(chain.usage(SMALL), chain.total_bytes(), limit=2)
+    logical = sum(sizes.values())
+    assert "<b>3</b> checkpoints (3 chained, 0 flat)" in html and f"{logical / 2**20:,.2f} MiB" in html
+    assert f"({chain.total_bytes() / logical:.2f}×)" in html and "… 1 more" in html
+    assert f"<code>{rows[1].parent[:10]}</code>" in html or f"<code>{rows[2].parent[:10]}</code>" in html
+    assert "no checkpoints" in chain_html([], 0)

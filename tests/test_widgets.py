@@ -272,6 +272,8 @@ def test_cache_dashboard_follows_the_engine_live(fresh, tokenizer, tmp_path):
     assert s["requests"] == n and s["by_source"] == {"live": 2, "disk": 1, "none": 2}
     assert f"<b>{n}</b> requests" in dash.summary.value and "disk 20%" in dash.summary.value
     assert s["reused_ttft_s"] < s["reused_full_prefill_s"]
+    n_files = len(engine.store.entries())
+    assert f"<b>{n_files}</b> checkpoints (0 chained, {n_files} flat)" in dash.checkpoints.value
 
     # the Run workload control: multi-user, one turn each for three users
     dash.workload.value = "multi-user"

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 from workbench.atomic import atomic_write
 from workbench.kv.chain import (
@@ -44,8 +45,10 @@ from workbench.kv.chain import (
     write_chain_file,
 )
 from workbench.kv.errors import KVFormatError, KVStoreError
-from workbench.kv.header import MODEL_FLASH, ExtFlag, KVHeader, SaveReason, read_header
+from workbench.kv.header import MODEL_FLASH, TEXT_OFFSET, ExtFlag, KVHeader, SaveReason, read_header
 from workbench.kv.index import DirIndex, Entry
+from workbench.kv.checksum import footer_bytes
+from workbench.kv.dsv4 import payload_size
 from workbench.kv.kvfile import model_mismatch, read_kv_file, write_kv_file
 from workbench.kv.lock import DirLock
 from workbench.kv.maintenance import TMP_PID_RE, pid_alive
@@ -56,6 +59,42 @@ from workbench.state import SessionState
 MAX_DEPTH = 16
 LAYOUTS = ("flat", "chain")
 TRAILER_FLAGS = ExtFlag.TOOL_MAP | ExtFlag.TITLE  # trailers ds4 writes after a payload; chains keep none
+
+
+@dataclass(frozen=True)
+class EntryBytes:
+    """What one entry costs on disk and what it stands for (bytes)."""
+
+    sha: str
+    chained: bool
+    parent: str | None  # the entry it extends (chain entries; None: a base or a flat file)
+    depth: int
+    tokens: int
+    own: int  # its file
+    through: int  # its file and its ancestors' (what a restore opens)
+    logical: int  # the same state as one flat .kv file (footer included when ``checksum``)
+
+    @property
+    def shared(self) -> int:
+        """Bytes of the state it does not store itself (its ancestors' rows, shared)."""
+        return max(self.logical - self.own, 0)
+
+
+def entry_bytes(entries: Iterable[Entry], layout: StateLayout, checksum: bool = True) -> list[EntryBytes]:
+    """Own, restore-path and logical bytes of each entry (in the given order); a chain
+    entry's ancestors are looked up among ``entries``."""
+    entries = list(entries)
+    by_sha = {e.sha: e for e in entries}
+    out = []
+    for e in entries:
+        payload = payload_size(layout, e.tokens, e.ctx)
+        through, up = e.file_size, by_sha.get(e.parent) if e.parent else None
+        while up is not None:
+            through += up.file_size
+            up = by_sha.get(up.parent) if up.parent else None
+        out.append(EntryBytes(e.sha, e.chained, e.parent, e.depth, e.tokens, e.file_size, through,
+                              TEXT_OFFSET + e.text_bytes + payload + (footer_bytes(payload) if checksum else 0)))
+    return out
 
 
 def chain_writer(ref: ChainRef):
@@ -112,6 +151,10 @@ class ChainOps:
                     break  # re-base
                 return ChainRef(e.sha, e.tokens, e.depth + 1)
         return ChainRef(None, 0, 0)
+
+    def usage(self, layout: StateLayout) -> list[EntryBytes]:
+        """``entry_bytes`` of every entry, most recently used first (``entries``' order)."""
+        return entry_bytes(self.entries(), layout, self.checksum)
 
     def _other_model(self, e: Entry) -> str | None:
         """Why chain entry ``e`` must not be a parent of this model's entries (None: it may)."""

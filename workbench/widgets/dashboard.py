@@ -1,8 +1,13 @@
 """``CacheDashboard``: an engine's telemetry drawn live, and a control that runs a workload.
 
     dash = CacheDashboard(engine)          # engine = Engine(session, store, policy)
-    dash                                    # five live plots + summary + Run workload
+    dash                                    # summary, checkpoint table, five live plots, Run workload
     dash.run(workloads.agent_session(turns=4))
+
+Under the summary, the store's checkpoints (``KVStore.usage``): per entry its layout,
+parent and depth, its own bytes against the bytes of the state it stands for (logical:
+the same state as one flat ``.kv`` file; the rest is shared with its ancestors), and the
+total logical bytes against the bytes on disk.
 
 The dashboard appends a listener to ``engine.recorder.listeners``; the figures a row
 changes (requests: tokens per request and time to first token; cache events: the event
@@ -27,6 +32,7 @@ import plotly.graph_objects as go
 
 from workbench import viz
 from workbench.engine import Completion, Engine, restrict
+from workbench.kv.chainstore import EntryBytes
 from workbench.session import Cancelled, Progress
 from workbench.widgets.common import LEGEND_BELOW, MIB, Panel, int_value, refit
 from workbench.workloads import WORKLOADS, Workload
@@ -34,6 +40,7 @@ from workbench.workloads import WORKLOADS, Workload
 FIGURE_HEIGHT = 370
 MAX_LENGTH = 64  # turns (or chunks) of one workload run
 MAX_SEED = 10**6
+CHAIN_ROWS = 10  # entries listed in the checkpoint table (most recently used first)
 # the keyword that sets a workload's length: its turns, or a document's chunks
 LENGTH_PARAMETER = {"agent": "turns", "multi-user": "turns", "long-document": "chunks", "coding-agent": "turns"}
 
@@ -134,11 +141,34 @@ def summary_html(s: dict[str, Any]) -> str:
     return f"<div style='line-height:1.6'>{line1}<br>{line2}</div>"
 
 
+def chain_html(rows: list[EntryBytes], disk_bytes: int, limit: int = CHAIN_ROWS) -> str:
+    """The checkpoint table of :meth:`KVStore.usage` rows (the first ``limit``) and the
+    total line: logical bytes (every entry as a flat file) against ``disk_bytes``."""
+    if not rows:
+        return "<i style='color:#777'>no checkpoints on disk yet</i>"
+    logical, own = sum(r.logical for r in rows), sum(r.own for r in rows)
+    chained = sum(r.chained for r in rows)
+    ratio = f" ({disk_bytes / logical:.2f}×)" if logical else ""
+    head = (f"<b>{len(rows)}</b> checkpoints ({chained} chained, {len(rows) - chained} flat): "
+            f"logical <b>{logical / MIB:,.2f} MiB</b> as flat files, on disk <b>{disk_bytes / MIB:,.2f} MiB</b>"
+            f"{ratio}; chains share {max(logical - own, 0) / MIB:,.2f} MiB")
+    cells = "".join(
+        f"<tr><td><code>{r.sha[:10]}</code></td><td>{'chain' if r.chained else 'flat'}</td>"
+        f"<td><code>{r.parent[:10] if r.parent else '-'}</code></td><td>{r.depth if r.chained else '-'}</td>"
+        f"<td>{r.tokens:,}</td><td>{r.own / MIB:,.2f}</td><td>{r.logical / MIB:,.2f}</td>"
+        f"<td>{r.shared / MIB:,.2f}</td></tr>" for r in rows[:limit])
+    more = f"<tr><td colspan=8><i>… {len(rows) - limit} more</i></td></tr>" if len(rows) > limit else ""
+    return (f"<div style='font-size:12px;line-height:1.5'>{head}<table style='font-size:12px'>"
+            "<tr><th>entry</th><th>layout</th><th>parent</th><th>depth</th><th>tokens</th><th>own MiB</th>"
+            f"<th>logical MiB</th><th>shared MiB</th></tr>{cells}{more}</table></div>")
+
+
 class CacheDashboard(Panel):
     """Live plots of an :class:`~workbench.engine.Engine`'s records plus a workload runner.
 
     ``figures`` maps ``tokens``, ``ttft``, ``timeline``, ``disk`` to their
-    ``go.FigureWidget``; ``stats`` is the last :func:`summarize` result; ``sampler``
+    ``go.FigureWidget``; ``stats`` is the last :func:`summarize` result; ``checkpoints``
+    the store's checkpoint table (:func:`chain_html`); ``sampler``
     (default: greedy over ``tokenizer.text_token_mask()``) samples every reply."""
 
     def __init__(self, engine: Engine, sampler: Callable[[Any], int] | None = None) -> None:
@@ -152,6 +182,7 @@ class CacheDashboard(Panel):
         for fig in self.figures.values():
             fig.layout.height = FIGURE_HEIGHT
         self.summary = widgets.HTML("")
+        self.checkpoints = widgets.HTML("")
         self.workload = widgets.Dropdown(options=list(WORKLOADS), value="agent", description="workload",
                                          layout=widgets.Layout(width="18em"))
         self.length = widgets.IntText(value=4, description="turns", tooltip=f"1..{MAX_LENGTH}",
@@ -178,6 +209,7 @@ class CacheDashboard(Panel):
         self.children = [
             self.title,
             self.summary,
+            self.checkpoints,
             widgets.HBox([self.workload, self.length, self.seed, self.run_button, self.stop_button,
                           self.redraw_button]),
             widgets.HBox([self.requests_bar, self.prefill_bar, self.status]),
@@ -248,8 +280,8 @@ class CacheDashboard(Panel):
         return self._sampler
 
     def redraw(self, which: tuple[str, ...] = tuple(PLOTS)) -> None:
-        """Rebuild the named figures and the summary from ``engine.records``, and fit the
-        figures to the page. A figure that fails to build does not stop the others; the
+        """Rebuild the named figures and the summary from ``engine.records``, and the
+        checkpoint table from the store, and fit the figures to the page. A figure that fails to build does not stop the others; the
         first failure is raised afterwards."""
         df = self.engine.records
         failed: list[Exception] = []
@@ -262,6 +294,12 @@ class CacheDashboard(Panel):
                 failed.append(err)
         self.stats = summarize(df)
         self.summary.value = summary_html(self.stats)
+        store = self.engine.store
+        if store is not None:
+            try:
+                self.checkpoints.value = chain_html(store.usage(self.engine.session.layout), store.total_bytes())
+            except Exception as err:  # a directory gone or unreadable: the plots still drew
+                failed.append(err)
         if failed:
             raise failed[0]
 

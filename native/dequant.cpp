@@ -14,9 +14,12 @@
 // Large outputs are split over a few threads by whole blocks.
 //
 // Two more primitives serve few-row products (decode) without materialising a float32 weight:
-//   qmv:         x [m, in] @ W.T for W given as ggml blocks [out, row_bytes] (any type above):
-//                each block row is expanded into a small L1 buffer by the kernels above and
-//                dotted with the m rows of x;
+//   qmv:         x [m, in] @ W.T for W given as ggml blocks [out, row_bytes] (any type above),
+//                an MLX array or, with qmv_mapped, a NumPy view read in place (a mapped file):
+//                Q8_0, IQ2_XXS, Q2_K and Q4_K rows are dotted block by block with the scales
+//                factored out, other types expanded into a small L1 buffer and dotted; x may
+//                be [groups, m, in] (a block-diagonal product: output row o takes group
+//                o / (out / groups)); output rows are split over the cores;
 //   affine8_qmv: x [m, in] @ W.T for W in MLX affine 8-bit form (group 32): per group
 //                scale * dot(q, x) + bias * sum(x).
 // Their sums run in a fixed order of their own (float32 accumulators), like any matmul.
@@ -290,19 +293,167 @@ inline float dot(const float* a, const float* b, size_t n) {
   return tail;
 }
 
-// out[r, o] for o in [o0, o1): rows of blocks expanded 4,096 elements at a time.
-void qmv_rows(int type, const float* x, size_t m, size_t n_in, const uint8_t* w, size_t row_bytes, float* out,
-              size_t n_out, size_t o0, size_t o1, const uint64_t* table) {
+// --- few-row products: fused per-block dots (no float32 weight written) ----------------------
+//
+// A block's dot with x factors its scale out: d * Σ q·x (Q8_0, IQ2_XXS: d·(0.5+s)·0.25 per 32),
+// Σ_g (d·sc_g)·Σ q·x - Σ_g (dmin·m_g)·Σ x (Q2_K groups of 16, Q4_K of 32; the Σ x per 16
+// inputs are taken once per call). Other types (and builds without AVX2) expand each row
+// into an L1 buffer and dot it.
+
+#ifdef WB_AVX2
+inline float hsum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+
+// Independent accumulators (a chain of dependent multiply-adds would wait on each one's latency).
+float q8_0_row_dot(const uint8_t* row, const float* x, const float*, size_t n_in, const uint64_t*) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (size_t b = 0; b < n_in / 32; ++b) {
+    const uint8_t* blk = row + b * 34;
+    const float* xb = x + b * 32;
+    const __m256 p0 = _mm256_fmadd_ps(i8x8(blk + 10), _mm256_loadu_ps(xb + 8),
+                                      _mm256_mul_ps(i8x8(blk + 2), _mm256_loadu_ps(xb)));
+    const __m256 p1 = _mm256_fmadd_ps(i8x8(blk + 26), _mm256_loadu_ps(xb + 24),
+                                      _mm256_mul_ps(i8x8(blk + 18), _mm256_loadu_ps(xb + 16)));
+    acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(load_u16(blk))), _mm256_add_ps(p0, p1), acc[b & 1]);
+  }
+  return hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+float iq2_xxs_row_dot(const uint8_t* row, const float* x, const float*, size_t n_in, const uint64_t* table) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (size_t b = 0; b < n_in / 256; ++b) {
+    const uint8_t* blk = row + b * 66;
+    const float d = half_to_float(load_u16(blk));
+    for (int g = 0; g < 8; ++g) {
+      const uint8_t* grp = blk + 2 + g * 8;
+      const uint32_t a1 = load_u32(grp + 4);
+      const float* xg = x + b * 256 + g * 32;
+      __m256 v[4];
+      for (int k = 0; k < 4; ++k)
+        v[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_cvtsi64_si128(int64_t(table[uint32_t(grp[k]) * 128 + ((a1 >> (7 * k)) & 127)]))));
+      const __m256 p0 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xg + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(xg)));
+      const __m256 p1 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xg + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(xg + 16)));
+      acc[g & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d * (0.5f + float(a1 >> 28)) * 0.25f), _mm256_add_ps(p0, p1),
+                                   acc[g & 1]);
+    }
+  }
+  return hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+// xsum: Σ x per 16 inputs of this x row
+float q2_k_row_dot(const uint8_t* row, const float* x, const float* xsum, size_t n_in, const uint64_t*) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 mins = _mm256_setzero_ps();
+  for (size_t b = 0; b < n_in / 256; ++b) {
+    const uint8_t* blk = row + b * 84;
+    const uint8_t* qs = blk + 16;
+    const __m256 d = _mm256_set1_ps(half_to_float(load_u16(blk + 80)));
+    const __m256 dmin = _mm256_set1_ps(half_to_float(load_u16(blk + 82)));
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+    const __m128i lo4 = _mm_and_si128(sc, _mm_set1_epi8(15));
+    const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
+    alignas(32) float dl[16];
+    _mm256_store_ps(dl, _mm256_mul_ps(d, u8x8(lo4)));
+    _mm256_store_ps(dl + 8, _mm256_mul_ps(d, u8x8(_mm_srli_si128(lo4, 8))));
+    const float* xs = xsum + b * 16;
+    mins = _mm256_fmadd_ps(_mm256_mul_ps(dmin, u8x8(hi4)), _mm256_loadu_ps(xs), mins);
+    mins = _mm256_fmadd_ps(_mm256_mul_ps(dmin, u8x8(_mm_srli_si128(hi4, 8))), _mm256_loadu_ps(xs + 8), mins);
+    for (int g = 0; g < 16; ++g) {
+      const uint8_t* src = qs + (g / 8) * 32 + (g % 2) * 16;
+      const int shift = 2 * ((g % 8) / 2);
+      const __m128i codes = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)), shift),
+                                          _mm_set1_epi8(3));
+      const float* xg = x + b * 256 + g * 16;
+      const __m256 p = _mm256_fmadd_ps(u8x8(_mm_srli_si128(codes, 8)), _mm256_loadu_ps(xg + 8),
+                                       _mm256_mul_ps(u8x8(codes), _mm256_loadu_ps(xg)));
+      acc[g & 3] = _mm256_fmadd_ps(_mm256_set1_ps(dl[g]), p, acc[g & 3]);
+    }
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) - hsum(mins);
+}
+
+float q4_k_row_dot(const uint8_t* row, const float* x, const float* xsum, size_t n_in, const uint64_t*) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  float mins = 0.0f;
+  for (size_t b = 0; b < n_in / 256; ++b) {
+    const uint8_t* blk = row + b * 144;
+    const uint8_t *lo = blk + 4, *mid = blk + 8, *hi = blk + 12, *qs = blk + 16;
+    const float d = half_to_float(load_u16(blk));
+    const float dmin = half_to_float(load_u16(blk + 2));
+    for (int s = 0; s < 8; ++s) {
+      const int sc = s < 4 ? (lo[s] & 63) : ((hi[s - 4] & 15) | ((lo[s - 4] >> 6) << 4));
+      const int mn = s < 4 ? (mid[s] & 63) : ((hi[s - 4] >> 4) | ((mid[s - 4] >> 6) << 4));
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + (s / 2) * 32));
+      const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(raw, 4 * (s % 2)), _mm256_set1_epi8(15));
+      const __m128i c0 = _mm256_castsi256_si128(codes), c1 = _mm256_extracti128_si256(codes, 1);
+      const float* xg = x + b * 256 + s * 32;
+      const __m256 p0 = _mm256_fmadd_ps(u8x8(_mm_srli_si128(c0, 8)), _mm256_loadu_ps(xg + 8),
+                                        _mm256_mul_ps(u8x8(c0), _mm256_loadu_ps(xg)));
+      const __m256 p1 = _mm256_fmadd_ps(u8x8(_mm_srli_si128(c1, 8)), _mm256_loadu_ps(xg + 24),
+                                        _mm256_mul_ps(u8x8(c1), _mm256_loadu_ps(xg + 16)));
+      acc[s & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d * float(sc)), _mm256_add_ps(p0, p1), acc[s & 1]);
+      mins += dmin * float(mn) * (xsum[b * 16 + 2 * s] + xsum[b * 16 + 2 * s + 1]);
+    }
+  }
+  return hsum(_mm256_add_ps(acc[0], acc[1])) - mins;
+}
+#endif
+
+using RowDot = float (*)(const uint8_t*, const float*, const float*, size_t, const uint64_t*);
+
+// The fused dot of `type`, or nullptr (expand and dot).
+RowDot row_dot_of(int type) {
+#ifdef WB_AVX2
+  switch (type) {
+    case Q8_0: return q8_0_row_dot;
+    case IQ2_XXS: return iq2_xxs_row_dot;
+    case Q2_K: return q2_k_row_dot;
+    case Q4_K: return q4_k_row_dot;
+  }
+#endif
+  (void)type;
+  return nullptr;
+}
+
+// Σ x per 16 inputs: xsum [rows, n_in / 16] for x [rows, n_in].
+std::vector<float> sums16(const float* x, size_t rows, size_t n_in) {
+  std::vector<float> out(rows * (n_in / 16));
+  for (size_t i = 0; i < out.size(); ++i) {
+    const float* p = x + (i / (n_in / 16)) * n_in + (i % (n_in / 16)) * 16;
+    float s = 0.0f;
+    for (int j = 0; j < 16; ++j) s += p[j];
+    out[i] = s;
+  }
+  return out;
+}
+
+// out[r, o] for o in [o0, o1). Row o of W takes x group o / rows_per_group (x [groups, m, n_in]).
+void qmv_rows(int type, const float* x, const float* xsum, size_t m, size_t n_in, size_t rows_per_group,
+              const uint8_t* w, size_t row_bytes, float* out, size_t n_out, size_t o0, size_t o1,
+              const uint64_t* table) {
   const Format f = format_of(type);
+  const RowDot fused = row_dot_of(type);
   constexpr size_t kSpan = 4096;  // elements expanded at once (16 KiB, L1-resident)
   alignas(32) float buf[kSpan];
   for (size_t o = o0; o < o1; ++o) {
     const uint8_t* row = w + o * row_bytes;
+    const size_t g = o / rows_per_group;
+    const float* xg = x + g * m * n_in;
+    if (fused) {
+      const float* xs = xsum + g * m * (n_in / 16);
+      for (size_t r = 0; r < m; ++r) out[r * n_out + o] = fused(row, xg + r * n_in, xs + r * (n_in / 16), n_in, table);
+      continue;
+    }
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (size_t e0 = 0; e0 < n_in; e0 += kSpan) {
       const size_t n = std::min(kSpan, n_in - e0);
       expand_blocks(type, row + (e0 / f.block_elems) * f.block_bytes, buf, n / f.block_elems, table);
-      for (size_t r = 0; r < m; ++r) acc[r] += dot(buf, x + r * n_in + e0, n);
+      for (size_t r = 0; r < m; ++r) acc[r] += dot(buf, xg + r * n_in + e0, n);
     }
     for (size_t r = 0; r < m; ++r) out[r * n_out + o] = acc[r];
   }
@@ -425,24 +576,37 @@ class Dequantize : public mx::UnaryPrimitive {
 
 constexpr size_t kMaxRows = 8;  // rows of x a qmv call takes
 
-// x [m, in] float32 @ W.T, W ggml blocks uint8 [out, row_bytes] (+ IQ2_XXS table) -> [m, out]
+// Weights a qmv reads in place: a C-contiguous uint8 NumPy array (e.g. a view of a memory-
+// mapped GGUF file). The reference keeps the array, hence the mapping, alive while the
+// primitive exists (nanobind takes the GIL itself when the last reference goes).
+using MappedBytes = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// x [groups, m, in] float32 @ W.T, W ggml blocks uint8 [out, row_bytes] (+ IQ2_XXS table)
+// -> [m, out]; output row o takes x group o / (out / groups). W is input 1, or `mapped`.
 class QMatVec : public mx::UnaryPrimitive {
  public:
-  QMatVec(mx::Stream stream, int type) : mx::UnaryPrimitive(stream), type_(type) {}
+  QMatVec(mx::Stream stream, int type, std::optional<MappedBytes> mapped)
+      : mx::UnaryPrimitive(stream), type_(type), mapped_(std::move(mapped)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    const mx::array &x = inputs[0], &w = inputs[1];
+    const mx::array& x = inputs[0];
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    const size_t m = x.shape(0), n_in = x.shape(1), n_out = w.shape(0), row_bytes = w.shape(1);
+    const size_t groups = x.shape(0), m = x.shape(1), n_in = x.shape(2), n_out = out.shape(1);
+    const size_t row_bytes = n_in / format_of(type_).block_elems * format_of(type_).block_bytes;
     const float* xp = x.data<float>();
-    const uint8_t* wp = w.data<uint8_t>();
-    const uint64_t* table = inputs.size() > 2 ? inputs[2].data<uint64_t>() : nullptr;
+    const uint8_t* wp = mapped_ ? mapped_->data() : inputs[1].data<uint8_t>();
+    const size_t next = mapped_ ? 1 : 2;
+    const uint64_t* table = inputs.size() > next ? inputs[next].data<uint64_t>() : nullptr;
     float* op = out.data<float>();
     const int type = type_;
     auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
     encoder.dispatch([=]() {
+      const std::vector<float> xsum = row_dot_of(type) ? sums16(xp, groups * m, n_in) : std::vector<float>();
+      const float* xs = xsum.data();
       parallel_blocks(n_out, n_out * row_bytes, true, [&](size_t o0, size_t o1) {
-        qmv_rows(type, xp, m, n_in, wp, row_bytes, op, n_out, o0, o1, table);
+        qmv_rows(type, xp, xs, m, n_in, n_out / groups, wp, row_bytes, op, n_out, o0, o1, table);
       });
     });
   }
@@ -454,11 +618,13 @@ class QMatVec : public mx::UnaryPrimitive {
   const char* name() const override { return "WorkbenchQMatVec"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
-    return type_ == static_cast<const QMatVec&>(other).type_;
+    const auto& o = static_cast<const QMatVec&>(other);
+    return type_ == o.type_ && (mapped_ ? mapped_->data() : nullptr) == (o.mapped_ ? o.mapped_->data() : nullptr);
   }
 
  private:
   int type_;
+  std::optional<MappedBytes> mapped_;
 };
 
 // x [m, in] float32 @ W.T, W affine 8-bit (wq uint32 [out, in/4], scales/biases [out, in/32])
@@ -500,21 +666,41 @@ class Affine8MatVec : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-mx::array qmv(const mx::array& x, const mx::array& w, int type, std::optional<mx::array> table) {
+// x: float32 [m, in], or [groups, m, in] with out % groups == 0; W [out, row_bytes].
+mx::array qmv_any(const mx::array& x, const mx::array* w, std::optional<MappedBytes> mapped, size_t n_out,
+                  size_t row_bytes, int type, std::optional<mx::array> table) {
   const Format f = format_of(type);
-  if (x.dtype() != mx::float32 || x.ndim() != 2 || size_t(x.shape(0)) > kMaxRows || x.shape(0) < 1)
-    throw std::invalid_argument("workbench native qmv: x must be float32 [m, in] with 1 <= m <= 8");
-  if (w.dtype() != mx::uint8 || w.ndim() != 2 || x.shape(1) % f.block_elems ||
-      size_t(w.shape(1)) != size_t(x.shape(1)) / f.block_elems * f.block_bytes)
+  const bool grouped = x.ndim() == 3;
+  const int rows = grouped ? x.shape(1) : x.shape(0);
+  const size_t groups = grouped ? x.shape(0) : 1;
+  if (x.dtype() != mx::float32 || (x.ndim() != 2 && x.ndim() != 3) || size_t(rows) > kMaxRows || rows < 1 ||
+      groups < 1 || n_out % groups)
+    throw std::invalid_argument("workbench native qmv: x must be float32 [m, in] or [groups, m, in] with "
+                                "1 <= m <= 8 and groups dividing the output rows");
+  const int n_in = x.shape(-1);
+  if (n_in % f.block_elems || row_bytes != size_t(n_in) / f.block_elems * f.block_bytes)
     throw std::invalid_argument("workbench native qmv: w must be uint8 [out, in / block_elems * block_bytes]");
   const mx::Stream s = mx::default_stream(mx::Device::cpu);
-  std::vector<mx::array> inputs = {mx::contiguous(x, false, s), mx::contiguous(w, false, s)};
+  std::vector<mx::array> inputs = {mx::contiguous(grouped ? x : mx::expand_dims(x, 0, s), false, s)};
+  if (w) inputs.push_back(mx::contiguous(*w, false, s));
   if (type == IQ2_XXS) {
     if (!table || table->dtype() != mx::uint64 || table->size() != 256 * 128)
       throw std::invalid_argument("workbench native qmv: IQ2_XXS needs the uint64 [32768] signed-grid table");
     inputs.push_back(mx::contiguous(*table, false, s));
   }
-  return mx::array({x.shape(0), w.shape(0)}, mx::float32, std::make_shared<QMatVec>(s, type), std::move(inputs));
+  return mx::array({rows, int(n_out)}, mx::float32, std::make_shared<QMatVec>(s, type, std::move(mapped)),
+                   std::move(inputs));
+}
+
+mx::array qmv(const mx::array& x, const mx::array& w, int type, std::optional<mx::array> table) {
+  if (w.dtype() != mx::uint8 || w.ndim() != 2)
+    throw std::invalid_argument("workbench native qmv: w must be uint8 [out, in / block_elems * block_bytes]");
+  return qmv_any(x, &w, std::nullopt, w.shape(0), w.shape(1), type, std::move(table));
+}
+
+mx::array qmv_mapped(const mx::array& x, MappedBytes w, int type, std::optional<mx::array> table) {
+  const size_t n_out = w.shape(0), row_bytes = w.shape(1);
+  return qmv_any(x, nullptr, std::move(w), n_out, row_bytes, type, std::move(table));
 }
 
 mx::array affine8_qmv(const mx::array& x, const mx::array& wq, const mx::array& scales, const mx::array& biases) {
@@ -577,7 +763,10 @@ NB_MODULE(_native, m) {
   m.def("dequantize", &dequantize, "blocks"_a, "ggml_type"_a, "table"_a = nb::none(),
         "ggml blocks uint8 [n, block_bytes] -> float32 [n, block_elems] (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4).");
   m.def("qmv", &qmv, "x"_a, "w"_a, "ggml_type"_a, "table"_a = nb::none(),
-        "x float32 [m <= 8, in] @ W.T for W as ggml blocks uint8 [out, row_bytes] -> float32 [m, out].");
+        "x float32 [m <= 8, in] (or [groups, m, in]: output row o takes group o / (out / groups)) @ W.T for W as "
+        "ggml blocks uint8 [out, row_bytes] -> float32 [m, out].");
+  m.def("qmv_mapped", &qmv_mapped, "x"_a, "w"_a.noconvert(), "ggml_type"_a, "table"_a = nb::none(),
+        "qmv with W a C-contiguous uint8 NumPy array [out, row_bytes] read in place (no copy; kept alive).");
   m.def("affine8_qmv", &affine8_qmv, "x"_a, "wq"_a, "scales"_a, "biases"_a,
         "x float32 [m <= 8, in] @ W.T for W in MLX affine 8-bit form (group 32) -> float32 [m, out].");
   m.def("scan_strings", &scan_strings, "buf"_a, "start"_a, "offsets"_a.noconvert(),

@@ -121,6 +121,17 @@ def test_small_file_every_value_kind(tmp_path):
         assert f.data_offset % 32 == 0
 
 
+def test_string_arrays_long_items_and_lookup_without_decoding(tmp_path):
+    """Items of 128 bytes or more (length fields with non-ASCII bytes) decode right, and
+    ``string_items`` finds items only at item starts, before the array is decoded."""
+    items = ["ab", "é" * 100, "z" * 300, "", "<tok>"]
+    p = _write(tmp_path, build([enc_kv("k", 9, (8, items))], [], b""))
+    with GGUFFile(p) as f:
+        assert f.metadata.string_items("k", ["<tok>", "ab", "b", "zz", "é"]) == (5, {"<tok>", "ab"})
+        assert f.metadata["k"] == items
+        assert f.metadata.string_items("k", ["", "b"]) == (5, {""})
+
+
 def test_alignment_honoured(tmp_path):
     kvs = [enc_kv("general.alignment", 4, 64)]
     p = _write(tmp_path, build(kvs, [enc_tensor("a", (4,), 0, 0), enc_tensor("b", (4,), 0, 64)], b"\1" * 80,
@@ -159,6 +170,11 @@ CORRUPT = {
                                      [], b""), "nested deeper than 8"),
     "bad utf-8 key": (build([enc_kv(b"k\xff", 4, 1)], [], b""), "not valid UTF-8"),
     "bad utf-8 string array": (build([enc_kv("k", 9, (8, ["ok", b"\xc3"]))], [], b""), "'k'[1] is not valid UTF-8"),
+    "bad utf-8 among long items": (build([enc_kv("k", 9, (8, ["x" * 200, b"ok\xc3", "y"]))], [], b""),
+                                   "'k'[1] is not valid UTF-8"),
+    # a lead byte whose continuation would be the next item's length byte (0x80: 128 bytes)
+    "utf-8 split by a length field": (build([enc_kv("k", 9, (8, ["a", b"\xc3", "y" * 0x80]))], [], b""),
+                                      "'k'[1] is not valid UTF-8"),
     "duplicate key": (build([enc_kv("k", 4, 1), enc_kv("k", 4, 2)], [], b""), "duplicate metadata key 'k'"),
     "alignment zero": (build([enc_kv("general.alignment", 4, 0)], [], b""), "bad general.alignment 0"),
     "alignment not power of two": (build([enc_kv("general.alignment", 4, 48)], [], b""), "bad general.alignment 48"),

@@ -370,8 +370,24 @@ def test_native_qmv_matches_float64(ggml_type: int, m: int) -> None:
     x = rng.standard_normal((m, n_in)).astype(np.float32)
     w = reference(raw, ggml_type).astype(np.float64)
     want = x.astype(np.float64) @ w.T
+    for w_raw in (raw, mx.array(raw)):  # read in place from NumPy (a mapped file), or an MLX array
+        got = np.asarray(quants.qmv(mx.array(x), QTensor(w_raw, ggml_type, (n_out, n_in))))
+        assert got.shape == (m, n_out)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("ggml_type", QUANTS, ids=lambda t: GGML_TYPES[t].name)
+def test_native_grouped_qmv_is_block_diagonal(ggml_type: int) -> None:
+    """x [G, m, in]: output row o is group o // (out / G) of x times row o of W."""
+    if not quants.native_available():
+        pytest.skip("native kernels not built (make native)")
+    rng = np.random.default_rng(400 + ggml_type)
+    n_in, n_out, groups = 512, 32, 4
+    raw = random_blocks(ggml_type, n_out * n_in // GGML_TYPES[ggml_type].block_elems, rng, True).reshape(n_out, -1)
+    x = rng.standard_normal((groups, 2, n_in)).astype(np.float32)
+    w = reference(raw, ggml_type).astype(np.float64).reshape(groups, n_out // groups, n_in)
+    want = np.concatenate([x[g].astype(np.float64) @ w[g].T for g in range(groups)], axis=1)
     got = np.asarray(quants.qmv(mx.array(x), QTensor(raw, ggml_type, (n_out, n_in))))
-    assert got.shape == (m, n_out)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 

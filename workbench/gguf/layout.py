@@ -52,7 +52,9 @@ def _metadata_problems(f: GGUFFile) -> tuple[list[str], set[str]]:
 
 def _lenient_args(meta: dict[str, Any], bad: set[str]) -> ModelArgs:
     """ModelArgs from ``meta`` with untrusted keys replaced by ds4's values (no checks)."""
-    filled = dict(meta)
+    filled = {k.key: meta[k.key] for k in METADATA_KEYS if k.key in meta}  # the tokenizer stays undecoded
+    if "general.name" in meta:
+        filled["general.name"] = meta["general.name"]
     n_layer = meta.get(PREFIX + "block_count", 0)
     if PREFIX + "block_count" in bad:  # as many layers as the trusted per-layer arrays describe
         n_layer = min([len(meta[k.key]) for k in METADATA_KEYS
@@ -80,11 +82,10 @@ def _tokenizer_problems(f: GGUFFile, n_vocab: int | None) -> list[str]:
         elif f.metadata_types[key] != (ARRAY, STRING):
             problems.append(f"{key} has GGUF type {value_type_name(f.metadata_types[key])}, expected array[string]")
     if f.metadata_types.get(TOKENS_KEY) == (ARRAY, STRING):
-        tokens = f.metadata[TOKENS_KEY]
-        present = set(tokens)
+        count, present = f.metadata.string_items(TOKENS_KEY, SPECIAL_TOKENS)
         problems += [f"{TOKENS_KEY} lacks the special token {s!r}" for s in SPECIAL_TOKENS if s not in present]
-        if n_vocab is not None and len(tokens) > n_vocab:
-            problems.append(f"{TOKENS_KEY} has {len(tokens)} entries, more than {PREFIX}vocab_size = {n_vocab}")
+        if n_vocab is not None and count > n_vocab:
+            problems.append(f"{TOKENS_KEY} has {count} entries, more than {PREFIX}vocab_size = {n_vocab}")
     return problems
 
 

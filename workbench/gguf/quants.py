@@ -216,12 +216,18 @@ def native_available() -> bool:
 
 def qmv(x: mx.array, w: QTensor) -> mx.array:
     """``x @ W.T`` for a few rows, straight from W's blocks (native kernels only: check
-    :func:`native_available` first). x float32 ``[m, in]`` with ``1 <= m <= 8``, W a 2-D
-    QTensor ``[out, in]`` of a type in ``NATIVE_TYPES`` → float32 ``[m, out]``. Each block row
-    is expanded in L1 and dotted with x, so no float32 weight is materialised; the sums run
-    in the kernel's own order (float32), as any matmul's."""
+    :func:`native_available` first). x float32 ``[m, in]`` with ``1 <= m <= 8``, or
+    ``[G, m, in]`` for a block-diagonal product (output row o takes group ``o // (out / G)``,
+    G dividing out); W a 2-D QTensor ``[out, in]`` of a type in ``NATIVE_TYPES`` → float32
+    ``[m, out]``. Q8_0, IQ2_XXS, Q2_K and Q4_K rows are dotted block by block with the scales
+    factored out (other types expanded in L1), so no float32 weight is materialised; a NumPy
+    raw buffer (a view of the mapped file) is read in place, never copied. The sums run in the
+    kernel's own order (float32), as any matmul's."""
+    table = _IQ2XXS_SIGNED if w.ggml_type == IQ2_XXS else None
+    if isinstance(w.raw, np.ndarray) and w.raw.flags.c_contiguous:
+        return _NATIVE.qmv_mapped(x, w.raw.reshape(w.shape[0], -1), w.ggml_type, table)
     raw = w.raw if isinstance(w.raw, mx.array) else mx.array(np.ascontiguousarray(w.raw))
-    return _NATIVE.qmv(x, raw, w.ggml_type, _IQ2XXS_SIGNED if w.ggml_type == IQ2_XXS else None)
+    return _NATIVE.qmv(x, raw, w.ggml_type, table)
 
 
 def affine8_qmv(x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array) -> mx.array:

@@ -18,7 +18,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -205,33 +205,45 @@ class LazyStrings:
     """A GGUF string array, validated as UTF-8 but not yet split into str objects.
 
     Built from ``data`` (uint8, the array's bytes ``[start, end)`` of the file) and
-    ``offsets`` (int64 ``[count]``, absolute byte of each item's u64 length field) in a few
-    vectorised passes: the length fields are replaced by one separator byte that occurs in
-    no item, and the result is decoded as UTF-8 once (a concatenation of ASCII-separated
-    pieces is valid UTF-8 exactly when every piece is). :meth:`decode` splits it.
-    Raises GGUFError naming the first item that is not valid UTF-8.
+    ``offsets`` (int64 ``[count]``, absolute byte of each item's u64 length field). A
+    concatenation of pieces separated by ASCII bytes is valid UTF-8 exactly when every
+    piece is, so the array's bytes are checked in one decode, as they are when every item
+    is shorter than 128 bytes (its length field is then 8 ASCII bytes), else on a copy with
+    the length fields zeroed. :meth:`decode` splits the items on first use. Raises
+    GGUFError naming the first item that is not valid UTF-8.
     """
 
     def __init__(self, path: str, data: np.ndarray, start: int, offsets: np.ndarray, what: str) -> None:
         self.count = len(offsets)
-        self._text: str | None = None
+        self._path, self._what, self._data = path, what, data
+        self._rel = offsets - start
         self._items: list[str] | None = None
         if self.count == 0:
             self._items = []
             return
-        rel = offsets - start
+        lengths = np.diff(np.append(self._rel, data.size)) - 8
+        checked = data
+        if int(lengths.max()) >= 128:
+            checked = data.copy()
+            checked[(self._rel[:, None] + np.arange(8)).reshape(-1)] = 0
+        try:
+            checked.tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            self._items = self._split()  # raises GGUFError naming the item
+
+    def _split(self) -> list[str]:
+        """The items, decoded (GGUFError for the first that is not UTF-8)."""
+        data, rel = self._data, self._rel
         keep = np.ones(data.size, dtype=bool)
         for k in range(8):
             keep[rel + k] = False
         absent = np.flatnonzero(np.bincount(data[keep], minlength=256)[:128] == 0)
         if absent.size:
-            self._sep = chr(int(absent[0]))
             joined = data.copy()
             joined[rel[1:] + 7] = int(absent[0])
             keep[rel[1:] + 7] = True
             try:
-                self._text = joined[keep].tobytes().decode("utf-8")
-                return
+                return joined[keep].tobytes().decode("utf-8").split(chr(int(absent[0])))
             except UnicodeDecodeError:
                 pass
         # every ASCII byte occurs in the items, or some item is not UTF-8: one by one
@@ -242,18 +254,35 @@ class LazyStrings:
             try:
                 items.append(raw[a:b].decode("utf-8"))
             except UnicodeDecodeError as err:
-                raise GGUFError(f"{path}: {what}[{i}] is not valid UTF-8 ({err.reason})") from None
-        self._items = items
+                raise GGUFError(f"{self._path}: {self._what}[{i}] is not valid UTF-8 ({err.reason})") from None
+        return items
 
     def __len__(self) -> int:
         return self.count
 
     def decode(self) -> list[str]:
         """The items as a new list of str."""
+        if self._items is None:
+            self._items = self._split()
+        return list(self._items)
+
+    def present(self, wanted: Iterable[str]) -> set[str]:
+        """Which of ``wanted`` are items, found in the raw bytes without decoding the array."""
         if self._items is not None:
-            return list(self._items)
-        assert self._text is not None
-        return self._text.split(self._sep)
+            return set(wanted) & set(self._items)
+        raw = self._data.tobytes()
+        found = set()
+        for s in wanted:
+            b = s.encode("utf-8")
+            needle = _U64.pack(len(b)) + b
+            at = raw.find(needle)
+            while at >= 0:  # a match counts only at an item's length field
+                i = int(np.searchsorted(self._rel, at))
+                if i < self.count and self._rel[i] == at:
+                    found.add(s)
+                    break
+                at = raw.find(needle, at + 1)
+        return found
 
 
 class Metadata(dict):
@@ -277,6 +306,14 @@ class Metadata(dict):
     def __getitem__(self, key: Any) -> Any:
         self._resolve(key)
         return dict.__getitem__(self, key)
+
+    def string_items(self, key: str, wanted: Iterable[str]) -> tuple[int, set[str]]:
+        """The string array ``key``'s item count and which of ``wanted`` it holds, without
+        decoding it when it is still lazy."""
+        v = dict.__getitem__(self, key)
+        if isinstance(v, LazyStrings):
+            return len(v), v.present(wanted)
+        return len(v), set(wanted) & set(v)
 
     def get(self, key: Any, default: Any = None) -> Any:
         self._resolve(key)

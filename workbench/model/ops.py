@@ -1,15 +1,16 @@
 """Small shared operations of the model: RMSNorm, linear layers over quantized weights,
 top-k with ds4's tie rule, and the per-device compute dtype.
 
-Weights reach the model in one of two forms (see :mod:`workbench.model.weights`):
+Weights reach the model in one of three forms (see :mod:`workbench.model.weights`):
 
 * a float ``mx.array`` ``[out, in]`` (F16/F32 tensors of the GGUF, widened to float32);
+* a Q8_0 :class:`~workbench.gguf.quants.QTensor` over the mapped file (when the native
+  kernels are built): few-row products (decode) read its blocks in place with the native
+  kernel (``quants.qmv``: the Q8_0 bytes are the only weight bytes read), larger ones
+  (prefill chunks) dequantize it in tiles for a float32 BLAS matmul;
 * an :class:`AffineQ8` — a Q8_0 matrix re-expressed in MLX's affine 8-bit format
-  (group 32, scale ``d``, bias ``-128·d``): as compact as the file, usable directly by
-  the native few-row kernel (``quants.affine8_qmv``; ``mx.quantized_matmul`` when the
-  native kernels are not built) for decode, and dequantized to float32 in a single fast
-  pass for a prefill chunk, where a BLAS matmul is ~40x faster than the quantized kernel
-  on CPU.
+  (group 32, scale ``d``, bias ``-128·d``) when the native kernels are not built: used
+  by ``mx.quantized_matmul`` for decode and dequantized in one pass for a prefill chunk.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from workbench.gguf.quants import affine8_qmv, native_available
+from workbench.gguf.quants import QTensor, affine8_qmv, native_available, qmv
 
 # rows of x up to which a quantized weight is used as is (matvec is memory bound there)
 QMM_MAX_ROWS = 4
@@ -65,34 +66,47 @@ class AffineQ8:
         return int(self.wq.nbytes + self.scales.nbytes + self.biases.nbytes)
 
 
-Weight = mx.array | AffineQ8
+Weight = mx.array | AffineQ8 | QTensor
+
+
+def _few_rows_native(rows: int) -> bool:
+    """Whether a product with ``rows`` rows of x runs on the native few-row kernels."""
+    return rows <= QMM_MAX_ROWS and compute_dtype() == mx.float32 and native_available()
+
+
+def _dense(w: AffineQ8 | QTensor, start: int, stop: int, dt: mx.Dtype) -> mx.array:
+    """Output rows ``start:stop`` of a quantized weight as a float ``[stop - start, in]``."""
+    if isinstance(w, QTensor):
+        return w.rows(start, stop).astype(dt)
+    return w.rows(start, stop).dequantize(dt)
 
 
 def linear(x: mx.array, w: Weight) -> mx.array:
     """``x @ W.T`` for x ``[..., in]`` and W ``[out, in]``; returns float32 ``[..., out]``."""
     dt = compute_dtype()
-    if isinstance(w, AffineQ8):
-        rows = x.size // x.shape[-1]
-        if rows <= QMM_MAX_ROWS and dt == mx.float32 and native_available():
-            y = affine8_qmv(x.reshape(rows, x.shape[-1]).astype(dt), w.wq, w.scales, w.biases)
-            return y.reshape(*x.shape[:-1], w.shape[0])
-        if rows <= QMM_MAX_ROWS:
-            y = mx.quantized_matmul(x.astype(dt), w.wq, w.scales.astype(dt), w.biases.astype(dt),
-                                    transpose=True, group_size=32, bits=8)
-            return y.astype(mx.float32)
-        out, n_in = w.shape
-        tile = max(1, DEQUANT_TILE_BYTES // (4 * n_in))
-        if out <= tile:
-            return (x.astype(dt) @ w.dequantize(dt).T).astype(mx.float32)
-        parts = []
-        for start in range(0, out, tile):
-            part = (x.astype(dt) @ w.rows(start, min(out, start + tile)).dequantize(dt).T).astype(mx.float32)
-            mx.eval(part)
-            parts.append(part)
-        return mx.concatenate(parts, axis=-1)
-    if w.dtype != dt or x.dtype != dt:
-        return (x.astype(dt) @ w.astype(dt).T).astype(mx.float32)
-    return x @ w.T
+    if isinstance(w, mx.array):
+        if w.dtype != dt or x.dtype != dt:
+            return (x.astype(dt) @ w.astype(dt).T).astype(mx.float32)
+        return x @ w.T
+    rows = x.size // x.shape[-1]
+    out, n_in = w.shape
+    if _few_rows_native(rows):
+        x2 = x.reshape(rows, n_in).astype(dt)
+        y = qmv(x2, w) if isinstance(w, QTensor) else affine8_qmv(x2, w.wq, w.scales, w.biases)
+        return y.reshape(*x.shape[:-1], out)
+    if rows <= QMM_MAX_ROWS and isinstance(w, AffineQ8):
+        y = mx.quantized_matmul(x.astype(dt), w.wq, w.scales.astype(dt), w.biases.astype(dt),
+                                transpose=True, group_size=32, bits=8)
+        return y.astype(mx.float32)
+    tile = max(1, DEQUANT_TILE_BYTES // (4 * n_in))
+    if out <= tile:
+        return (x.astype(dt) @ _dense(w, 0, out, dt).T).astype(mx.float32)
+    parts = []
+    for start in range(0, out, tile):
+        part = (x.astype(dt) @ _dense(w, start, min(out, start + tile), dt).T).astype(mx.float32)
+        mx.eval(part)
+        parts.append(part)
+    return mx.concatenate(parts, axis=-1)
 
 
 def grouped_linear(x: mx.array, w: Weight, groups: int) -> mx.array:
@@ -102,11 +116,13 @@ def grouped_linear(x: mx.array, w: Weight, groups: int) -> mx.array:
     """
     out = w.shape[0]
     r = out // groups
+    if isinstance(w, QTensor) and _few_rows_native(x.shape[1]):
+        return qmv(x.astype(mx.float32), w)  # one call: row o takes group o // R
     if isinstance(w, AffineQ8) and x.shape[1] <= QMM_MAX_ROWS:
         parts = [linear(x[g], w.rows(g * r, (g + 1) * r)) for g in range(groups)]
         return mx.concatenate(parts, axis=-1)
     dt = compute_dtype()
-    wf = w.dequantize(dt) if isinstance(w, AffineQ8) else w.astype(dt)
+    wf = w.astype(dt) if isinstance(w, mx.array) else _dense(w, 0, out, dt)
     y = x.astype(dt) @ wf.reshape(groups, r, -1).transpose(0, 2, 1)  # [G, T, R]
     return y.transpose(1, 0, 2).reshape(x.shape[1], out).astype(mx.float32)
 

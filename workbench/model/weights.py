@@ -7,24 +7,28 @@ prefill speed within memory):
 
 * Routed experts (IQ2_XXS / Q2_K / Q4_K): left in the memory-mapped file as
   ``QTensor`` s; a chunk dequantizes only the experts it uses (see :mod:`moe`).
-* Q8_0 matrices (attention projections, shared expert, output head): converted once to
-  MLX affine 8-bit (:class:`~workbench.model.ops.AffineQ8`, ~1.25 bytes per weight),
-  used as is for 1-4-row decode and dequantized in one fast pass per prefill chunk
-  for a float32 BLAS matmul.
+* Q8_0 matrices (attention projections, shared expert, output head): on the CPU with the
+  native kernels built, left in the mapped file as ``QTensor`` s (nothing is copied at
+  load; 1-4-row decode products read the blocks in place, a prefill chunk dequantizes
+  them in tiles for a float32 BLAS matmul); otherwise converted once to MLX affine 8-bit
+  (:class:`~workbench.model.ops.AffineQ8`, ~1.25 bytes per weight) for
+  ``mx.quantized_matmul``.
 * F16 / F32 tensors (hyper-connections, compressors, indexer, router, norms): widened to
   float32 (they are small next to the experts).
 * The F16 token embedding: a zero-copy view of the file, read row by row.
 
-After a tensor is converted, its pages of the file mapping are handed back to the OS
-(``madvise(MADV_DONTNEED)``; the data stays in the page cache, nothing is written), so
-the converted copy does not sit in the process's memory twice. Peak RSS while loading
-and prefilling is then about the file size (the experts' pages, touched as they are
-used) plus the converted copies (~0.15 of the file on real widths).
+After a tensor is converted (a float, or an AffineQ8), its pages of the file mapping are
+handed back to the OS (``madvise(MADV_DONTNEED)``; the data stays in the page cache,
+nothing is written), so the converted copy does not sit in the process's memory twice.
+Peak RSS while loading and prefilling is then about the file size (pages touched as they
+are used) plus the small float copies (plus the AffineQ8 copies, ~0.15 of the file on
+real widths, without the native kernels).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 from typing import Any, Callable
@@ -32,7 +36,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from workbench.gguf.quants import QTensor, dequantize, q8_0_to_affine
+from workbench.gguf.quants import QTensor, dequantize, native_available, q8_0_to_affine
 from workbench.gguf.reader import GGUFFile
 from workbench.model.attention import Attention, AttentionWeights
 from workbench.model.compressor import Compressor, CompressorWeights
@@ -49,6 +53,11 @@ from workbench.spec.tensors import Role, Where, layer_rules
 MADV_DONTNEED = 4
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def release_pages(view: np.ndarray) -> None:
     """Drop the whole pages inside a read-only file-mapped view from this process
     (Linux; elsewhere a no-op). The view stays valid: a later read faults the pages back."""
@@ -58,7 +67,7 @@ def release_pages(view: np.ndarray) -> None:
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = (start + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(MADV_DONTNEED))
 
 
@@ -80,11 +89,14 @@ class Tensors:
         return out
 
     def matrix(self, name: str) -> Weight:
-        """A 2-D weight: Q8_0 → :class:`AffineQ8`, anything else → float32."""
+        """A 2-D weight: Q8_0 → a QTensor over the mapping (CPU, native kernels built) or an
+        :class:`AffineQ8`; anything else → float32."""
         info = self.f.tensor(name)
         if info.ggml_type != Q8_0:
             return self.float(name)
         raw = self.f.raw(name)
+        if native_available() and mx.default_device() == mx.cpu:
+            return QTensor(raw, info.ggml_type, info.shape)
         wq, scales, biases = q8_0_to_affine(QTensor(raw, info.ggml_type, info.shape))
         mx.eval(wq, scales, biases)
         release_pages(raw)

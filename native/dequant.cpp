@@ -498,16 +498,17 @@ void affine8_rows(const float* x, const float* xsum, size_t m, size_t n_in, cons
   }
 }
 
-// Threads for `bytes` of work: 1 below 1 MiB; else, for memory-bound expansion, half the
-// cores (at most 4: on a two-core machine one thread already writes at memory-copy speed),
-// for compute-bound few-row products every core (at most 8). WORKBENCH_DEQUANT_THREADS
-// overrides both.
+// Threads for `bytes` of work: 1 below 1 MiB; else every core, at most 4 for expansion
+// (memory bound beyond that) and 8 for the compute-bound few-row products. On a machine
+// whose cores are shared, more threads also take a fairer share of them: the heavier
+// kernels (Q4_K, IQ2_XXS) fell to ~0.4 of a copy on one thread beside other work.
+// WORKBENCH_DEQUANT_THREADS overrides both.
 int threads_for(size_t bytes, bool compute_bound) {
   static const int hw = std::max(1, int(std::thread::hardware_concurrency()));
   static const char* env = std::getenv("WORKBENCH_DEQUANT_THREADS");
   if (bytes < (size_t(1) << 20)) return 1;
   if (env) return std::clamp(std::atoi(env), 1, 16);
-  return compute_bound ? std::min(hw, 8) : std::clamp(hw / 2, 1, 4);
+  return std::min(hw, compute_bound ? 8 : 4);
 }
 
 template <class F>

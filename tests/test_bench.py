@@ -330,3 +330,15 @@ def test_long_context_decode_figures(ctx: BenchContext) -> None:
     assert names(res.figures) == {"decode.long_ctx[256]", "decode.long_ctx[2048]", "decode.long_ctx.growth"}
     assert all(f.value > 0 and f.baseline > 0 for f in res.figures)
     assert longctx.charts(res.tables)
+
+
+def test_copier_copies_whole_buffers_by_one_and_by_several_threads() -> None:
+    from workbench.bench.core import Copier
+
+    src = np.arange(1001, dtype=np.float32)  # not a multiple of the thread count
+    with Copier(3) as copier:
+        for copy in (copier.one, copier.split):
+            dst = np.zeros_like(src)
+            copy(dst, src)
+            assert np.array_equal(dst, src)
+        assert copier.best_seconds(np.zeros_like(src), src, 2) > 0

@@ -197,8 +197,8 @@ NATIVE_TYPES = (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4)
 def _load_native() -> ModuleType | None:
     """The native kernels' module (:mod:`workbench.gguf.native`) if it decodes a block right."""
     mod = native.load_native()
-    if mod is None:
-        return None
+    if mod is None or not all(hasattr(mod, f) for f in ("dequantize", "qmv", "qmv_mapped", "affine8_qmv")):
+        return None  # not built, or built from an older native/dequant.cpp (make native)
     try:
         probe = mx.array(np.array([[0x00, 0x3C] + [1] * 32], dtype=np.uint8))  # Q8_0: d = 1, q = 1
         return mod if np.asarray(mod.dequantize(probe, Q8_0)).tolist() == [[1.0] * 32] else None

@@ -350,7 +350,7 @@ class Engine:
             if reason in ("cold", "continued"):
                 self.schedule.stored(state.n_tokens)
         return SaveRecord(reason, str(result.path), result.status, result.bytes, result.seconds, state.n_tokens,
-                          "" if result.saved else result.detail)
+                          result.detail)
 
     @contextmanager
     def _tagged(self, **context: Any) -> Iterator[None]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from typing import Any
 from workbench.commands.common import number
 from workbench.errors import WorkbenchError
 from workbench.kv.errors import KVFormatError
+from workbench.kv.events import BudgetHeld
 from workbench.kv.chain import CHAIN_SUFFIX, chain_summary, walk
 from workbench.kv.dsv4 import payload_size
 from workbench.kv.chainstore import MAX_DEPTH
@@ -305,19 +307,24 @@ def _verify(args: argparse.Namespace) -> int:
         reports = [check_file(target, layout, args.ctx, note)]
         quarantined = False
     bad = [r for r in reports if not r.ok]
+    stuck = [r for r in bad if r.quarantine_error]
     if args.json:
         _print({"path": str(target), "checked": len(reports), "failed": len(bad), "quarantined": quarantined,
                 "files": [{"path": str(r.path), "ok": r.ok, "error": r.error, "checksum": r.checksum,
                            "layout": r.layout_note, "notes": list(r.notes),
-                           "tokens": r.header.tokens if r.header else None} for r in reports]}, True)
+                           "tokens": r.header.tokens if r.header else None,
+                           "moved_to": None if r.moved_to is None else str(r.moved_to),
+                           "quarantine_error": r.quarantine_error} for r in reports]}, True)
     else:
         for r in reports:
             state = f"ok  ({r.checksum} checksum)" if r.ok else "FAIL " + r.error
             print(f"  {r.path.name}  {state}")
             for n in r.notes:
                 print(f"      note: {n}")
-        moved = " (moved to quarantine/)" if quarantined and bad else ""
+        moved = f" ({len(bad) - len(stuck)} moved to quarantine/)" if quarantined and bad else ""
         print(f"{target}: {len(reports) - len(bad)} ok, {len(bad)} failed{moved}")
+    if stuck:
+        raise WorkbenchError(f"{len(stuck)} failing file(s) not quarantined: {stuck[0].quarantine_error}")
     return 1 if bad else 0
 
 
@@ -334,6 +341,9 @@ def _gc(args: argparse.Namespace) -> int:
            "evicted": [{"path": str(e.path), "tokens": e.tokens, "bytes": e.bytes, "score": e.score,
                         "save_reason": e.save_reason} for e in evicted],
            "total_bytes": total - (sum(e.bytes for e in evicted) if args.dry_run else 0)}
+    for held in (e for e in store.events if isinstance(e, BudgetHeld)):
+        print(f"workbench kv: warning: {held.message}", file=sys.stderr)
+        break
     if args.json:
         _print(out, True)
         return 0

@@ -269,8 +269,13 @@ def open_store(session: Session, args: argparse.Namespace) -> tuple[Any, KVPolic
     from workbench.gguf.fingerprint import checkpoint_identity
     from workbench.kv.store import KVStore
 
-    return KVStore.from_policy(args.kv_dir, policy, kv_layout=args.kv_layout,
-                               **checkpoint_identity(session.file)), policy
+    from workbench.kv.events import BudgetHeld
+
+    store = KVStore.from_policy(args.kv_dir, policy, kv_layout=args.kv_layout, **checkpoint_identity(session.file))
+    for held in (e for e in store.events if isinstance(e, BudgetHeld)):
+        print(f"workbench run: warning: {held.message}", file=sys.stderr)
+        break
+    return store, policy
 
 
 def serve(session: Session, tok: Tokenizer, args: argparse.Namespace, sampler: Sampler, text: str | None) -> bool:

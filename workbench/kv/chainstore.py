@@ -34,6 +34,7 @@ extends, and stale temp files; ``remove_orphans`` deletes them (``workbench kv g
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from workbench.kv.chain import (
     CHAIN_DIR, CHAIN_SUFFIX, ChainRef, chain_file_bytes, chain_path, chain_tokens, read_chain, read_link, walk,
     write_chain_file,
 )
-from workbench.kv.errors import KVFormatError, KVStoreError
+from workbench.kv.errors import KVFormatError, KVSaveError, KVStoreError
 from workbench.kv.header import MODEL_FLASH, TEXT_OFFSET, ExtFlag, KVHeader, SaveReason, read_header
 from workbench.kv.index import DirIndex, Entry
 from workbench.kv.checksum import footer_bytes
@@ -164,7 +165,14 @@ class ChainOps:
     def _chain_plan(self, state: SessionState, key: bytes, sha: str) -> tuple[Path, int, object, set[str]]:
         """(final path, predicted bytes, writer, shas to protect) of a chain save."""
         ref = self._chain_parent(state, key)
-        (self.dir / CHAIN_DIR).mkdir(mode=0o700, exist_ok=True)
+        chain_dir = self.dir / CHAIN_DIR
+        try:
+            chain_dir.mkdir(mode=0o700, exist_ok=True)
+            linked = not stat.S_ISDIR(os.lstat(chain_dir).st_mode)
+        except OSError as err:
+            raise KVSaveError(f"{chain_dir}: cannot create: {err.strerror or err}") from None
+        if linked:  # a link or a file: never write chain entries through it
+            raise KVSaveError(f"{chain_dir}: not a directory (a link or a foreign file): chain entries not saved")
         protect = set() if ref.parent is None else {ref.parent}
         return chain_path(self.dir, sha), chain_file_bytes(state, len(key), ref.parent_tokens, self.checksum), \
             chain_writer(ref), protect

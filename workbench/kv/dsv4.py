@@ -213,6 +213,24 @@ def check_row_counts(ph: PayloadHeader, layout: StateLayout, n_comp: list[int], 
               f"{n_comp[L]}/{n_idx[L]}, expected {want_c}/{want_i} for {ph.tokens} tokens")
 
 
+def payload_tokens(head: bytes) -> int | None:
+    """The token count in a DSV4 payload header's first bytes (None: fewer bytes than a
+    header, or not a DSV4 header; ``read_payload`` then says what is wrong)."""
+    if len(head) < PAYLOAD_HEADER_BYTES:
+        return None
+    ph = PayloadHeader(*_PAYLOAD_HEADER.unpack(head[:PAYLOAD_HEADER_BYTES]))
+    return ph.tokens if ph.magic == DSV4_MAGIC else None
+
+
+def check_usable(tokens: np.ndarray, logits: np.ndarray, n_vocab: int, name: str) -> None:
+    """Refuse a payload no model can continue from: a token id (``tokens``, u32 ``[T]``)
+    outside the vocabulary, or next-token ``logits`` (f32 ``[n_vocab]``) that are not all
+    finite (a restore would sample garbage, e.g. token 0 from all-NaN logits)."""
+    top = int(tokens.max(initial=0))
+    check(top < n_vocab, name, f"token ids: id {top} is outside the vocabulary of {n_vocab}: unusable")
+    check(bool(np.isfinite(logits).all()), name, "logits: next-token logits are not finite (NaN or inf): unusable")
+
+
 def read_payload(f: BinaryIO, budget: int, layout: StateLayout, ctx: int | None = None, *,
                  prefill_chunk: int | None = None, name: str = "<payload>", crc: ChunkCRC | None = None,
                  keep: bool = True, progress: Progress | None = None) -> SessionState | None:
@@ -231,6 +249,7 @@ def read_payload(f: BinaryIO, budget: int, layout: StateLayout, ctx: int | None 
     logits = mx.array(np.zeros(layout.n_vocab, dtype=np.float32))
     src.reserve(logits.nbytes, "logits")
     src.fill(memoryview(logits).cast("B"), lambda _: "logits")
+    check_usable(tokens, np.asarray(logits), layout.n_vocab, name)
     n_comp = list(struct.unpack(f"<{layout.n_layer}I", src.bytes(4 * layout.n_layer, "compressed row counts")))
     n_idx = list(struct.unpack(f"<{layout.n_layer}I", src.bytes(4 * layout.n_layer, "indexer row counts")))
     check_row_counts(ph, layout, n_comp, n_idx, name, ctx)
@@ -289,6 +308,8 @@ def read_payload_summary(f: BinaryIO, header: KVHeader, name: str) -> PayloadSum
     ph = PayloadHeader(*_PAYLOAD_HEADER.unpack(raw))
     check(ph.magic == DSV4_MAGIC and ph.version in DSV4_VERSIONS, name,
           f"unsupported session payload: magic {ph.magic:#010x} version {ph.version}, expected 2 (or 1, May 2026)")
+    check(min(ph.n_layer, ph.head_dim, ph.vocab) > 0, name,
+          f"payload header: n_layer {ph.n_layer}, head_dim {ph.head_dim}, vocab {ph.vocab}: none may be 0")
     counts_at = PAYLOAD_HEADER_BYTES + 4 * ph.tokens + F32 * ph.vocab
     check(counts_at + 8 * ph.n_layer <= header.payload_bytes, name, "truncated session payload: row counts")
     f.seek(header.payload_offset + counts_at)

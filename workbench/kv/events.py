@@ -137,3 +137,15 @@ class Quarantined(KVEvent):
     path: Path
     dest: Path
     error: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetHeld(KVEvent):
+    """Files the store does not own (foreign, invalid, temp, quarantined) exceed the
+    budget on their own: evicting checkpoints cannot help, so none was evicted."""
+
+    kind: ClassVar[str] = "budget-held"
+    other_bytes: int  # bytes of the files the store does not own
+    incoming: int  # bytes of the file about to be written (0: none)
+    budget: int
+    message: str

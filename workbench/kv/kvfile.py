@@ -15,7 +15,7 @@ import os
 from typing import BinaryIO
 
 from workbench.kv.checksum import ChunkCRC, Checksums, footer_bytes, header_crc, text_crc
-from workbench.kv.dsv4 import payload_bytes, read_payload, write_payload
+from workbench.kv.dsv4 import PAYLOAD_HEADER_BYTES, payload_bytes, payload_tokens, read_payload, write_payload
 from workbench.kv.errors import check
 from workbench.kv.header import MODEL_FLASH, TEXT_OFFSET, KVHeader, SaveReason, new_header, parse_header, read_text
 from workbench.kv.stream import Progress, write_all
@@ -91,13 +91,13 @@ def read_kv_file(f: BinaryIO, layout: StateLayout | None, ctx: int | None = None
     if header.stripped:
         return header, text, None, trailer
     f.seek(header.payload_offset)
+    head_tokens = payload_tokens(f.read(min(PAYLOAD_HEADER_BYTES, header.payload_bytes)))
+    check(head_tokens in (None, header.tokens), name, f"payload holds {head_tokens} tokens, header says {header.tokens}")
+    f.seek(header.payload_offset)
     state = read_payload(f, header.payload_bytes, layout, ctx, prefill_chunk=prefill_chunk, name=name, crc=crc,
                          keep=keep, progress=progress)
     if crc is not None:
         crc.finish()
-    if state is not None:
-        check(state.n_tokens == header.tokens, name,
-              f"payload holds {state.n_tokens} tokens, header says {header.tokens}")
     return header, text, state, trailer
 
 

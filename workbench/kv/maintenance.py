@@ -12,22 +12,24 @@ dead temp file or a checkpoint chosen for eviction.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
 from workbench.kv.errors import KVFormatError, KVStoreError
 from workbench.kv.eviction import Candidate, EvictionRules, keep_value, plan_eviction
-from workbench.kv.events import Evicted, Quarantined, TmpSwept
+from workbench.kv.events import BudgetHeld, Evicted, Quarantined, TmpSwept
 from workbench.kv.chain import CHAIN_DIR, CHAIN_SUFFIX, chain_summary, read_chain, read_chain_header
 from workbench.kv.header import TEXT_OFFSET, KVHeader, SaveReason, parse_header, text_sha
 from workbench.kv.index import CHAIN_RE, NAME_RE, QUARANTINE_DIR, DirIndex, Entry, OtherFile
 from workbench.kv.inspection import file_layout, infer_layout
 from workbench.kv.kvfile import read_kv_file
-from workbench.kv.lock import DirLock
+from workbench.kv.lock import DirLock, LockError
 from workbench.safeopen import open_regular
 from workbench.spec.statelayout import StateLayout
 
@@ -92,18 +94,21 @@ class VerifyReport:
     layout_note: str = ""
     checksum: str = ""  # verified | absent | dropped (ds4 tool-map rewrite)
     notes: tuple[str, ...] = ()
+    moved_to: Path | None = None  # where ``verify(quarantine=True)`` moved the failing file
+    quarantine_error: str = ""  # why that move failed (the file stays where it was)
 
 
 def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx: int | None = None,
-                layout_note: str = "") -> VerifyReport:
-    """Read every byte of a .kv file and run every check: header, name = SHA-1(text),
-    trailer, checksums, payload structure (against ``ctx``, default the saved one) and
-    token count. ``layout`` None infers it from the payload header."""
+                layout_note: str = "", follow: bool = True) -> VerifyReport:
+    """Read every byte of a .kv file and run every check a load runs: header, name =
+    SHA-1(text), trailer, checksums, payload structure (against ``ctx``, default the saved
+    one), token ids and logits, and token count. ``layout`` None infers it from the payload
+    header. ``follow=False`` refuses a link (inside a cache directory links are foreign)."""
     p = Path(path)
     name = str(p)
     header = None
     try:
-        with open_regular(p) as f:  # a FIFO or device is reported, never read
+        with open_regular(p, follow) as f:  # a FIFO or device is reported, never read
             header = parse_header(f.read(TEXT_OFFSET), name, os.fstat(f.fileno()).st_size)
             if layout is None and not header.stripped:
                 layout, layout_note = file_layout(f, header, name)
@@ -121,6 +126,14 @@ def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx:
     return VerifyReport(p, True, "", header, layout_note, trailer.checksum_status(True), trailer.notes)
 
 
+def budget_held_message(directory: Path, other: int, incoming: int, budget: int) -> str:
+    """In words: files the store does not own hold the budget, so nothing was evicted."""
+    new = f" plus the {incoming / MiB:,.1f} MiB being written" if incoming else ""
+    return (f"{directory}: files the store does not own (foreign, invalid, temp, quarantined) hold "
+            f"{other / MiB:,.1f} MiB{new}, over the budget of {budget / MiB:,.1f} MiB on their own: no checkpoint "
+            f"evicted (see `workbench kv ls`)")
+
+
 def candidate(e: Entry, incoming_text: bytes) -> Candidate:
     """Eviction's view of an entry; ``incoming_text`` is the text being written (or b"")."""
     prefix = (e.reason == SaveReason.CONTINUED and e.text_bytes < len(incoming_text)
@@ -129,11 +142,13 @@ def candidate(e: Entry, incoming_text: bytes) -> Candidate:
 
 
 def verify_chain_file(path: Path, layout: StateLayout | None = None, ctx: int | None = None,
-                      layout_note: str = "") -> VerifyReport:
+                      layout_note: str = "", follow: bool = True) -> VerifyReport:
     """Restore a chain entry from its whole chain (every file, every check, every piece's
-    checksums when it has a footer) and report."""
+    checksums when it has a footer) and report; ``follow=False`` refuses a link."""
     name, header = str(path), None
     try:
+        if not follow and path.is_symlink():
+            raise KVFormatError(f"{name}: is a symbolic link, not a regular file")
         header, ref = read_chain_header(path)
         if layout is None:
             layout, layout_note = infer_layout(chain_summary(path))
@@ -174,6 +189,10 @@ class Maintenance:
                     self.index.scan(full=True)
         except OSError:
             return []  # read-only directory: nothing to sweep
+        except LockError as err:
+            if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return []  # read-only directory: nothing to sweep
+            raise
         return out
 
     def score(self, entry: Entry, now: float | None = None) -> float:
@@ -187,11 +206,19 @@ class Maintenance:
         restores through (``DirIndex.pinned``) is not a candidate until that one is gone
         (evicting frees only its own file); the plan is redone after each victim, so a
         leaf's parent may follow it in the same pass. Caller holds the exclusive lock, index fresh.
-        ``dry_run`` only returns what would go (no unlink, no events)."""
+        ``dry_run`` only returns what would go (no unlink, no events). When the files the
+        store does not own exceed the budget on their own, nothing is evicted and a
+        ``BudgetHeld`` event says so (evicting every checkpoint would not help)."""
         if budget is None:
             return []
         now = time.time()
         total = self.index.total() - self.index.size_of(replacing)
+        other = self.unowned_bytes(replacing)
+        if other + incoming > budget and total + incoming > budget:
+            if not dry_run:
+                self._emit(BudgetHeld(other_bytes=other, incoming=incoming, budget=budget,
+                                      message=budget_held_message(self.dir, other, incoming, budget)))
+            return []
         out: list[Evicted] = []
         gone: set[str] = set()
         while True:
@@ -220,6 +247,12 @@ class Maintenance:
                             disk_bytes=total + self.index.size_of(replacing))
             out.append(event if dry_run else self._emit(event))
 
+    def unowned_bytes(self, replacing: str = "") -> int:
+        """Bytes of the indexed files that are not checkpoints (foreign, invalid, temp,
+        quarantined), leaving out the file named ``replacing``; no scan."""
+        entries = sum(e.file_size for e in self.index.entries().values() if e.key != replacing)
+        return self.index.total() - self.index.size_of(replacing) - entries
+
     def evict_to_budget(self, budget_mb: float | None = None, dry_run: bool = False) -> list[Evicted]:
         """Evict until every file together fits the budget (``budget_mb`` overrides the
         store's); ``dry_run`` lists the victims without removing them."""
@@ -235,7 +268,7 @@ class Maintenance:
 
     def remove(self, entry: Entry | str | os.PathLike) -> Path:
         """Delete one checkpoint of this directory (under the exclusive lock, so no other
-        process is mid-read of it). Only ``<sha>.kv`` files are removed."""
+        process is mid-read of it). Only regular ``<sha>.kv`` files are removed (a link is foreign)."""
         path = entry.path if isinstance(entry, Entry) else Path(entry)
         flat = path.parent.resolve() == self.dir.resolve() and NAME_RE.match(path.name)
         chained = path.parent.resolve() == (self.dir / CHAIN_DIR).resolve() and CHAIN_RE.match(path.name)
@@ -245,6 +278,8 @@ class Maintenance:
             raise KVStoreError(f"{path}: other chain entries extend it (remove them first)")
         with self.lock.exclusive():
             try:
+                if not stat.S_ISREG(path.lstat().st_mode):
+                    raise KVStoreError(f"{path}: not a regular file (a foreign file): not removed")
                 path.unlink()
             except FileNotFoundError:
                 raise KVStoreError(f"{path}: no longer exists") from None
@@ -254,37 +289,45 @@ class Maintenance:
                layout_note: str = "") -> list[VerifyReport]:
         """Check every checkpoint end to end against ``layout`` (None: per file, inferred)
         and runtime ``ctx`` (None: each file's own), and report invalid ones; with
-        ``quarantine``, move failing files to ``<dir>/quarantine/``. Never deletes anything."""
+        ``quarantine``, move failing files to ``<dir>/quarantine/`` (a move that fails is
+        reported in the file's ``quarantine_error``). Never deletes anything."""
         reports = []
         for path in sorted(e.path for e in self.entries()) + sorted(o.path for o in self.invalid()):
             with self.lock.shared():
                 check_file = verify_chain_file if path.suffix == CHAIN_SUFFIX else verify_file
-                reports.append(check_file(path, layout, ctx, layout_note))
-        for rep in reports:  # after every check: a chain entry's quarantine moves its descendants too
+                reports.append(check_file(path, layout, ctx, layout_note, follow=False))
+        for i, rep in enumerate(reports):  # after every check: a chain entry's quarantine moves its descendants too
             if not rep.ok and quarantine and os.path.lexists(rep.path):
-                self.quarantine(rep.path, rep.error)
+                try:
+                    reports[i] = replace(rep, moved_to=self.quarantine(rep.path, rep.error))
+                except KVStoreError as err:
+                    reports[i] = replace(rep, quarantine_error=str(err))
         return reports
 
     def quarantine(self, path: str | os.PathLike, error: str = "") -> Path:
         """Move a file into ``<dir>/quarantine/`` (kept, still counted, no longer looked up);
         returns where it went. A chain entry takes the chain entries above it along (they
-        cannot restore without it), so no broken chain is left for ``kv gc`` to remove."""
+        cannot restore without it), so no broken chain is left for ``kv gc`` to remove.
+
+        Neither a file nor ``quarantine/`` may be a link (links are foreign files: nothing
+        is moved out of the directory); raises KVStoreError with the reason (a read-only or
+        full disk, a foreign ``quarantine``) after the moves that were made."""
         src = Path(path)
         qdir = self.dir / QUARANTINE_DIR
-        moved = []
-        with self.lock.exclusive():
-            qdir.mkdir(mode=0o700, exist_ok=True)
-            for p in [src] + (self._descendants(src) if src.suffix == CHAIN_SUFFIX else []):
-                dest = qdir / p.name
-                n = 1
-                while dest.exists():
-                    dest = qdir / f"{p.name}.{n}"
-                    n += 1
-                os.replace(p, dest)
-                self.index.drop(f"{CHAIN_DIR}/{p.name}" if p.suffix == CHAIN_SUFFIX else p.name)
-                moved.append((p, dest))
+        moved, failure = [], None
+        try:
+            with self.lock.exclusive():
+                for p in [src] + (self._descendants(src) if src.suffix == CHAIN_SUFFIX else []):
+                    moved.append((p, _quarantine_one(p, qdir)))
+                    self.index.drop(f"{CHAIN_DIR}/{p.name}" if p.suffix == CHAIN_SUFFIX else p.name)
+        except OSError as err:
+            failure = KVStoreError(f"{src}: cannot move to {qdir}: {err.strerror or err}")
+        except KVStoreError as err:
+            failure = err
         for p, dest in moved:
             self._emit(Quarantined(path=p, dest=dest, error=error if p == src else f"its chain parent: {error}"))
+        if failure is not None:
+            raise failure
         return moved[0][1]
 
     def _descendants(self, leaf: Path) -> list[Path]:
@@ -296,3 +339,41 @@ class Maintenance:
             out += [k.path for k in kids]
             todo += [k.sha for k in kids]
         return out
+
+
+def _quarantine_one(src: Path, qdir: Path) -> Path:
+    """Rename the regular file ``src`` into ``qdir`` under a free name, through directory
+    descriptors opened without following links (caller holds the exclusive lock)."""
+    src_dir = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.lstat(src.name, dir_fd=src_dir).st_mode):
+            raise KVStoreError(f"{src}: not a regular file: not quarantined")
+        try:
+            os.mkdir(qdir, 0o700)
+        except FileExistsError:
+            pass
+        try:
+            q = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise KVStoreError(f"{qdir}: not a directory (a link or a foreign file): nothing quarantined") \
+                    from None
+            raise
+        try:
+            name, n = src.name, 1
+            while _exists_at(name, q):
+                name, n = f"{src.name}.{n}", n + 1
+            os.rename(src.name, name, src_dir_fd=src_dir, dst_dir_fd=q)
+        finally:
+            os.close(q)
+    finally:
+        os.close(src_dir)
+    return qdir / name
+
+
+def _exists_at(name: str, dir_fd: int) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True

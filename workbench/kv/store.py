@@ -72,19 +72,29 @@ from workbench.kv.chain import CHAIN_SUFFIX, Link, read_chain
 from workbench.kv.chainstore import MAX_DEPTH, ChainOps
 from workbench.kv.index import NAME_RE, DirIndex, Entry, OtherFile
 from workbench.kv.kvfile import kv_file_bytes, model_mismatch, read_kv_file, write_kv_file
-from workbench.kv.lock import DirLock
+from workbench.kv.lock import DirLock, LockError
 from workbench.kv.lookup import LookupRules, decide
-from workbench.kv.maintenance import MiB, Maintenance
+from workbench.kv.maintenance import MiB, Maintenance, budget_held_message
 from workbench.kv.eviction import EvictionRules
 from workbench.kv.policy import KVPolicy
 from workbench.kv.stream import Progress
 from workbench.kv.trailers import read_trailer
+from workbench.safeopen import NotRegularFileError, open_regular
 from workbench.spec.statelayout import StateLayout
 from workbench.state import SessionState
 
 
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # errnos of a directory this process may not write
+DISK_WORDS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only disk",
+              errno.EACCES: "no write permission", errno.EPERM: "no write permission"}
+
+
 class _OtherModel(KVFormatError):
     """A checkpoint written by another model (``model_mismatch``'s reason)."""
+
+
+class _Kept(KVStoreError):
+    """A same-name file the save must not replace (the message says why)."""
 
 
 class KVWriter(Protocol):
@@ -170,10 +180,14 @@ class KVStore(ChainOps, Maintenance):
         self.lock = DirLock(self.dir)
         self.index = DirIndex(self.dir)
         self._save_mutex = threading.Lock()
-        self._failed: dict[str, tuple[int, int, int]] = {}  # name -> stat key of a file that failed to load
+        self._failed: dict[str, tuple[tuple[int, int, int], str, bool]] = {}  # name -> (stat key, why, replace)
         if maintain:
             self.sweep_tmp()
-            self.evict_to_budget()
+            try:
+                self.evict_to_budget()
+            except LockError as err:
+                if err.errno not in READ_ONLY:
+                    raise  # a directory this process may not write: saves will say so, reads work
 
     @classmethod
     def readonly(cls, directory: str | os.PathLike) -> "KVStore":
@@ -246,8 +260,7 @@ class KVStore(ChainOps, Maintenance):
         with self.lock.shared():
             self.index.scan(full=False)
             index = self.index.entries()
-            failed = {e.sha for e in index.values()
-                      if self._failed.get(e.path.name, 0) == self.index.stat_key(e.key)}
+            failed = {e.sha for e in index.values() if self.failed_load(e.path.name, self.index.stat_key(e.key))}
             d = decide(prompt, index, ctx, self.rules, lambda e: self._text_matches(e, prompt), failed, min_tokens)
             if d.hit is not None:
                 e = d.hit
@@ -256,9 +269,15 @@ class KVStore(ChainOps, Maintenance):
         self._emit(Miss(prompt_bytes=len(prompt), reason=d.reason, candidates=d.candidates))
         return None
 
+    def failed_load(self, name: str, key: tuple[int, int, int] | None) -> str | None:
+        """Why the file ``name`` (with stat ``key``) failed to load in this store (None: it did
+        not, or it changed since)."""
+        bad = self._failed.get(name)
+        return bad[1] if bad is not None and bad[0] == key else None
+
     def _text_matches(self, e: Entry, prompt: bytes) -> bool:
         try:
-            with open(e.path, "rb") as f:
+            with open_regular(e.path, follow=False) as f:
                 f.seek(TEXT_OFFSET)
                 return f.read(e.text_bytes) == prompt[: e.text_bytes]
         except OSError:
@@ -287,7 +306,7 @@ class KVStore(ChainOps, Maintenance):
                                                             verify=verify, model_check=self._piece_check(path))
                     trailer, ino = links[-1].trailer, os.stat(path).st_ino
                 else:
-                    with open(path, "rb", buffering=0) as f:
+                    with open_regular(path, follow=False) as f:  # links are foreign files: never read
                         self._check_model(f, name)
                         header, text, state, trailer = read_kv_file(f, layout, ctx, name=name, verify=verify,
                                                                     prefill_chunk=prefill_chunk, progress=progress)
@@ -305,9 +324,10 @@ class KVStore(ChainOps, Maintenance):
             raise KVLoadError(str(err)) from err
         except (KVFormatError, OSError) as err:
             msg = str(err) if isinstance(err, KVFormatError) else f"{name}: {err.strerror or err}"
-            try:
-                st = os.stat(path)
-                self._failed[path.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            try:  # a broken file is replaced by the next save of its key; one we cannot read is kept
+                st = os.lstat(path)
+                self._failed[path.name] = ((st.st_ino, st.st_size, st.st_mtime_ns), msg,
+                                           isinstance(err, KVFormatError))
             except OSError:
                 pass
             self._emit(LoadFailed(path=path, error=msg))
@@ -352,8 +372,8 @@ class KVStore(ChainOps, Maintenance):
         lock. Each field is one small pwrite of a field the checksum does not cover, so a
         torn update leaves a valid file."""
         try:
-            with self.lock.exclusive():
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            with self.lock.exclusive():  # O_NOFOLLOW: never write through a link out of the directory
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
                 try:
                     if os.fstat(fd).st_ino != ino:
                         return  # replaced meanwhile: not the file we read
@@ -363,19 +383,17 @@ class KVStore(ChainOps, Maintenance):
                     os.pwrite(fd, struct.pack("<Q", int(time.time())), OFF_LAST_USED)
                 finally:
                     os.close(fd)
-        except FileNotFoundError:
-            return
-        except OSError:
-            return  # a read-only directory: the hit is not recorded, the load still succeeded
+        except (OSError, LockError):
+            return  # gone, a link, or a read-only directory: the hit is not recorded, the load still succeeded
 
     def _consume(self, path: Path, ino: int, tokens: int) -> None:
-        with self.lock.exclusive():
-            try:
-                if os.stat(path).st_ino == ino:
+        try:
+            with self.lock.exclusive():
+                if os.lstat(path).st_ino == ino:
                     os.unlink(path)
                     self._emit(Consumed(path=path, tokens=tokens))
-            except OSError:
-                pass
+        except (OSError, LockError):
+            pass
 
     # ---- save -----------------------------------------------------------------------------
     def save(self, state: SessionState, text: str | bytes, reason: SaveReason, durable: bool = False, *,
@@ -423,11 +441,14 @@ class KVStore(ChainOps, Maintenance):
                 msg = f"{final}: {err}"
                 self._emit(SaveFailed(path=final, tokens=state.n_tokens, error=msg, reason=why))
                 raise KVSaveError(msg) from err
-            existing, ino = self._same_key(final, key, state.ctx)
-            if existing is None and self.kv_layout == "chain":  # one entry per name: a flat file wins
-                flat, flat_ino = self._same_key(self.dir / f"{sha}.kv", key, state.ctx)
-                if flat == "compatible":
-                    final, existing, ino = self.dir / f"{sha}.kv", flat, flat_ino
+            try:
+                existing, ino = self._same_key(final, key, state.ctx)
+                if existing is None and self.kv_layout == "chain":  # one entry per name: a flat file wins
+                    flat, flat_ino = self._same_key(self.dir / f"{sha}.kv", key, state.ctx)
+                    if flat == "compatible":
+                        final, existing, ino = self.dir / f"{sha}.kv", flat, flat_ino
+            except _Kept as err:  # a link, FIFO or unreadable file holds the name: never replaced
+                return skipped("skipped", predicted, "name-taken", str(err))
             if existing == "compatible":
                 self._touch(final, ino, hit=False)
                 return skipped("exists", 0, "already-stored", "already-stored")
@@ -438,14 +459,20 @@ class KVStore(ChainOps, Maintenance):
             evicted: list[Evicted] = []
             room = True
             if budget is not None and rules.pre_write:
-                with self.lock.exclusive():
-                    self.index.scan(full=True)
-                    evicted = self._evict(budget, keep, incoming=predicted, replacing=name, why="make-room",
-                                          incoming_text=key)
-                    room = self.index.total() - self.index.size_of(name) + predicted <= budget
+                try:
+                    with self.lock.exclusive():
+                        self.index.scan(full=True)
+                        evicted = self._evict(budget, keep, incoming=predicted, replacing=name, why="make-room",
+                                              incoming_text=key)
+                        room = self.index.total() - self.index.size_of(name) + predicted <= budget
+                except LockError as err:
+                    self._emit(SaveFailed(path=final, tokens=state.n_tokens, error=str(err), reason=why))
+                    raise KVSaveError(str(err)) from err
             if not room:
-                return skipped("skipped", predicted, "no-room", "budget is held by protected, foreign or invalid files",
-                               evicted)
+                other = self.unowned_bytes(name)
+                return skipped("skipped", predicted, "no-room", budget_held_message(self.dir, other, predicted, budget)
+                               if other + predicted > budget else "budget is held by protected, foreign or invalid "
+                               "files", evicted)
             tmp = tmp_path(final)
             try:
                 header, written = self._write_tmp(tmp, state, key, reason, ext_flags, writer, durable, progress)
@@ -467,37 +494,47 @@ class KVStore(ChainOps, Maintenance):
             except BaseException as err:
                 try:
                     os.unlink(tmp)
-                except FileNotFoundError:
+                except OSError:  # never written (read-only directory) or already gone: the real error follows
                     pass
                 if not isinstance(err, Exception):
                     raise
                 msg = str(err) if isinstance(err, KVStoreError) else \
-                    f"{tmp}: {err.strerror or err}" if isinstance(err, OSError) else f"{tmp}: {err}"
-                if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                    msg += " (disk full)"
+                    f"{final}: cannot save: {err.strerror or err}" if isinstance(err, OSError) else f"{tmp}: {err}"
+                if isinstance(err, OSError) and err.errno in DISK_WORDS:
+                    msg += f" ({DISK_WORDS[err.errno]})"
                 self._emit(SaveFailed(path=final, tokens=state.n_tokens, error=msg, reason=why))
                 raise KVSaveError(msg) from err
         seconds = time.perf_counter() - t0
         self._emit(Saved(path=final, tokens=state.n_tokens, bytes=predicted, seconds=seconds, reason=why,
                          mode="direct" if writer is None else writer.__name__, durable=durable,
                          disk_bytes=self.index.total()))
-        return SaveResult(final, "saved", predicted, seconds, evicted)
+        return SaveResult(final, "saved", predicted, seconds, evicted,
+                          detail="" if existing is None else f"replaced: {existing}")
 
     def _same_key(self, final: Path, key: bytes, ctx: int) -> tuple[str | None, int]:
         """(None: no file | 'compatible' | why the same-name file gets replaced, its inode).
-        A file of another model (``model_mismatch``) is replaced, as ds4 replaces one of
-        another model id."""
+        A file of another model (``model_mismatch``), an invalid one, or one that failed to
+        load in this store is replaced, as ds4 replaces one of another model id. Raises
+        ``_Kept`` when the name is held by something never replaced: a link or other
+        non-regular file (foreign), or a file this process cannot read."""
         try:
             with self.lock.shared():
-                with open(final, "rb") as f:
+                with open_regular(final, follow=False) as f:
                     st = os.fstat(f.fileno())
+                    bad = self._failed.get(final.name)
+                    if bad is not None and bad[2] and bad[0] == (st.st_ino, st.st_size, st.st_mtime_ns):
+                        return f"failed to load: {bad[1]}", st.st_ino
                     header = parse_header(f.read(TEXT_OFFSET), str(final), st.st_size)
                     text = read_text(f, header, str(final))
                     other = model_mismatch(header, read_trailer(f, header, str(final)), model_id=self.model_id,
                                            quant_bits=self.quant_bits, fingerprint=self.fingerprint)
         except FileNotFoundError:
             return None, 0
-        except (KVFormatError, OSError) as err:
+        except NotRegularFileError as err:
+            raise _Kept(f"{final}: {err.strerror}: a foreign file holds this name, not replaced") from None
+        except OSError as err:
+            raise _Kept(f"{final}: cannot read the existing file ({err.strerror or err}), not replaced") from None
+        except KVFormatError as err:
             return f"invalid file: {err}", 0
         if text != key:
             why = "stored text differs (SHA-1 collision)"
@@ -513,9 +550,11 @@ class KVStore(ChainOps, Maintenance):
 
     def _write_tmp(self, tmp: Path, state: SessionState, key: bytes, reason: SaveReason, ext_flags: int,
                    writer: KVWriter | None, durable: bool, progress: Progress | None) -> tuple[KVHeader, int]:
-        if tmp.exists():  # left by this very process (pids are unique among live processes)
+        try:  # left by this very process (pids are unique among live processes); a link is only unlinked
             tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb", buffering=0) as f:
             header, n = (writer or write_kv_file)(f, state, key, quant_bits=self.quant_bits, reason=reason,
                                                   ext_flags=ext_flags, checksum=self.checksum, now=int(time.time()),

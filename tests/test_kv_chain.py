@@ -171,9 +171,24 @@ def test_bench_kv_chain_figures(tmp_path) -> None:
     from workbench.bench import BenchContext, kvchain
 
     ctx = BenchContext("quick", tmp_path / "tiny.gguf", tmp_path / "work", tmp_path / "real")
-    res = kvchain.run(ctx, n_layer=6, step=1024, n=8)
+    res = kvchain.run(ctx, n_layer=6, step=1024, n=8, workloads=())
     (row,) = res.tables["kv_chain"]
     assert row["chain_disk"] * 2 <= row["flat_disk"] and row["chain_written"] == row["chain_disk"]
     assert row["chain_depth"] == 7 and row["chain_restore_s"] > 0 and row["flat_restore_s"] > 0
     assert {f.name for f in res.figures} == {"chain.disk", "chain.written", "chain.restore"}
     assert not (tmp_path / "work" / "kv_chain" / "chain").exists()
+
+
+@pytest.mark.slow
+def test_bench_kv_chain_workload_figures(tmp_path, tiny_gguf) -> None:
+    from workbench.bench import BenchContext, kvchain
+
+    ctx = BenchContext("quick", tiny_gguf, tmp_path / "work", tmp_path / "real")
+    res = kvchain.run(ctx, n_layer=4, step=256, n=2, workloads=("agent",))
+    (row,) = res.tables[kvchain.WORKLOADS]
+    assert row["requests"] >= 3 and row["entries"] >= 3 and row["max_depth"] >= 1
+    assert row["chain_written"] < row["flat_written"] and row["chain_disk"] < row["flat_disk"]
+    assert row["real_chain_written"] < row["real_flat_written"]
+    assert {"chain.agent.written", "chain.agent.disk", "chain.agent.restore", "chain.agent.real_written"} <= \
+        {f.name for f in res.figures}
+    assert len(res.charts) == 2

@@ -12,7 +12,7 @@ from test_kv_chain import CTX, conversation
 from test_kv_format import SMALL, assert_same_state
 
 from workbench.cli import main as cli_main
-from workbench.kv.chain import read_link
+from workbench.kv.chain import CHAIN_CHUNK, read_link
 from workbench.kv.checksum import FOOTER_MAGIC, footer_bytes
 from workbench.kv.errors import KVLoadError
 from workbench.kv.header import SaveReason
@@ -43,7 +43,7 @@ def test_chain_pieces_have_the_footer_and_restore_verified(tmp_path) -> None:
         link = read_link(e.path)
         assert link.trailer.kind == "footer" and link.trailer.fingerprint == FA
         assert e.path.read_bytes()[-4:] == FOOTER_MAGIC
-        assert e.file_size == e.header.payload_end + footer_bytes(e.header.payload_bytes)
+        assert e.file_size == e.header.payload_end + footer_bytes(e.header.payload_bytes, CHAIN_CHUNK)
     leaf = max(st.entries(), key=lambda e: e.tokens)
     back, _ = st.load(leaf, SMALL, CTX)
     assert_same_state(conv[-1][0], back)
@@ -58,15 +58,10 @@ def test_chain_pieces_have_the_footer_and_restore_verified(tmp_path) -> None:
     assert plain.events[-1].checksum == "absent"
 
 
-@pytest.mark.parametrize("where", ["grown rows", "skipped frontier"])
-def test_corrupt_ancestor_fails_restore_is_skipped_and_verify_finds_it(tmp_path, capsys, where) -> None:
+def test_corrupt_ancestor_rows_fail_restore_are_skipped_and_verify_finds_them(tmp_path, capsys) -> None:
     st, conv = _chained(tmp_path)
     base = min(st.entries(), key=lambda e: e.tokens)
-    h = base.header
-    # the base's first grown rows (read into the state), or its last bytes before the
-    # footer (a frontier the leaf's restore skips, read only to check the chunk)
-    at = h.payload_offset + 200 if where == "grown rows" else h.payload_end - 3
-    _flip(base.path, at)
+    _flip(base.path, base.header.payload_offset + 2000)  # in the base's grown rows, which every restore reads
     text = conv[-1][1]
     leaf = st.lookup(text, CTX, 1)
     with pytest.raises(KVLoadError, match=f"{base.path.name}: payload checksum mismatch") as err:
@@ -79,6 +74,22 @@ def test_corrupt_ancestor_fails_restore_is_skipped_and_verify_finds_it(tmp_path,
     out = capsys.readouterr().out
     assert out.count("FAIL") == 3 and "checksum mismatch" in out  # the base and both descendants
     assert len(st.entries()) == 3  # nothing deleted
+
+
+def test_an_ancestors_changed_part_is_checked_by_its_own_restore_only(tmp_path, capsys) -> None:
+    """A descendant's restore reads an ancestor's grown rows and at most one footer chunk
+    past them; the ancestor's own raw window, frontiers and logits are checked when it is
+    itself restored (and by kv verify)."""
+    st, conv = _chained(tmp_path)
+    base, mid, leaf = sorted(st.entries(), key=lambda e: e.tokens)
+    assert base.header.payload_bytes > 2 * CHAIN_CHUNK  # the changed part runs past the checked chunk
+    _flip(base.path, base.header.payload_end - 3)  # the last layer's frontier
+    assert st.load(leaf, SMALL, CTX)[0].n_tokens == leaf.tokens
+    with pytest.raises(KVLoadError, match="payload checksum mismatch"):
+        st.load(base, SMALL, CTX)
+    capsys.readouterr()
+    assert cli_main(["kv", "verify", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.count("FAIL") == 1
 
 
 def test_other_model_leaf_is_a_miss_and_other_model_piece_is_corrupt(tmp_path) -> None:

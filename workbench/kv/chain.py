@@ -8,26 +8,30 @@ store counts every file, the ``chain/`` tree included). File layout::
     0            52 + text   KVC header and text (``workbench.kv.header``), exactly as a
                              flat file's, except payload_bytes = the chain section's bytes
                              and no trailer flags (tool map, title)
-    chain ref    36 B        "DSVC", u32 version 1, 20 B parent SHA-1 (zeros: a base),
+    chain ref    36 B        "DSVC", u32 version 2, 20 B parent SHA-1 (zeros: a base),
                              u32 parent tokens (0 for a base), u32 depth (0 for a base)
-    delta        rest        the DSV4 payload header of the whole state (52 B), then
-                             tokens[parent:T] (u32), logits (f32 [vocab]), the whole
-                             state's compressed/indexer row counts (u32 [2 * n_layer]),
-                             then per layer in DSV4 order: raw window (whole), comp rows
-                             [parent rows:], comp frontiers, idx rows [parent rows:], idx
-                             frontiers (float32)
-    footer       optional    the workbench's footer (``workbench.kv.checksum``), exactly as a
-                             flat file's: header and text CRCs, chunk checksums of the chain
-                             section (reference + delta), the writer's model fingerprint
+    grown        ...         the DSV4 payload header of the whole state (52 B), its
+                             compressed/indexer row counts (u32 [2 * n_layer]), tokens
+                             [parent:T] (u32), then per layer: comp rows [parent rows:],
+                             idx rows [parent rows:] (float32; what descendants need)
+    changed      ...         logits (f32 [vocab]), then per layer in DSV4 order: raw window,
+                             comp frontiers, idx frontiers (float32; read from the leaf only)
+    footer       optional    the workbench's footer (``workbench.kv.checksum``), as a flat
+                             file's: header and text CRCs, checksums of the chain section
+                             (reference + grown + changed) in chunks of ``CHAIN_CHUNK``
+                             bytes, the writer's model fingerprint
 
 Compressed and indexer rows and tokens only grow by appending, so the parent's rows are
 exactly the first rows of the child's; what changes (raw window, frontiers, logits) is
-stored whole in every entry. Restoring walks the chain from the base: each file is
-opened once, its appended rows read straight into the whole state's buffers, and the
-raw window, frontiers and logits read from the leaf only (ancestors' are seeked past,
-or, when the file has a footer and the restore verifies, read into scratch so that every
-chunk checksum of every piece is checked). ``model_check`` lets the store refuse a piece
-written by another model (its footer's fingerprint) before any payload byte is read.
+stored whole in every entry, after the grown part. Restoring walks the chain from the
+base: each file is opened once, its grown rows read straight into the whole state's
+buffers, the changed part read from the leaf only. A verified restore checks every chunk
+it reads: an ancestor's chunks up to the end of its grown part, so it reads at most one
+chunk (``CHAIN_CHUNK``, 64 KiB) of its changed part, and its header checksum (its text,
+which the restore does not use, is checked when it is itself restored); the leaf's every
+chunk, header and text.
+``model_check`` lets the store refuse a piece written by another model (its footer's
+fingerprint) before any payload byte is read.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ from workbench.state import LayerState, SessionState
 CHAIN_DIR = "chain"
 CHAIN_SUFFIX = ".kvd"
 CHAIN_MAGIC = b"DSVC"
-CHAIN_VERSION = 1
+CHAIN_VERSION = 2
+CHAIN_CHUNK = 64 * 1024  # footer chunk of chain files: a verified ancestor reads <= one past its grown part
 _REF = struct.Struct("<4sI20sII")
 REF_BYTES = _REF.size  # 36
 GROWING = ("comp", "idx")  # the fields that only grow by appending rows
@@ -146,7 +151,7 @@ def chain_size(layout: StateLayout, tokens: int, parent_tokens: int, ctx: int, t
     """Exact bytes of a chain file (``checksum``: with the footer); no state needed (the cache
     lab's replays account chains with it)."""
     delta = delta_size(layout, tokens, parent_tokens, ctx)
-    return TEXT_OFFSET + text_len + delta + (footer_bytes(delta) if checksum else 0)
+    return TEXT_OFFSET + text_len + delta + (footer_bytes(delta, CHAIN_CHUNK) if checksum else 0)
 
 
 def delta_bytes(state: SessionState, parent_tokens: int) -> int:
@@ -175,21 +180,24 @@ def write_chain_file(f: BinaryIO, state: SessionState, text: bytes, ref: ChainRe
     header = new_header(text, tokens=T, ctx=state.ctx, payload_bytes=delta_bytes(state, P), quant_bits=quant_bits,
                         reason=reason, ext_flags=ext_flags, now=now, hits=hits, model_id=model_id)
     head = header.pack()
-    crc = ChunkCRC() if checksum else None
+    crc = ChunkCRC(CHAIN_CHUNK) if checksum else None
     n = write_all(f, head) + write_all(f, text)
     out = Sink(f, () if crc is None else (crc,))  # the chain section: what the chunk checksums cover
     out.put(ref.pack())
     ph = PayloadHeader.for_state(state)
     out.put(ph.pack())
-    out.put(np.asarray(state.tokens[P:], dtype="<u4").tobytes())
-    out.put(f32_bytes(state.logits))
     out.put(struct.pack(f"<{lay.n_layer}I", *(lay.n_comp(L, T) for L in range(lay.n_layer))))
     out.put(struct.pack(f"<{lay.n_layer}I", *(lay.n_idx(L, T) for L in range(lay.n_layer))))
-    for L, ls in enumerate(state.layers):
-        for fname, (rows, _), first in delta_shapes(lay, L, ph.raw_live, T, P):
-            arr = getattr(ls, fname)
-            if rows:
-                out.put(f32_bytes(arr[first:] if first else arr))
+    out.put(np.asarray(state.tokens[P:], dtype="<u4").tobytes())
+    fields = [(L, f) for L in range(lay.n_layer) for f in delta_shapes(lay, L, ph.raw_live, T, P)]
+    for L, (fname, (rows, _), first) in fields:
+        if fname in GROWING and rows:
+            arr = getattr(state.layers[L], fname)
+            out.put(f32_bytes(arr[first:] if first else arr))
+    out.put(f32_bytes(state.logits))
+    for L, (fname, (rows, _), _) in fields:
+        if fname not in GROWING and rows:
+            out.put(f32_bytes(getattr(state.layers[L], fname)))
     n += out.n
     if crc is not None:
         n += write_all(f, Checksums.of(head, text, crc, fingerprint).pack())
@@ -236,7 +244,10 @@ def chain_tokens(leaf: Path) -> list[int]:
     tokens: list[int] = []
     for link in walk(leaf):
         with open(link.path, "rb") as f:
-            f.seek(link.header.payload_offset + REF_BYTES + PAYLOAD_HEADER_BYTES)
+            f.seek(link.header.payload_offset + REF_BYTES)
+            raw = f.read(PAYLOAD_HEADER_BYTES)
+            check(len(raw) == PAYLOAD_HEADER_BYTES, str(link.path), "truncated chain payload header")
+            f.seek(8 * PayloadHeader(*_PAYLOAD_HEADER.unpack(raw)).n_layer, os.SEEK_CUR)  # past the row counts
             n = link.header.tokens - link.ref.parent_tokens
             raw = f.read(4 * n)
             check(len(raw) == 4 * n, str(link.path), "file ends inside the token ids")
@@ -249,30 +260,35 @@ IOV_MAX = 512  # buffers per preadv call (POSIX guarantees at least 16; Linux an
 
 class _Plan:
     """The reads of one chain file: runs of adjacent destination buffers, each run one
-    ``preadv`` at its offset. Skipped ranges split runs and cost no I/O, unless
-    ``scratch``: then they are read into scratch buffers, so that ``views`` (every buffer
-    in file order) holds every byte of the range, for the chunk checksums."""
+    ``preadv`` at its offset. Skipped ranges split runs and cost no I/O, except their
+    part before ``scratch_until`` (a file offset), read into scratch buffers so that the
+    chunks up to there can be checked; ``views`` lists every buffer in file order."""
 
-    def __init__(self, at: int, scratch: bool = False) -> None:
+    def __init__(self, at: int, scratch_until: int = 0) -> None:
         self.at = at  # file offset of the next field
-        self.scratch = scratch
+        self.scratch_until = scratch_until
         self.runs: list[tuple[int, list[memoryview]]] = []
         self.views: list[memoryview] = []
         self._open = False
 
     def add(self, view: memoryview | None, nbytes: int) -> None:
         """The next ``nbytes`` of the file go into ``view`` (None: skipped)."""
-        if view is None and self.scratch and nbytes:
-            view = memoryview(bytearray(nbytes))
         if view is None:
-            self._open = False
+            extra = max(0, min(nbytes, self.scratch_until - self.at))
+            if extra:
+                self._append(memoryview(bytearray(extra)))
+            if extra < nbytes:
+                self._open = False
         elif nbytes:
-            if not self._open:
-                self.runs.append((self.at, []))
-                self._open = True
-            self.runs[-1][1].append(view)
-            self.views.append(view)
+            self._append(view)
         self.at += nbytes
+
+    def _append(self, view: memoryview) -> None:
+        if not self._open:
+            self.runs.append((self.at, []))
+            self._open = True
+        self.runs[-1][1].append(view)
+        self.views.append(view)
 
     def read(self, fd: int, name: str) -> None:
         """Fill every buffer (short reads continue where they stopped)."""
@@ -334,32 +350,39 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
         lname = str(link.path)
         with open(link.path, "rb", buffering=0) as f:
             fd = f.fileno()
-            crc = _checker(f, link, text if leafmost else None) if verify else None
+            crc = _checker(link, text if leafmost else None) if verify else None
             at = link.header.payload_offset + REF_BYTES
             raw = os.pread(fd, PAYLOAD_HEADER_BYTES, at)
             check(len(raw) == PAYLOAD_HEADER_BYTES, lname, "truncated chain payload header")
             pph = PayloadHeader(*_PAYLOAD_HEADER.unpack(raw))
             check(pph.tokens == Ti and pph.ctx == ph.ctx and pph.n_layer == ph.n_layer, lname,
                   f"chain payload header: tokens {pph.tokens} ctx {pph.ctx}, expected {Ti} ctx {ph.ctx}")
-            plan = _Plan(at + PAYLOAD_HEADER_BYTES, scratch=crc is not None)
-            plan.add(memoryview(tokens[P:Ti]).cast("B"), 4 * (Ti - P))
-            plan.add(memoryview(logits).cast("B") if leafmost else None, F32 * layout.n_vocab)
+            fields = [(L, f) for L in range(layout.n_layer) for f in delta_shapes(layout, L, pph.raw_live, Ti, P)]
+            grown = len(counts) + 4 * (Ti - P) + sum(rows * cols * F32 for _, (fname, (rows, cols), _) in fields
+                                       if fname in GROWING)
+            start, end = link.header.payload_offset, link.header.payload_offset + link.header.payload_bytes
+            # an ancestor's checked chunks end at the first chunk boundary past its grown part
+            covered = REF_BYTES + PAYLOAD_HEADER_BYTES + grown
+            until = end if leafmost else min(end, start + -(-covered // crc.chunk_bytes) * crc.chunk_bytes) \
+                if crc is not None else 0
+            plan = _Plan(at + PAYLOAD_HEADER_BYTES, until)
             plan.add(memoryview(counts) if leafmost else None, len(counts))
-            for L in range(layout.n_layer):
-                for fname, (rows, cols), first in delta_shapes(layout, L, pph.raw_live, Ti, P):
-                    nbytes = rows * cols * F32
-                    if fname in GROWING and nbytes:
-                        start = first * cols * F32
-                        plan.add(memoryview(getattr(layers[L], fname)).cast("B")[start:start + nbytes], nbytes)
-                    else:
-                        plan.add(memoryview(getattr(layers[L], fname)).cast("B") if leafmost else None, nbytes)
-            end = link.header.payload_offset + link.header.payload_bytes
+            plan.add(memoryview(tokens[P:Ti]).cast("B"), 4 * (Ti - P))
+            for L, (fname, (rows, cols), first) in fields:
+                if fname in GROWING and rows:
+                    view = memoryview(getattr(layers[L], fname)).cast("B")
+                    plan.add(view[first * cols * F32:(first + rows) * cols * F32], rows * cols * F32)
+            plan.add(memoryview(logits).cast("B") if leafmost else None, F32 * layout.n_vocab)
+            for L, (fname, (rows, cols), _) in fields:
+                if fname not in GROWING:
+                    plan.add(memoryview(getattr(layers[L], fname)).cast("B") if leafmost else None, rows * cols * F32)
             check(plan.at == end, lname, f"chain delta ends at byte {plan.at}, header says {end}")
             plan.read(fd, lname)
             if crc is not None:
                 for piece in [memoryview(link.ref.pack()), memoryview(raw)] + plan.views:
                     crc.update(piece, "the chain delta")
-                crc.finish()
+                if until == end:
+                    crc.finish()
         if leafmost:
             c = struct.unpack(f"<{2 * layout.n_layer}I", counts)
             check_row_counts(ph, layout, list(c[:layout.n_layer]), list(c[layout.n_layer:]), lname, ctx)
@@ -369,16 +392,15 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
     return state, text, last.header, links
 
 
-def _checker(f: BinaryIO, link: Link, text: bytes | None) -> ChunkCRC | None:
-    """The chunk checker of one piece's chain section after its header and text checksums
-    passed (``text``: already read, else read here); None when the piece has no footer."""
+def _checker(link: Link, text: bytes | None) -> ChunkCRC | None:
+    """The chunk checker of one piece's chain section after its header checksum and (when
+    ``text`` is given: the leaf's) its text checksum passed; None when it has no footer."""
     cs = link.trailer.checksums if link.trailer is not None else None
     if cs is None:
         return None
     name = str(link.path)
     check(header_crc(link.head) == cs.header, name, "header checksum mismatch (bytes 0..47 outside hits/last_used)")
-    check(text_crc(read_text(f, link.header, name) if text is None else text) == cs.text, name,
-          "text checksum mismatch")
+    check(text is None or text_crc(text) == cs.text, name, "text checksum mismatch")
     return ChunkCRC(cs.chunk_bytes, cs.chunks, name, cs.algorithm)
 
 
@@ -391,7 +413,6 @@ def chain_summary(leaf: Path) -> PayloadSummary:
         raw = f.read(PAYLOAD_HEADER_BYTES)
         check(len(raw) == PAYLOAD_HEADER_BYTES, name, "truncated chain payload header")
         ph = PayloadHeader(*_PAYLOAD_HEADER.unpack(raw))
-        f.seek(4 * (ph.tokens - ref.parent_tokens) + F32 * ph.vocab, os.SEEK_CUR)
         raw = f.read(8 * ph.n_layer)
         check(len(raw) == 8 * ph.n_layer, name, "file ends inside the row counts")
     counts = struct.unpack(f"<{2 * ph.n_layer}I", raw)

@@ -5,10 +5,19 @@ checksums while it is still in cache: the writer (``Sink``) hashes what it write
 reader (``Source``) what it reads, straight into the caller's buffer (``readinto``, no
 payload-sized copy). The reader keeps a byte budget (the header's payload size), so a
 field that would run past it fails before any read, naming the field.
+
+When a write or read spans several pieces and there are checksums to compute, the system
+calls run on one helper thread (``os.write``/``readinto`` release the GIL) while this
+thread hashes: piece k+1 is hashed while piece k is written, piece k is hashed while piece
+k+1 is read. Pieces still move in file order, one system call at a time, and every call
+returns only after its last piece has moved (no I/O left in flight, whatever it raises).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
@@ -18,6 +27,36 @@ from workbench.kv.errors import KVFormatError
 
 PIECE = 2 * 1024 * 1024  # bytes moved (and hashed while in cache) per read or write
 Progress = Callable[[int, int], None]  # (bytes done, bytes total), called as bytes stream
+_io_pool: ThreadPoolExecutor | None = None
+_io_pool_lock = threading.Lock()
+
+
+def _io() -> ThreadPoolExecutor:
+    """The helper thread the pipelined reads and writes run their system calls on (made
+    on first use; one thread, so one process's streams share it in call order)."""
+    global _io_pool
+    with _io_pool_lock:
+        if _io_pool is None:
+            _io_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
+        return _io_pool
+
+
+def _forget_io_pool() -> None:
+    """In a forked child the helper thread does not exist: make a new one on first use."""
+    global _io_pool
+    _io_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_io_pool)
+
+
+def _settle(pending: Future | None) -> None:
+    """Wait for an I/O call still in flight, dropping its error (one is already raised)."""
+    if pending is not None:
+        try:
+            pending.result()
+        except BaseException:
+            pass
 
 
 def write_all(f: BinaryIO, data: bytes | memoryview) -> int:
@@ -52,16 +91,35 @@ class Sink:
         self.n = 0  # bytes written
 
     def put(self, data: bytes | memoryview, *also: Hasher) -> int:
-        """Write ``data``; return its length."""
+        """Write ``data``; return its length (every byte is written when it returns)."""
         mv = memoryview(data).cast("B")
-        for at in range(0, len(mv), PIECE):
-            piece = mv[at:at + PIECE]
-            for h in self.hashers + also:
-                h.update(piece)
-            self.n += write_all(self.f, piece)
-            if self.progress is not None:
-                self.progress(self.n, self.total)
+        hashers = self.hashers + also
+        if len(mv) <= PIECE or not hashers:
+            for at in range(0, len(mv), PIECE):
+                piece = mv[at:at + PIECE]
+                for h in hashers:
+                    h.update(piece)
+                self._wrote(write_all(self.f, piece))
+            return len(mv)
+        pending: Future | None = None
+        try:
+            for at in range(0, len(mv), PIECE):
+                piece = mv[at:at + PIECE]
+                for h in hashers:  # while the previous piece is being written
+                    h.update(piece)
+                if pending is not None:
+                    self._wrote(pending.result())
+                pending = _io().submit(write_all, self.f, piece)
+            self._wrote(pending.result())
+            pending = None
+        finally:
+            _settle(pending)
         return len(mv)
+
+    def _wrote(self, n: int) -> None:
+        self.n += n
+        if self.progress is not None:
+            self.progress(self.n, self.total)
 
 
 class Source:
@@ -95,22 +153,37 @@ class Source:
 
     def fill(self, mv: memoryview, locate: Callable[[int], str], *also: Hasher) -> None:
         """Read exactly ``len(mv)`` bytes into ``mv``; ``locate(offset in mv)`` names the field there."""
-        pos = 0
-        while pos < len(mv):
-            piece = mv[pos:pos + PIECE]
-            got = 0
-            while got < len(piece):
-                n = self.f.readinto(piece[got:])
-                if not n:
-                    raise self.error(f"{self.name}: file ends inside {locate(pos + got)} "
-                                     f"(payload byte {self.done + pos + got} of {self.budget})")
-                got += n
-            for h in self.hashers + also:
-                h.update(piece, locate(pos))
-            pos += len(piece)
-            if self.progress is not None:
-                self.progress(self.done + pos, self.budget)
+        hashers = self.hashers + also
+        pending: Future | None = None
+        if len(mv) > PIECE and hashers:
+            pending = _io().submit(self._read_piece, mv, 0, locate)
+        try:
+            for pos in range(0, len(mv), PIECE):
+                if pending is None:
+                    self._read_piece(mv, pos, locate)
+                else:
+                    pending.result()
+                    nxt = pos + PIECE  # read the next piece while this one is hashed
+                    pending = _io().submit(self._read_piece, mv, nxt, locate) if nxt < len(mv) else None
+                piece = mv[pos:pos + PIECE]
+                for h in hashers:
+                    h.update(piece, locate(pos))
+                if self.progress is not None:
+                    self.progress(self.done + pos + len(piece), self.budget)
+        finally:
+            _settle(pending)
         self.done += len(mv)
+
+    def _read_piece(self, mv: memoryview, pos: int, locate: Callable[[int], str]) -> None:
+        """Read exactly the piece of ``mv`` at ``pos`` (``PIECE`` bytes or up to its end)."""
+        piece = mv[pos:pos + PIECE]
+        got = 0
+        while got < len(piece):
+            n = self.f.readinto(piece[got:])
+            if not n:
+                raise self.error(f"{self.name}: file ends inside {locate(pos + got)} "
+                                 f"(payload byte {self.done + pos + got} of {self.budget})")
+            got += n
 
     def bytes(self, n: int, what: str) -> bytes:
         self.reserve(n, what)

@@ -214,7 +214,44 @@ void q4_k_blocks(const uint8_t* in, float* out, size_t b0, size_t b1) {
   }
 }
 
+// IQ2_XXS's signed grid in two small tables (3 KiB, L1-resident) instead of the 256 KiB
+// [grid * 128 + sign] one: the 256 magnitudes (sign index 0 negates nothing) and, per sign
+// index, 8 bytes of +1 / -1 (read off grid entry 0, whose magnitudes are all 8), applied
+// with a byte-wise sign; the same int8 values. Built once from the table the caller passes
+// (its content is ggml's constant).
+struct IQ2Small {
+  alignas(64) uint64_t grid[256];
+  uint64_t sign[128];
+};
+
+const IQ2Small& iq2_small(const uint64_t* table) {
+  static const IQ2Small small = [table] {
+    IQ2Small t;
+    for (int i = 0; i < 256; ++i) t.grid[i] = table[i * 128];
+    for (int k = 0; k < 128; ++k) {
+      int8_t v[8], sg[8];
+      std::memcpy(v, &table[k], 8);
+      for (int j = 0; j < 8; ++j) sg[j] = v[j] < 0 ? -1 : 1;
+      std::memcpy(&t.sign[k], sg, 8);
+    }
+    return t;
+  }();
+  return small;
+}
+
+#ifdef WB_AVX2
+// The 8 signed int8 values of grid entry gi with sign index si, as 8 floats.
+inline __m256 iq2_values(const IQ2Small& t, uint32_t gi, uint32_t si) {
+  const __m128i g = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&t.grid[gi]));
+  const __m128i sg = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&t.sign[si]));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_sign_epi8(g, sg)));
+}
+#endif
+
 void iq2_xxs_blocks(const uint8_t* in, float* out, size_t b0, size_t b1, const uint64_t* table) {
+#ifdef WB_AVX2
+  const IQ2Small& small = iq2_small(table);
+#endif
   for (size_t b = b0; b < b1; ++b) {
     const uint8_t* blk = in + b * 66;
     float* o = out + b * 256;
@@ -227,12 +264,11 @@ void iq2_xxs_blocks(const uint8_t* in, float* out, size_t b0, size_t b1, const u
       const __m256 vdb = _mm256_set1_ps(db);
 #endif
       for (int k = 0; k < 4; ++k) {
-        const uint64_t v = table[uint32_t(grp[k]) * 128 + ((a1 >> (7 * k)) & 127)];
         float* ok = o + g * 32 + k * 8;
 #ifdef WB_AVX2
-        const __m256 vals = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(int64_t(v))));
-        _mm256_storeu_ps(ok, _mm256_mul_ps(vdb, vals));
+        _mm256_storeu_ps(ok, _mm256_mul_ps(vdb, iq2_values(small, grp[k], (a1 >> (7 * k)) & 127)));
 #else
+        const uint64_t v = table[uint32_t(grp[k]) * 128 + ((a1 >> (7 * k)) & 127)];
         int8_t s8[8];
         std::memcpy(s8, &v, 8);
         for (int j = 0; j < 8; ++j) ok[j] = db * float(s8[j]);
@@ -293,6 +329,8 @@ inline float dot(const float* a, const float* b, size_t n) {
   return tail;
 }
 
+constexpr size_t kMaxRows = 64;  // rows of x a qmv call takes
+
 // --- few-row products: fused per-block dots (no float32 weight written) ----------------------
 //
 // A block's dot with x factors its scale out: d * Σ q·x (Q8_0, IQ2_XXS: d·(0.5+s)·0.25 per 32),
@@ -324,6 +362,7 @@ float q8_0_row_dot(const uint8_t* row, const float* x, const float*, size_t n_in
 }
 
 float iq2_xxs_row_dot(const uint8_t* row, const float* x, const float*, size_t n_in, const uint64_t* table) {
+  const IQ2Small& small = iq2_small(table);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (size_t b = 0; b < n_in / 256; ++b) {
     const uint8_t* blk = row + b * 66;
@@ -333,9 +372,7 @@ float iq2_xxs_row_dot(const uint8_t* row, const float* x, const float*, size_t n
       const uint32_t a1 = load_u32(grp + 4);
       const float* xg = x + b * 256 + g * 32;
       __m256 v[4];
-      for (int k = 0; k < 4; ++k)
-        v[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-            _mm_cvtsi64_si128(int64_t(table[uint32_t(grp[k]) * 128 + ((a1 >> (7 * k)) & 127)]))));
+      for (int k = 0; k < 4; ++k) v[k] = iq2_values(small, grp[k], (a1 >> (7 * k)) & 127);
       const __m256 p0 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xg + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(xg)));
       const __m256 p1 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xg + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(xg + 16)));
       acc[g & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d * (0.5f + float(a1 >> 28)) * 0.25f), _mm256_add_ps(p0, p1),
@@ -402,22 +439,148 @@ float q4_k_row_dot(const uint8_t* row, const float* x, const float* xsum, size_t
   }
   return hsum(_mm256_add_ps(acc[0], acc[1])) - mins;
 }
+
+// The same dots for M rows of x at once (x rows n_in apart, their Σ x per 16 n_in / 16
+// apart): each weight group is converted once and multiplied into every row's accumulator.
+template <int M>
+void q8_0_rows_dot(const uint8_t* row, const float* x, const float*, size_t n_in, const uint64_t*, float* res) {
+  __m256 acc[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+  for (size_t b = 0; b < n_in / 32; ++b) {
+    const uint8_t* blk = row + b * 34;
+    const __m256 d = _mm256_set1_ps(half_to_float(load_u16(blk)));
+    const __m256 v0 = i8x8(blk + 2), v1 = i8x8(blk + 10), v2 = i8x8(blk + 18), v3 = i8x8(blk + 26);
+    for (int r = 0; r < M; ++r) {
+      const float* xb = x + r * n_in + b * 32;
+      const __m256 p = _mm256_add_ps(_mm256_fmadd_ps(v1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(v0, _mm256_loadu_ps(xb))),
+                                     _mm256_fmadd_ps(v3, _mm256_loadu_ps(xb + 24), _mm256_mul_ps(v2, _mm256_loadu_ps(xb + 16))));
+      acc[r] = _mm256_fmadd_ps(d, p, acc[r]);
+    }
+  }
+  for (int r = 0; r < M; ++r) res[r] = hsum(acc[r]);
+}
+
+template <int M>
+void iq2_xxs_rows_dot(const uint8_t* row, const float* x, const float*, size_t n_in, const uint64_t* table,
+                      float* res) {
+  const IQ2Small& small = iq2_small(table);
+  __m256 acc[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+  for (size_t b = 0; b < n_in / 256; ++b) {
+    const uint8_t* blk = row + b * 66;
+    const float d = half_to_float(load_u16(blk));
+    for (int g = 0; g < 8; ++g) {
+      const uint8_t* grp = blk + 2 + g * 8;
+      const uint32_t a1 = load_u32(grp + 4);
+      __m256 v[4];
+      for (int k = 0; k < 4; ++k) v[k] = iq2_values(small, grp[k], (a1 >> (7 * k)) & 127);
+      const __m256 db = _mm256_set1_ps(d * (0.5f + float(a1 >> 28)) * 0.25f);
+      for (int r = 0; r < M; ++r) {
+        const float* xg = x + r * n_in + b * 256 + g * 32;
+        const __m256 p = _mm256_add_ps(
+            _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xg + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(xg))),
+            _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xg + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(xg + 16))));
+        acc[r] = _mm256_fmadd_ps(db, p, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < M; ++r) res[r] = hsum(acc[r]);
+}
+
+template <int M>
+void q2_k_rows_dot(const uint8_t* row, const float* x, const float* xsum, size_t n_in, const uint64_t*, float* res) {
+  __m256 acc[M], mins[M];
+  for (int r = 0; r < M; ++r) acc[r] = mins[r] = _mm256_setzero_ps();
+  for (size_t b = 0; b < n_in / 256; ++b) {
+    const uint8_t* blk = row + b * 84;
+    const uint8_t* qs = blk + 16;
+    const __m256 d = _mm256_set1_ps(half_to_float(load_u16(blk + 80)));
+    const __m256 dmin = _mm256_set1_ps(half_to_float(load_u16(blk + 82)));
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+    const __m128i lo4 = _mm_and_si128(sc, _mm_set1_epi8(15));
+    const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
+    alignas(32) float dl[16];
+    _mm256_store_ps(dl, _mm256_mul_ps(d, u8x8(lo4)));
+    _mm256_store_ps(dl + 8, _mm256_mul_ps(d, u8x8(_mm_srli_si128(lo4, 8))));
+    const __m256 ml0 = _mm256_mul_ps(dmin, u8x8(hi4)), ml1 = _mm256_mul_ps(dmin, u8x8(_mm_srli_si128(hi4, 8)));
+    for (int r = 0; r < M; ++r) {
+      const float* xs = xsum + r * (n_in / 16) + b * 16;
+      mins[r] = _mm256_fmadd_ps(ml1, _mm256_loadu_ps(xs + 8), _mm256_fmadd_ps(ml0, _mm256_loadu_ps(xs), mins[r]));
+    }
+    for (int g = 0; g < 16; ++g) {
+      const uint8_t* src = qs + (g / 8) * 32 + (g % 2) * 16;
+      const int shift = 2 * ((g % 8) / 2);
+      const __m128i codes = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)), shift),
+                                          _mm_set1_epi8(3));
+      const __m256 c0 = u8x8(codes), c1 = u8x8(_mm_srli_si128(codes, 8));
+      const __m256 vdl = _mm256_set1_ps(dl[g]);
+      for (int r = 0; r < M; ++r) {
+        const float* xg = x + r * n_in + b * 256 + g * 16;
+        acc[r] = _mm256_fmadd_ps(vdl, _mm256_fmadd_ps(c1, _mm256_loadu_ps(xg + 8), _mm256_mul_ps(c0, _mm256_loadu_ps(xg))),
+                                 acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < M; ++r) res[r] = hsum(acc[r]) - hsum(mins[r]);
+}
+
+template <int M>
+void q4_k_rows_dot(const uint8_t* row, const float* x, const float* xsum, size_t n_in, const uint64_t*, float* res) {
+  __m256 acc[M];
+  float mins[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.0f;
+  for (size_t b = 0; b < n_in / 256; ++b) {
+    const uint8_t* blk = row + b * 144;
+    const uint8_t *lo = blk + 4, *mid = blk + 8, *hi = blk + 12, *qs = blk + 16;
+    const float d = half_to_float(load_u16(blk));
+    const float dmin = half_to_float(load_u16(blk + 2));
+    for (int s = 0; s < 8; ++s) {
+      const int sc = s < 4 ? (lo[s] & 63) : ((hi[s - 4] & 15) | ((lo[s - 4] >> 6) << 4));
+      const int mn = s < 4 ? (mid[s] & 63) : ((hi[s - 4] >> 4) | ((mid[s - 4] >> 6) << 4));
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + (s / 2) * 32));
+      const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(raw, 4 * (s % 2)), _mm256_set1_epi8(15));
+      const __m128i c0 = _mm256_castsi256_si128(codes), c1 = _mm256_extracti128_si256(codes, 1);
+      const __m256 v0 = u8x8(c0), v1 = u8x8(_mm_srli_si128(c0, 8)), v2 = u8x8(c1), v3 = u8x8(_mm_srli_si128(c1, 8));
+      const __m256 ds = _mm256_set1_ps(d * float(sc));
+      const float dm = dmin * float(mn);
+      for (int r = 0; r < M; ++r) {
+        const float* xg = x + r * n_in + b * 256 + s * 32;
+        const __m256 p = _mm256_add_ps(_mm256_fmadd_ps(v1, _mm256_loadu_ps(xg + 8), _mm256_mul_ps(v0, _mm256_loadu_ps(xg))),
+                                       _mm256_fmadd_ps(v3, _mm256_loadu_ps(xg + 24), _mm256_mul_ps(v2, _mm256_loadu_ps(xg + 16))));
+        acc[r] = _mm256_fmadd_ps(ds, p, acc[r]);
+        const float* xs = xsum + r * (n_in / 16) + b * 16 + 2 * s;
+        mins[r] += dm * (xs[0] + xs[1]);
+      }
+    }
+  }
+  for (int r = 0; r < M; ++r) res[r] = hsum(acc[r]) - mins[r];
+}
 #endif
 
 using RowDot = float (*)(const uint8_t*, const float*, const float*, size_t, const uint64_t*);
+using RowsDot = void (*)(const uint8_t*, const float*, const float*, size_t, const uint64_t*, float*);
 
-// The fused dot of `type`, or nullptr (expand and dot).
-RowDot row_dot_of(int type) {
+// The fused dots of `type`: one row (two accumulators), and 1-4 rows at once (nullptr: expand and dot).
+struct FusedDots {
+  RowDot one;
+  RowsDot many[4];
+};
+
+FusedDots fused_dots_of(int type) {
 #ifdef WB_AVX2
   switch (type) {
-    case Q8_0: return q8_0_row_dot;
-    case IQ2_XXS: return iq2_xxs_row_dot;
-    case Q2_K: return q2_k_row_dot;
-    case Q4_K: return q4_k_row_dot;
+    case Q8_0: return {q8_0_row_dot, {q8_0_rows_dot<1>, q8_0_rows_dot<2>, q8_0_rows_dot<3>,
+                              q8_0_rows_dot<4>}};
+    case IQ2_XXS: return {iq2_xxs_row_dot, {iq2_xxs_rows_dot<1>, iq2_xxs_rows_dot<2>, iq2_xxs_rows_dot<3>,
+                                 iq2_xxs_rows_dot<4>}};
+    case Q2_K: return {q2_k_row_dot, {q2_k_rows_dot<1>, q2_k_rows_dot<2>, q2_k_rows_dot<3>,
+                                 q2_k_rows_dot<4>}};
+    case Q4_K: return {q4_k_row_dot, {q4_k_rows_dot<1>, q4_k_rows_dot<2>, q4_k_rows_dot<3>,
+                                 q4_k_rows_dot<4>}};
   }
 #endif
   (void)type;
-  return nullptr;
+  return {nullptr, {nullptr, nullptr, nullptr, nullptr}};
 }
 
 // Σ x per 16 inputs: xsum [rows, n_in / 16] for x [rows, n_in].
@@ -437,19 +600,28 @@ void qmv_rows(int type, const float* x, const float* xsum, size_t m, size_t n_in
               const uint8_t* w, size_t row_bytes, float* out, size_t n_out, size_t o0, size_t o1,
               const uint64_t* table) {
   const Format f = format_of(type);
-  const RowDot fused = row_dot_of(type);
+  const FusedDots fused = fused_dots_of(type);
   constexpr size_t kSpan = 4096;  // elements expanded at once (16 KiB, L1-resident)
   alignas(32) float buf[kSpan];
   for (size_t o = o0; o < o1; ++o) {
     const uint8_t* row = w + o * row_bytes;
     const size_t g = o / rows_per_group;
     const float* xg = x + g * m * n_in;
-    if (fused) {
+    if (fused.one) {
       const float* xs = xsum + g * m * (n_in / 16);
-      for (size_t r = 0; r < m; ++r) out[r * n_out + o] = fused(row, xg + r * n_in, xs + r * (n_in / 16), n_in, table);
+      if (m == 1) {
+        out[o] = fused.one(row, xg, xs, n_in, table);
+        continue;
+      }
+      float res[4];
+      for (size_t r0 = 0; r0 < m; r0 += 4) {  // rows in fours
+        const size_t k = std::min<size_t>(4, m - r0);
+        fused.many[k - 1](row, xg + r0 * n_in, xs + r0 * (n_in / 16), n_in, table, res);
+        for (size_t r = 0; r < k; ++r) out[(r0 + r) * n_out + o] = res[r];
+      }
       continue;
     }
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float acc[kMaxRows] = {};
     for (size_t e0 = 0; e0 < n_in; e0 += kSpan) {
       const size_t n = std::min(kSpan, n_in - e0);
       expand_blocks(type, row + (e0 / f.block_elems) * f.block_bytes, buf, n / f.block_elems, table);
@@ -575,7 +747,6 @@ class Dequantize : public mx::UnaryPrimitive {
   int type_;
 };
 
-constexpr size_t kMaxRows = 8;  // rows of x a qmv call takes
 
 // Weights a qmv reads in place: a C-contiguous uint8 NumPy array (e.g. a view of a memory-
 // mapped GGUF file). The reference keeps the array, hence the mapping, alive while the
@@ -604,7 +775,7 @@ class QMatVec : public mx::UnaryPrimitive {
     for (const auto& in : inputs) encoder.set_input_array(in);
     encoder.set_output_array(out);
     encoder.dispatch([=]() {
-      const std::vector<float> xsum = row_dot_of(type) ? sums16(xp, groups * m, n_in) : std::vector<float>();
+      const std::vector<float> xsum = fused_dots_of(type).one ? sums16(xp, groups * m, n_in) : std::vector<float>();
       const float* xs = xsum.data();
       parallel_blocks(n_out, n_out * row_bytes, true, [&](size_t o0, size_t o1) {
         qmv_rows(type, xp, xs, m, n_in, n_out / groups, wp, row_bytes, op, n_out, o0, o1, table);
@@ -677,7 +848,7 @@ mx::array qmv_any(const mx::array& x, const mx::array* w, std::optional<MappedBy
   if (x.dtype() != mx::float32 || (x.ndim() != 2 && x.ndim() != 3) || size_t(rows) > kMaxRows || rows < 1 ||
       groups < 1 || n_out % groups)
     throw std::invalid_argument("workbench native qmv: x must be float32 [m, in] or [groups, m, in] with "
-                                "1 <= m <= 8 and groups dividing the output rows");
+                                "1 <= m <= 64 and groups dividing the output rows");
   const int n_in = x.shape(-1);
   if (n_in % f.block_elems || row_bytes != size_t(n_in) / f.block_elems * f.block_bytes)
     throw std::invalid_argument("workbench native qmv: w must be uint8 [out, in / block_elems * block_bytes]");
@@ -707,7 +878,7 @@ mx::array qmv_mapped(const mx::array& x, MappedBytes w, int type, std::optional<
 mx::array affine8_qmv(const mx::array& x, const mx::array& wq, const mx::array& scales, const mx::array& biases) {
   if (x.dtype() != mx::float32 || x.ndim() != 2 || size_t(x.shape(0)) > kMaxRows || x.shape(0) < 1 ||
       x.shape(1) % 32)
-    throw std::invalid_argument("workbench native affine8_qmv: x must be float32 [m, in], 1 <= m <= 8, in % 32 == 0");
+    throw std::invalid_argument("workbench native affine8_qmv: x must be float32 [m, in], 1 <= m <= 64, in % 32 == 0");
   if (wq.dtype() != mx::uint32 || wq.ndim() != 2 || wq.shape(1) * 4 != x.shape(1) ||
       scales.dtype() != mx::float32 || biases.dtype() != mx::float32 || scales.shape() != biases.shape() ||
       scales.ndim() != 2 || scales.shape(0) != wq.shape(0) || scales.shape(1) * 32 != x.shape(1))
@@ -764,12 +935,12 @@ NB_MODULE(_native, m) {
   m.def("dequantize", &dequantize, "blocks"_a, "ggml_type"_a, "table"_a = nb::none(),
         "ggml blocks uint8 [n, block_bytes] -> float32 [n, block_elems] (F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS, MXFP4).");
   m.def("qmv", &qmv, "x"_a, "w"_a, "ggml_type"_a, "table"_a = nb::none(),
-        "x float32 [m <= 8, in] (or [groups, m, in]: output row o takes group o / (out / groups)) @ W.T for W as "
+        "x float32 [m <= 64, in] (or [groups, m, in]: output row o takes group o / (out / groups)) @ W.T for W as "
         "ggml blocks uint8 [out, row_bytes] -> float32 [m, out].");
   m.def("qmv_mapped", &qmv_mapped, "x"_a, "w"_a.noconvert(), "ggml_type"_a, "table"_a = nb::none(),
         "qmv with W a C-contiguous uint8 NumPy array [out, row_bytes] read in place (no copy; kept alive).");
   m.def("affine8_qmv", &affine8_qmv, "x"_a, "wq"_a, "scales"_a, "biases"_a,
-        "x float32 [m <= 8, in] @ W.T for W in MLX affine 8-bit form (group 32) -> float32 [m, out].");
+        "x float32 [m <= 64, in] @ W.T for W in MLX affine 8-bit form (group 32) -> float32 [m, out].");
   m.def("scan_strings", &scan_strings, "buf"_a, "start"_a, "offsets"_a.noconvert(),
         "Offsets of a GGUF string array's length fields into offsets (int64 [count]); the end, or -1 if truncated.");
 }

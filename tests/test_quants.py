@@ -354,7 +354,7 @@ def test_bench_q8_0_matmul_auto_picks_a_fast_path(rows: int) -> None:
 
 
 @pytest.mark.parametrize("ggml_type", QUANTS + [F16, BF16], ids=lambda t: GGML_TYPES[t].name)
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 13])
 def test_native_qmv_matches_float64(ggml_type: int, m: int) -> None:
     """The few-row kernel on blocks: x @ W.T within float32 rounding of the float64 product."""
     if not quants.native_available():

@@ -216,11 +216,12 @@ def native_available() -> bool:
 
 def qmv(x: mx.array, w: QTensor) -> mx.array:
     """``x @ W.T`` for a few rows, straight from W's blocks (native kernels only: check
-    :func:`native_available` first). x float32 ``[m, in]`` with ``1 <= m <= 8``, or
+    :func:`native_available` first). x float32 ``[m, in]`` with ``1 <= m <= 64``, or
     ``[G, m, in]`` for a block-diagonal product (output row o takes group ``o // (out / G)``,
     G dividing out); W a 2-D QTensor ``[out, in]`` of a type in ``NATIVE_TYPES`` → float32
     ``[m, out]``. Q8_0, IQ2_XXS, Q2_K and Q4_K rows are dotted block by block with the scales
-    factored out (other types expanded in L1), so no float32 weight is materialised; a NumPy
+    factored out, each block converted once for up to 4 rows of x (other types expanded in
+    L1), so no float32 weight is materialised; a NumPy
     raw buffer (a view of the mapped file) is read in place, never copied. The sums run in the
     kernel's own order (float32), as any matmul's."""
     table = _IQ2XXS_SIGNED if w.ggml_type == IQ2_XXS else None
@@ -231,7 +232,7 @@ def qmv(x: mx.array, w: QTensor) -> mx.array:
 
 
 def affine8_qmv(x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-    """``x @ W.T`` for a few rows of x (float32 ``[m <= 8, in]``) and W in MLX affine 8-bit form
+    """``x @ W.T`` for a few rows of x (float32 ``[m <= 64, in]``) and W in MLX affine 8-bit form
     (group 32; :func:`q8_0_to_affine`'s output) with the native kernel (check
     :func:`native_available`): per group ``scale·dot(q, x) + bias·sum(x)``. ~10x MLX's CPU
     ``quantized_matmul`` for one row."""

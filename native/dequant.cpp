@@ -441,7 +441,8 @@ float q4_k_row_dot(const uint8_t* row, const float* x, const float* xsum, size_t
 }
 
 // The same dots for M rows of x at once (x rows n_in apart, their Σ x per 16 n_in / 16
-// apart): each weight group is converted once and multiplied into every row's accumulator.
+// apart): each weight group is converted and scaled once and multiplied into every row's
+// accumulator (so the sums round in another order than the one-row dots: like any matmul).
 template <int M>
 void q8_0_rows_dot(const uint8_t* row, const float* x, const float*, size_t n_in, const uint64_t*, float* res) {
   __m256 acc[M];
@@ -449,12 +450,14 @@ void q8_0_rows_dot(const uint8_t* row, const float* x, const float*, size_t n_in
   for (size_t b = 0; b < n_in / 32; ++b) {
     const uint8_t* blk = row + b * 34;
     const __m256 d = _mm256_set1_ps(half_to_float(load_u16(blk)));
-    const __m256 v0 = i8x8(blk + 2), v1 = i8x8(blk + 10), v2 = i8x8(blk + 18), v3 = i8x8(blk + 26);
+    const __m256 v0 = _mm256_mul_ps(d, i8x8(blk + 2)), v1 = _mm256_mul_ps(d, i8x8(blk + 10));
+    const __m256 v2 = _mm256_mul_ps(d, i8x8(blk + 18)), v3 = _mm256_mul_ps(d, i8x8(blk + 26));
     for (int r = 0; r < M; ++r) {
       const float* xb = x + r * n_in + b * 32;
-      const __m256 p = _mm256_add_ps(_mm256_fmadd_ps(v1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(v0, _mm256_loadu_ps(xb))),
-                                     _mm256_fmadd_ps(v3, _mm256_loadu_ps(xb + 24), _mm256_mul_ps(v2, _mm256_loadu_ps(xb + 16))));
-      acc[r] = _mm256_fmadd_ps(d, p, acc[r]);
+      acc[r] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xb), acc[r]);
+      acc[r] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xb + 8), acc[r]);
+      acc[r] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xb + 16), acc[r]);
+      acc[r] = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xb + 24), acc[r]);
     }
   }
   for (int r = 0; r < M; ++r) res[r] = hsum(acc[r]);
@@ -472,15 +475,12 @@ void iq2_xxs_rows_dot(const uint8_t* row, const float* x, const float*, size_t n
     for (int g = 0; g < 8; ++g) {
       const uint8_t* grp = blk + 2 + g * 8;
       const uint32_t a1 = load_u32(grp + 4);
-      __m256 v[4];
-      for (int k = 0; k < 4; ++k) v[k] = iq2_values(small, grp[k], (a1 >> (7 * k)) & 127);
       const __m256 db = _mm256_set1_ps(d * (0.5f + float(a1 >> 28)) * 0.25f);
+      __m256 v[4];
+      for (int k = 0; k < 4; ++k) v[k] = _mm256_mul_ps(db, iq2_values(small, grp[k], (a1 >> (7 * k)) & 127));
       for (int r = 0; r < M; ++r) {
         const float* xg = x + r * n_in + b * 256 + g * 32;
-        const __m256 p = _mm256_add_ps(
-            _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xg + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(xg))),
-            _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xg + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(xg + 16))));
-        acc[r] = _mm256_fmadd_ps(db, p, acc[r]);
+        for (int k = 0; k < 4; ++k) acc[r] = _mm256_fmadd_ps(v[k], _mm256_loadu_ps(xg + 8 * k), acc[r]);
       }
     }
   }
@@ -512,12 +512,11 @@ void q2_k_rows_dot(const uint8_t* row, const float* x, const float* xsum, size_t
       const int shift = 2 * ((g % 8) / 2);
       const __m128i codes = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)), shift),
                                           _mm_set1_epi8(3));
-      const __m256 c0 = u8x8(codes), c1 = u8x8(_mm_srli_si128(codes, 8));
       const __m256 vdl = _mm256_set1_ps(dl[g]);
+      const __m256 c0 = _mm256_mul_ps(vdl, u8x8(codes)), c1 = _mm256_mul_ps(vdl, u8x8(_mm_srli_si128(codes, 8)));
       for (int r = 0; r < M; ++r) {
         const float* xg = x + r * n_in + b * 256 + g * 16;
-        acc[r] = _mm256_fmadd_ps(vdl, _mm256_fmadd_ps(c1, _mm256_loadu_ps(xg + 8), _mm256_mul_ps(c0, _mm256_loadu_ps(xg))),
-                                 acc[r]);
+        acc[r] = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xg + 8), _mm256_fmadd_ps(c0, _mm256_loadu_ps(xg), acc[r]));
       }
     }
   }
@@ -540,14 +539,14 @@ void q4_k_rows_dot(const uint8_t* row, const float* x, const float* xsum, size_t
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + (s / 2) * 32));
       const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(raw, 4 * (s % 2)), _mm256_set1_epi8(15));
       const __m128i c0 = _mm256_castsi256_si128(codes), c1 = _mm256_extracti128_si256(codes, 1);
-      const __m256 v0 = u8x8(c0), v1 = u8x8(_mm_srli_si128(c0, 8)), v2 = u8x8(c1), v3 = u8x8(_mm_srli_si128(c1, 8));
       const __m256 ds = _mm256_set1_ps(d * float(sc));
+      const __m256 v0 = _mm256_mul_ps(ds, u8x8(c0)), v1 = _mm256_mul_ps(ds, u8x8(_mm_srli_si128(c0, 8)));
+      const __m256 v2 = _mm256_mul_ps(ds, u8x8(c1)), v3 = _mm256_mul_ps(ds, u8x8(_mm_srli_si128(c1, 8)));
       const float dm = dmin * float(mn);
       for (int r = 0; r < M; ++r) {
         const float* xg = x + r * n_in + b * 256 + s * 32;
-        const __m256 p = _mm256_add_ps(_mm256_fmadd_ps(v1, _mm256_loadu_ps(xg + 8), _mm256_mul_ps(v0, _mm256_loadu_ps(xg))),
-                                       _mm256_fmadd_ps(v3, _mm256_loadu_ps(xg + 24), _mm256_mul_ps(v2, _mm256_loadu_ps(xg + 16))));
-        acc[r] = _mm256_fmadd_ps(ds, p, acc[r]);
+        acc[r] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xg + 8), _mm256_fmadd_ps(v0, _mm256_loadu_ps(xg), acc[r]));
+        acc[r] = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xg + 24), _mm256_fmadd_ps(v2, _mm256_loadu_ps(xg + 16), acc[r]));
         const float* xs = xsum + r * (n_in / 16) + b * 16 + 2 * s;
         mins[r] += dm * (xs[0] + xs[1]);
       }

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,7 @@ from test_kv_format import SMALL
 from workbench.cli import main
 from workbench.kv.errors import KVLoadError, KVSaveError
 from workbench.kv.header import SaveReason, text_sha
-from workbench.kv.lock import TIMEOUT_ENV, DirLock
+from workbench.kv.lock import TIMEOUT_ENV, DirLock, holder_line
 from workbench.kv.maintenance import verify_file
 from workbench.kv.store import KVStore
 from workbench.state import random_state
@@ -141,6 +142,8 @@ def test_lock_wait_times_out_naming_the_holder(cache, capsys, monkeypatch) -> No
     with DirLock(d).exclusive():  # this process, another descriptor: excluded like another process
         err = one_line_error(capsys, "kv", "ls", str(d))
     assert "still locked after 0.3 s" in err and f"pid {os.getpid()}" in err and TIMEOUT_ENV in err
+    monkeypatch.setattr(sys, "argv", ["python", "-c", "a\nmulti-line\nprogram"])
+    assert holder_line().endswith(b"python -c a multi-line program")  # the error stays one line
     fd = os.open(d / ".lock", os.O_RDONLY)  # a holder that writes no line (ds4 tools, old workbench)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -57,10 +57,18 @@ def default_timeout() -> float:
     return value if value >= 0 else LOCK_TIMEOUT_S
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` on one line (whitespace runs, newlines included, become one space), at most ``limit`` chars."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def holder_line() -> bytes:
     """What an exclusive holder writes into the lock file: pid, host and command."""
-    cmd = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
-    return f"pid {os.getpid()} on {socket.gethostname()}: {cmd}"[:HOLDER_BYTES].encode("utf-8", "replace")
+    argv = list(sys.argv) or [""]
+    argv[0] = "workbench" if argv[0].endswith(os.path.join("workbench", "cli.py")) else os.path.basename(argv[0])
+    line = one_line(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(argv)}")
+    return line.encode("utf-8", "replace")[:HOLDER_BYTES]
 
 
 def _proc_lock_pids(st: os.stat_result) -> list[int]:
@@ -172,7 +180,7 @@ class DirLock:
     def holder(self, fd: int) -> str:
         """Who holds the lock, in words ("an unknown process" when nothing says)."""
         try:
-            line = os.pread(fd, HOLDER_BYTES, 0).decode("utf-8", "replace").strip()
+            line = one_line(os.pread(fd, HOLDER_BYTES, 0).decode("utf-8", "replace"))
             st = os.fstat(fd)
         except OSError:
             return "an unknown process"
@@ -180,7 +188,7 @@ class DirLock:
             return line
         pids = [p for p in _proc_lock_pids(st) if p != os.getpid()]
         if pids:
-            return ", ".join(f"pid {p} ({_command_of(p) or 'command unknown'})" for p in pids[:3])
+            return ", ".join(f"pid {p} ({one_line(_command_of(p), 120) or 'command unknown'})" for p in pids[:3])
         return "an unknown process"
 
     def shared(self) -> AbstractContextManager[None]:

@@ -322,6 +322,33 @@ def test_save_on_a_read_only_or_full_disk_says_why(tmp_path: Path, monkeypatch, 
     assert sorted(p.name for p in d.iterdir()) == [".lock"]
 
 
+def test_a_real_read_only_disk(tmp_path: Path, capsys) -> None:
+    """The same probes on a tmpfs remounted read-only (root only; skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        d = mnt / "kv"
+        path = small_store(d).save(random_state(SMALL, 200, CTX), "<｜User｜>ro disk " * 4, SaveReason.COLD).path
+        blob = bytearray(path.read_bytes())
+        blob[-300] ^= 0xFF
+        path.write_bytes(bytes(blob))
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        err = one_line_error(capsys, "kv", "verify", str(d), "--quarantine")
+        assert "not quarantined" in err and "Read-only file system" in err
+        assert "Read-only file system" in one_line_error(capsys, "kv", "gc", str(d), "--budget-mb", "0.1")
+        st = small_store(d, budget_mb=64)  # opens: reads work on a read-only disk
+        with pytest.raises(KVSaveError, match="Read-only file system"):
+            st.save(random_state(SMALL, 200, CTX), "<｜User｜>new " * 4, SaveReason.COLD)
+        assert sorted(p.name for p in d.iterdir()) == [".lock", path.name] and path.read_bytes() == bytes(blob)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
 # ---- 6. foreign files over the budget -----------------------------------------------------------------------
 def test_foreign_files_over_the_budget_evict_nothing_and_say_so(cache, capsys) -> None:
     d, path = cache
@@ -338,7 +365,6 @@ def test_foreign_files_over_the_budget_evict_nothing_and_say_so(cache, capsys) -
 # ---- 7 through `run`: an unusable checkpoint is skipped with its reason, the prompt prefilled cold --------
 def test_run_skips_a_checkpoint_with_logits_no_model_can_use(tiny_gguf: Path, tmp_path: Path, capsys) -> None:
     from workbench.chat import render_single
-    from workbench.gguf.fingerprint import checkpoint_identity
     from workbench.gguf.reader import GGUFFile
     from workbench.spec.args import ModelArgs
     from workbench.spec.statelayout import StateLayout
@@ -347,7 +373,7 @@ def test_run_skips_a_checkpoint_with_logits_no_model_can_use(tiny_gguf: Path, tm
     kv = tmp_path / "kv"
     with GGUFFile(tiny_gguf) as g:  # a checksummed checkpoint of this model for the prompt's first half
         layout = StateLayout.from_args(ModelArgs.from_metadata(g.metadata))
-        st = KVStore(kv, budget_mb=None, min_tokens=32, **checkpoint_identity(g))
+    st = KVStore(kv, budget_mb=None, min_tokens=32, **checkpoint_identity_of(tiny_gguf))
     state = random_state(layout, 40, 512)
     state.logits = np.full(layout.n_vocab, np.inf, dtype=np.float32)
     rendered = render_single(text, ctx=512).encode()
@@ -357,3 +383,20 @@ def test_run_skips_a_checkpoint_with_logits_no_model_can_use(tiny_gguf: Path, tm
     rec = json.loads(out.splitlines()[0])
     assert rc == 0 and not err and rec["source"] == "none" and rec["cached_tokens"] == 0
     assert f"{path.name} unusable" in rec["note"] and "not finite" in rec["note"] and len(rec["tokens"]) == 1
+    rc, stdout, err = cli(capsys, "kv", "verify", str(kv), "--model", str(tiny_gguf), "--json")
+    files = {Path(f["path"]).name: f for f in json.loads(stdout)["files"]}
+    assert rc == 1 and not err and "not finite" in files[path.name]["error"]  # as the load said
+    identity = checkpoint_identity_of(tiny_gguf) | {"fingerprint": b"\1" * 32}  # another model's weights
+    other = KVStore(tmp_path / "other", budget_mb=None, **identity)
+    other.save(random_state(layout, 40, 512), "<｜User｜>another model's", SaveReason.COLD)
+    rc, stdout, _ = cli(capsys, "kv", "verify", str(tmp_path / "other"), "--model", str(tiny_gguf), "--json")
+    (f,) = json.loads(stdout)["files"]
+    assert rc == 0 and f["ok"] and "not loaded by this model: written by a different model" in f["notes"][0]
+
+
+def checkpoint_identity_of(model: Path) -> dict:
+    from workbench.gguf.fingerprint import checkpoint_identity
+    from workbench.gguf.reader import GGUFFile
+
+    with GGUFFile(model) as g:
+        return checkpoint_identity(g)

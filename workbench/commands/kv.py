@@ -51,7 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("verify", help="read every byte of every checkpoint and run every check")
     p.add_argument("path", type=Path, help="cache directory or one .kv file")
-    p.add_argument("--model", type=Path, help="GGUF whose metadata gives the state layout")
+    p.add_argument("--model", type=Path, help="GGUF whose metadata gives the state layout; files of another model "
+                                              "(fingerprint, else model id and quant bits) get a note")
     p.add_argument("--ctx", type=number(int, 1), help="runtime context in tokens the files must fit "
                                                      "(default: each file's own)")
     p.add_argument("--quarantine", action="store_true", help="move failing files to DIR/quarantine/")
@@ -103,6 +104,17 @@ def _model_layout(path: Path | None) -> tuple[StateLayout | None, str]:
 
     with GGUFFile(path) as g:
         return StateLayout.from_args(ModelArgs.from_metadata(g.metadata)), f"from {path}"
+
+
+def _model_identity(path: Path | None) -> dict | None:
+    """``checkpoint_identity`` of ``--model`` (None without one)."""
+    if path is None:
+        return None
+    from workbench.gguf.fingerprint import checkpoint_identity
+    from workbench.gguf.reader import GGUFFile
+
+    with GGUFFile(path) as g:
+        return checkpoint_identity(g)
 
 
 def _iso(ts: int) -> str | None:
@@ -300,11 +312,12 @@ def _verify(args: argparse.Namespace) -> int:
     target: Path = args.path
     if target.is_dir():
         store = KVStore.readonly(target)
-        reports = store.verify(layout, args.ctx, quarantine=args.quarantine, layout_note=note)
+        reports = store.verify(layout, args.ctx, quarantine=args.quarantine, layout_note=note,
+                               identity=_model_identity(args.model))
         quarantined = args.quarantine
     else:
-        check_file = verify_chain_file if target.suffix == CHAIN_SUFFIX else verify_file
-        reports = [check_file(target, layout, args.ctx, note)]
+        reports = [verify_chain_file(target, layout, args.ctx, note) if target.suffix == CHAIN_SUFFIX else
+                   verify_file(target, layout, args.ctx, note, identity=_model_identity(args.model))]
         quarantined = False
     bad = [r for r in reports if not r.ok]
     stuck = [r for r in bad if r.quarantine_error]

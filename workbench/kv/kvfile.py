@@ -92,7 +92,8 @@ def read_kv_file(f: BinaryIO, layout: StateLayout | None, ctx: int | None = None
         return header, text, None, trailer
     f.seek(header.payload_offset)
     head_tokens = payload_tokens(f.read(min(PAYLOAD_HEADER_BYTES, header.payload_bytes)))
-    check(head_tokens in (None, header.tokens), name, f"payload holds {head_tokens} tokens, header says {header.tokens}")
+    check(head_tokens in (None, header.tokens), name,
+          f"payload holds {head_tokens} tokens, header says {header.tokens}")
     f.seek(header.payload_offset)
     state = read_payload(f, header.payload_bytes, layout, ctx, prefill_chunk=prefill_chunk, name=name, crc=crc,
                          keep=keep, progress=progress)

@@ -28,7 +28,7 @@ from workbench.kv.chain import CHAIN_DIR, CHAIN_SUFFIX, chain_summary, read_chai
 from workbench.kv.header import TEXT_OFFSET, KVHeader, SaveReason, parse_header, text_sha
 from workbench.kv.index import CHAIN_RE, NAME_RE, QUARANTINE_DIR, DirIndex, Entry, OtherFile
 from workbench.kv.inspection import file_layout, infer_layout
-from workbench.kv.kvfile import read_kv_file
+from workbench.kv.kvfile import model_mismatch, read_kv_file
 from workbench.kv.lock import DirLock, LockError
 from workbench.safeopen import open_regular
 from workbench.spec.statelayout import StateLayout
@@ -99,11 +99,15 @@ class VerifyReport:
 
 
 def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx: int | None = None,
-                layout_note: str = "", follow: bool = True) -> VerifyReport:
+                layout_note: str = "", follow: bool = True, identity: dict | None = None) -> VerifyReport:
     """Read every byte of a .kv file and run every check a load runs: header, name =
     SHA-1(text), trailer, checksums, payload structure (against ``ctx``, default the saved
-    one), token ids and logits, and token count. ``layout`` None infers it from the payload
-    header. ``follow=False`` refuses a link (inside a cache directory links are foreign)."""
+    one), token ids and logits, and token count; with ``identity`` (the keyword arguments
+    of ``workbench.gguf.fingerprint.checkpoint_identity``) also whether the file belongs
+    to that model (``model_mismatch``): a file of another model is valid, and a miss for
+    this one, as in a load (a note says so; it is not quarantined). ``layout`` None
+    infers it from the payload header.
+    ``follow=False`` refuses a link (inside a cache directory links are foreign)."""
     p = Path(path)
     name = str(p)
     header = None
@@ -113,6 +117,7 @@ def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx:
             if layout is None and not header.stripped:
                 layout, layout_note = file_layout(f, header, name)
             header, text, _, trailer = read_kv_file(f, layout, ctx, name=name, keep=False)
+        other = None if identity is None else model_mismatch(header, trailer, **identity)
         m = NAME_RE.match(p.name)
         if m and m.group(1).lower() not in trailer.names(text, header.created_at):
             raise KVFormatError(f"{name}: cached text hash mismatch: SHA-1(text) {text_sha(text)} != file name"
@@ -123,7 +128,8 @@ def verify_file(path: str | os.PathLike, layout: StateLayout | None = None, ctx:
         return VerifyReport(p, False, str(err), header, layout_note)
     except OSError as err:
         return VerifyReport(p, False, f"{name}: {err.strerror or err}", header, layout_note)
-    return VerifyReport(p, True, "", header, layout_note, trailer.checksum_status(True), trailer.notes)
+    notes = trailer.notes + ((f"not loaded by this model: {other}",) if other is not None else ())
+    return VerifyReport(p, True, "", header, layout_note, trailer.checksum_status(True), notes)
 
 
 def budget_held_message(directory: Path, other: int, incoming: int, budget: int) -> str:
@@ -286,7 +292,7 @@ class Maintenance:
         return path
 
     def verify(self, layout: StateLayout | None = None, ctx: int | None = None, quarantine: bool = False,
-               layout_note: str = "") -> list[VerifyReport]:
+               layout_note: str = "", identity: dict | None = None) -> list[VerifyReport]:
         """Check every checkpoint end to end against ``layout`` (None: per file, inferred)
         and runtime ``ctx`` (None: each file's own), and report invalid ones; with
         ``quarantine``, move failing files to ``<dir>/quarantine/`` (a move that fails is
@@ -294,8 +300,10 @@ class Maintenance:
         reports = []
         for path in sorted(e.path for e in self.entries()) + sorted(o.path for o in self.invalid()):
             with self.lock.shared():
-                check_file = verify_chain_file if path.suffix == CHAIN_SUFFIX else verify_file
-                reports.append(check_file(path, layout, ctx, layout_note, follow=False))
+                if path.suffix == CHAIN_SUFFIX:
+                    reports.append(verify_chain_file(path, layout, ctx, layout_note, follow=False))
+                else:
+                    reports.append(verify_file(path, layout, ctx, layout_note, follow=False, identity=identity))
         for i, rep in enumerate(reports):  # after every check: a chain entry's quarantine moves its descendants too
             if not rep.ok and quarantine and os.path.lexists(rep.path):
                 try:

@@ -4,7 +4,8 @@ Skips (with the reason) where ``/usr/bin/chromium`` or playwright is missing. Ea
 notebook in ``NOTEBOOKS`` is run with Run → Run All Cells; the test asserts the
 expected ipywidgets and plotly elements are in the page, that no output shows an
 error, and (where a probe is given) that the widgets are live: a click in the page
-reaches the kernel and its reply redraws the page. Screenshots land in ``build/browser/``.
+reaches the kernel and its reply redraws the page (in notebook 04 also: Stop ends a
+running workload and says so). Screenshots land in ``build/browser/``.
 """
 
 from __future__ import annotations
@@ -53,11 +54,32 @@ def run_one_more_request(page: Page) -> dict:
     turns.press("Enter")
     dash.locator(".widget-button", has_text="Run workload").click()
     summary = dash.locator(".widget-html", has_text=re.compile(r"^\s*12 requests"))
-    summary.wait_for(timeout=60_000)
+    summary.wait_for(timeout=120_000)
     last = dash.locator(".widget-html", has_text="last:").inner_text()
     page.wait_for_function(f"() => ({FIRST_TRACE_BARS_JS}) === 12", timeout=30_000)
     return {"summary": summary.inner_text().split(" · ")[0].strip(), "source": re.search(r"source (\w+)", last).group(1),
             "bars": page.evaluate(f"() => {FIRST_TRACE_BARS_JS}")}
+
+
+def stop_a_long_workload(page: Page) -> dict:
+    """In notebook 04, start a 64-turn workload and press Stop as soon as it is enabled:
+    the run ends at the next chunk, token or request with "stopped: ..." in the error box,
+    and Stop is disabled again."""
+    dash = page.locator(".ds4wb-panel", has_text="KV cache dashboard")
+    turns = dash.locator(".widget-inline-hbox", has_text="turns").locator("input")
+    turns.fill("64")
+    turns.press("Enter")
+    dash.locator(".widget-button", has_text="Run workload").click()
+    stop = dash.locator(".widget-button", has_text="Stop")
+    stop.click(timeout=120_000)  # waits until the running workload enables it
+    dash.locator(".widget-html", has_text="stopped:").wait_for(timeout=120_000)
+    page.wait_for_function("(b) => b.disabled", arg=stop.element_handle(), timeout=60_000)
+    return {"stopped": True}
+
+
+def request_then_stop(page: Page) -> dict:
+    """Notebook 04's probe: one more request (``run_one_more_request``), then a stopped run."""
+    return run_one_more_request(page) | stop_a_long_workload(page)
 
 
 # notebook -> (the least of each element the page must show after Run All, probe, what it returns)
@@ -86,8 +108,8 @@ NOTEBOOKS = {
             browser.PLOTLY_SVG: 8,
             FIGURE_WIDGET_BARS: 11 * 4,  # tokens per request: 11 requests x 4 stacked traces
         },
-        run_one_more_request,
-        {"summary": "12 requests", "source": "disk", "bars": 12},
+        request_then_stop,
+        {"summary": "12 requests", "source": "disk", "bars": 12, "stopped": True},
     ),
 }
 
@@ -105,7 +127,7 @@ def test_notebook_runs_and_renders_in_jupyterlab(name, tmp_path):
     if not notebook.is_file():
         pytest.skip(f"{notebook} not written yet")
     expect, probe, probed = NOTEBOOKS[name]
-    run = browser.run_notebook_in_lab(notebook, expect, tmp_path, probe=probe)
+    run = browser.run_notebook_in_lab(notebook, expect, tmp_path, probe=probe, run_timeout_s=600)
     report = f"{run}\nserver log tail:\n{run.lab_log}"
     assert run.errors == [], report
     for selector, least in expect.items():

@@ -40,11 +40,20 @@ quarantined), only valid ``.kv`` files are evicted, in the order and at the mome
 store's ``EvictionRules`` say (``workbench.kv.eviction``: today's ds4 by default, which
 makes room before writing; the May-2026 preset evicts after the write, sparing the new
 file); a file that alone exceeds the budget (plus ds4's 1% slack) is not written.
-``protect``-ed files (the lookup's hit) are spared only with ``protect_hit``. Lookup skips
+``protect``-ed files (the lookup's hit) are spared only with ``protect_hit``. When the
+files the store does not own exceed the budget on their own, nothing is evicted (a
+``BudgetHeld`` event says so). Lookup skips
 files of another model id (header byte 7) and, with ``reject_different_quant``, of other
 quant bits, as ds4 does. Processes sharing a directory coordinate through
 ``workbench.kv.lock.DirLock``. Every operation records a typed event
 (``workbench.kv.events``) in ``store.events`` and passes it to each subscriber.
+
+Hostile directories: links and other non-regular files are foreign (never loaded, touched,
+replaced or evicted: loads, touches, same-key checks and temp files open with
+``O_NOFOLLOW``; quarantine and ``chain/`` are never entered through a link); a file that
+failed to load is skipped by lookups and replaced by the next save of its key (the save's
+``detail`` says so), while a same-name file this process cannot read, or a foreign one,
+is kept and the save skipped with the reason.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import socket
 import stat
 import sys
@@ -80,6 +81,20 @@ def _proc_lock_pids(st: os.stat_result) -> list[int]:
     except OSError:
         return []
     return sorted({int(r[4]) for r in rows if len(r) > 5 and "->" not in r and r[5] == want and r[4].isdigit()})
+
+
+def _stale(line: str) -> bool:
+    """Whether a holder line names a process of this host that is gone (it crashed holding the lock)."""
+    m = re.match(r"pid (\d+) on (\S+):", line)
+    if m is None or m.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return False
 
 
 def _command_of(pid: int) -> str:
@@ -184,7 +199,7 @@ class DirLock:
             st = os.fstat(fd)
         except OSError:
             return "an unknown process"
-        if line:
+        if line and not _stale(line):
             return line
         pids = [p for p in _proc_lock_pids(st) if p != os.getpid()]
         if pids:

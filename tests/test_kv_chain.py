@@ -135,7 +135,7 @@ def test_chain_save_rebases_when_tokens_diverge(tmp_path) -> None:
     st = KVStore(tmp_path, budget_mb=None, min_tokens=1, kv_layout="chain")
     (s1, t1), (s2, t2) = conversation(2, step=200)
     st.save(s1, t1, SaveReason.CONTINUED)
-    s2.tokens = [t + 1 for t in s2.tokens]  # the same text re-tokenized differently
+    s2.tokens = [(t + 1) % SMALL.n_vocab for t in s2.tokens]  # the same text re-tokenized differently
     st.save(s2, t2, SaveReason.CONTINUED)
     assert sorted(e.depth for e in st.entries()) == [0, 0]
     assert_same_state(s2, st.load(st.lookup(t2, CTX, 1), SMALL, CTX)[0])

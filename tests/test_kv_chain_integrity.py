@@ -105,3 +105,16 @@ def test_other_model_leaf_is_a_miss_and_other_model_piece_is_corrupt(tmp_path) -
     with pytest.raises(KVLoadError, match=f"chain piece {res.path.name} written by a different model"):
         st.load(leaf, SMALL, CTX)
     assert os.path.exists(leaf.path)
+
+
+def test_unusable_leaf_logits_are_refused_as_a_flat_files_are(tmp_path) -> None:
+    import mlx.core as mx
+    import numpy as np
+
+    st, conv = _chained(tmp_path, turns=2)
+    state, text = conv[-1]
+    state.logits = mx.array(np.full(SMALL.n_vocab, np.nan, dtype=np.float32))
+    res = st.save(state, text + b" nan", SaveReason.CONTINUED)
+    assert res.saved and read_link(res.path).ref.parent is not None
+    with pytest.raises(KVLoadError, match="not finite"):
+        st.load(res.path, SMALL, CTX)

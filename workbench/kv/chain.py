@@ -48,7 +48,7 @@ import numpy as np
 from workbench.kv.checksum import ChunkCRC, Checksums, footer_bytes, header_crc, text_crc
 from workbench.kv.dsv4 import (
     _PAYLOAD_HEADER, PAYLOAD_HEADER_BYTES, PayloadHeader, PayloadSummary, check_payload_header, check_row_counts,
-    raw_rows, runtime_chunk, serializable_problems,
+    check_usable, raw_rows, runtime_chunk, serializable_problems,
 )
 from workbench.kv.errors import KVFormatError, check
 from workbench.kv.header import (
@@ -336,13 +336,17 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
     T = ph.tokens
     check(T == last.header.tokens, name, f"payload holds {T} tokens, header {last.header.tokens}")
     tokens = np.zeros(T, dtype="<u4")
-    logits = mx.array(np.zeros(layout.n_vocab, dtype=np.float32))
+    shapes = [layout.layer_shapes(L, T, ph.raw_live) for L in range(layout.n_layer)]
+    # every MLX tensor copied from one zero buffer (its pages faulted in once), as read_payload does
+    zeros = np.zeros(max([layout.n_vocab] + [r * c for fs in shapes for _, (r, c) in fs]), dtype=np.float32)
+    logits = mx.array(zeros[: layout.n_vocab])
     layers = []
-    for L in range(layout.n_layer):
+    for fs in shapes:
         ls = LayerState(raw=None)
-        for fname, shape in layout.layer_shapes(L, T, ph.raw_live):
-            setattr(ls, fname, mx.array(np.zeros(shape, dtype=np.float32)))
+        for fname, (rows, cols) in fs:
+            setattr(ls, fname, mx.array(zeros[: rows * cols].reshape(rows, cols)))
         layers.append(ls)
+    del zeros
     counts = bytearray(8 * layout.n_layer)
     for link in links:
         leafmost = link is last
@@ -386,6 +390,7 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
         if leafmost:
             c = struct.unpack(f"<{2 * layout.n_layer}I", counts)
             check_row_counts(ph, layout, list(c[:layout.n_layer]), list(c[layout.n_layer:]), lname, ctx)
+    check_usable(tokens, np.asarray(logits), layout.n_vocab, name)
     state = SessionState(layout=layout, ctx=ph.ctx if ctx is None else ctx,
                          prefill_chunk=runtime_chunk(ph.prefill_chunk, ctx, prefill_chunk),
                          tokens=tokens.tolist(), logits=logits, layers=layers)

@@ -97,10 +97,16 @@ def test_symlinked_checkpoint_is_foreign_and_its_target_never_touched(tmp_path: 
     assert res.status == "skipped" and "symbolic link" in res.detail and path.is_symlink()
     with pytest.raises(KVLoadError, match="symbolic link"):
         st2.load(path, SMALL, CTX)
+    for i, make in enumerate((os.mkfifo, os.mkdir)):  # other foreign files at the key: kept, never opened blocking
+        other = f"<｜User｜>foreign {i} " * 4
+        make(d / f"{text_sha(other.encode())}.kv")
+        res = st2.save(state, other, SaveReason.COLD)
+        assert res.status == "skipped" and ("a FIFO" in res.detail or "a directory" in res.detail)
     rc, stdout, err = cli(capsys, "kv", "ls", str(d), "--json")
     assert rc == 0 and not err
-    (other,) = json.loads(stdout)["others"]
-    assert other["kind"] == "foreign" and other["problem"] == "not a regular file"
+    others = json.loads(stdout)["others"]
+    assert [o["kind"] for o in others] == ["foreign"] * 3
+    assert sorted(o["problem"] for o in others) == ["a subdirectory", "not a regular file", "not a regular file"]
     rc, stdout, _ = cli(capsys, "kv", "verify", str(d), "--quarantine")
     assert rc == 0 and "0 ok, 0 failed" in stdout
     rc, _, err = cli(capsys, "kv", "gc", str(d), "--budget-mb", "0.00001")

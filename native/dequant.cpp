@@ -23,8 +23,8 @@
 //   affine8_qmv: x [m, in] @ W.T for W in MLX affine 8-bit form (group 32): per group
 //                scale * dot(q, x) + bias * sum(x).
 // Their sums run in a fixed order of their own (float32 accumulators), like any matmul.
-// scan_strings walks a GGUF string array's length fields for the reader (a Python loop
-// over ~260k tokenizer strings dominates opening a small model otherwise).
+// scan_strings walks a GGUF string array's length fields and check_utf8 validates its items
+// for the reader (Python over ~260k tokenizer strings dominates opening a small model otherwise).
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -925,6 +925,44 @@ int64_t scan_strings(nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::d
   return int64_t(pos);
 }
 
+// UTF-8 check of a GGUF string array's items (workbench/gguf/reader.py): item i is the bytes
+// after its u64 length field at offsets[i] (relative to buf), up to the next field (the last:
+// to the end of buf). Strict, as Python's decoder: no overlong forms, no surrogates, nothing
+// above U+10FFFF. Returns the first invalid item, or -1.
+int64_t check_utf8(nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> buf,
+                   nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> offsets) {
+  const uint8_t* p = buf.data();
+  const int64_t size = buf.shape(0), n = offsets.shape(0);
+  const int64_t* off = offsets.data();
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t a = off[i] + 8;
+    const int64_t b = i + 1 < n ? off[i + 1] : size;
+    if (a > b || b > size) return i;
+    while (a < b) {
+      const uint8_t c = p[a];
+      if (c < 0x80) {
+        ++a;
+        continue;
+      }
+      int len;
+      uint32_t lo = 0x80, hi = 0xBF;  // bounds of the second byte
+      if (c >= 0xC2 && c <= 0xDF) len = 2;
+      else if (c == 0xE0) len = 3, lo = 0xA0;
+      else if (c == 0xED) len = 3, hi = 0x9F;
+      else if (c >= 0xE1 && c <= 0xEF) len = 3;
+      else if (c == 0xF0) len = 4, lo = 0x90;
+      else if (c == 0xF4) len = 4, hi = 0x8F;
+      else if (c >= 0xF1 && c <= 0xF3) len = 4;
+      else return i;
+      if (b - a < len || p[a + 1] < lo || p[a + 1] > hi) return i;
+      for (int k = 2; k < len; ++k)
+        if ((p[a + k] & 0xC0) != 0x80) return i;
+      a += len;
+    }
+  }
+  return -1;
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -940,6 +978,8 @@ NB_MODULE(_native, m) {
         "qmv with W a C-contiguous uint8 NumPy array [out, row_bytes] read in place (no copy; kept alive).");
   m.def("affine8_qmv", &affine8_qmv, "x"_a, "wq"_a, "scales"_a, "biases"_a,
         "x float32 [m <= 64, in] @ W.T for W in MLX affine 8-bit form (group 32) -> float32 [m, out].");
+  m.def("check_utf8", &check_utf8, "buf"_a, "offsets"_a.noconvert(),
+        "First GGUF string-array item (u64 length field at offsets[i] of buf) that is not valid UTF-8, or -1.");
   m.def("scan_strings", &scan_strings, "buf"_a, "start"_a, "offsets"_a.noconvert(),
         "Offsets of a GGUF string array's length fields into offsets (int64 [count]); the end, or -1 if truncated.");
 }

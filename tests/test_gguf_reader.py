@@ -132,6 +132,19 @@ def test_string_arrays_long_items_and_lookup_without_decoding(tmp_path):
         assert f.metadata.string_items("k", ["", "b"]) == (5, {""})
 
 
+@pytest.mark.parametrize("bad", [b"\xed\xa0\x80", b"\xe0\x80\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"\xf5\x80",
+                                 b"ok\xe2\x82", b"\x80"], ids=repr)
+def test_string_array_utf8_check_is_pythons(tmp_path, bad):
+    """Surrogates, overlong forms, code points past U+10FFFF, stray and cut sequences: refused
+    by the reader's check (native or not) exactly as Python's decoder refuses them."""
+    good = "\U0001f600 é ok".encode()
+    with pytest.raises(UnicodeDecodeError):
+        bad.decode("utf-8")
+    p = _write(tmp_path, build([enc_kv("k", 9, (8, [good, bad, good]))], [], b""))
+    with pytest.raises(GGUFError, match=r"'k'\[1\] is not valid UTF-8"):
+        GGUFFile(p)
+
+
 def test_alignment_honoured(tmp_path):
     kvs = [enc_kv("general.alignment", 4, 64)]
     p = _write(tmp_path, build(kvs, [enc_tensor("a", (4,), 0, 0), enc_tensor("b", (4,), 0, 64)], b"\1" * 80,

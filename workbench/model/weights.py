@@ -81,10 +81,12 @@ class Tensors:
         return name in self.f.tensors
 
     def float(self, name: str) -> mx.array:
-        """A float32 (or int32 for I32) copy in the logical shape."""
+        """A float32 (or int32 for I32) copy in the logical shape. The bytes are copied out of
+        the mapping now (``dequantize`` makes an MLX array of them), so the mapping's pages are
+        released at once; the widening itself is left to MLX's first evaluation (one graph
+        with the first forward, instead of one evaluation per tensor at load)."""
         info, raw = self.f.tensor(name), self.f.raw(name)
         out = dequantize(raw, info.ggml_type).reshape(info.shape)
-        mx.eval(out)
         release_pages(raw)
         return out
 

@@ -142,6 +142,17 @@ def test_linked_lock_and_chain_dir_are_refused(cache, tmp_path: Path, capsys) ->
     assert out.unchanged()
 
 
+def test_kv_import_of_a_fifo_does_not_block(cache, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mkfifo(src / "0000.kv")  # sorts first: the layout used to be read from it, blocking
+    err = one_line_error(capsys, "kv", "import", str(src), "--into", str(tmp_path / "into"))
+    assert "0000.kv: is a FIFO" in err
+    shutil.copy(cache[1], src)
+    rc, out, err = cli(capsys, "kv", "import", str(src), "--into", str(tmp_path / "into"), "--json")
+    assert rc == 0 and not err and len(json.loads(out)["saved"]) == 1
+
+
 # ---- 2. the lock: timeouts naming the holder; FIFO, directory, unreadable ------------------------------
 def test_lock_wait_times_out_naming_the_holder(cache, capsys, monkeypatch) -> None:
     d, _ = cache

@@ -32,6 +32,7 @@ from workbench.kv.chainstore import MAX_DEPTH
 from workbench.kv.header import TEXT_OFFSET, ExtFlag, KVHeader, parse_header
 from workbench.kv.inspection import file_layout, file_trailer, infer_layout, inspect_file, stored_text
 from workbench.kv.trailers import Trailer
+from workbench.safeopen import open_regular
 from workbench.kv.maintenance import MiB, verify_chain_file, verify_file
 from workbench.kv.store import KVStore
 from workbench.spec.statelayout import StateLayout
@@ -384,9 +385,23 @@ def _entry_layout(path: Path, model: Path | None) -> StateLayout:
         return layout
     if path.suffix == CHAIN_SUFFIX:
         return infer_layout(chain_summary(path))[0]
-    with open(path, "rb") as f:
-        header = parse_header(f.read(TEXT_OFFSET), str(path), os.fstat(f.fileno()).st_size)
-        return file_layout(f, header, str(path))[0]
+    try:
+        with open_regular(path) as f:  # a FIFO named *.kv must not block
+            header = parse_header(f.read(TEXT_OFFSET), str(path), os.fstat(f.fileno()).st_size)
+            return file_layout(f, header, str(path))[0]
+    except OSError as err:
+        raise KVFormatError(f"{path}: {err.strerror or err}") from None
+
+
+def _first_layout(files: list[Path], model: Path | None) -> StateLayout:
+    """``_entry_layout`` of the first of ``files`` it can be read from."""
+    errors = []
+    for path in files:
+        try:
+            return _entry_layout(path, model)
+        except KVFormatError as err:
+            errors.append(str(err))
+    raise WorkbenchError(f"no .kv file to take the layout from ({len(errors)} unreadable; first: {errors[0]})")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -403,7 +418,7 @@ def _import(args: argparse.Namespace) -> int:
     if not files:
         raise WorkbenchError(f"{args.src}: no .kv files to import")
     store = KVStore(args.into, budget_mb=None, kv_layout="chain", max_depth=args.max_depth)
-    saved = store.import_dir(args.src, _entry_layout(files[0], args.model))
+    saved = store.import_dir(args.src, _first_layout(files, args.model))
     entries = {e.path: e for e in store.entries()}
     rows = [{"path": str(p), "depth": entries[p].depth if p in entries else None,
              "bytes": entries[p].file_size if p in entries else 0} for p in saved]

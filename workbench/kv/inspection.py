@@ -30,7 +30,7 @@ def file_trailer(path: str | os.PathLike, header: KVHeader) -> Trailer:
     it does not parse); a few small reads."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as f:
+        with open_regular(name) as f:  # never blocks on a FIFO swapped in since the listing
             return read_trailer(f, header, name)
     except (OSError, KVFormatError) as err:
         msg = str(err) if isinstance(err, KVFormatError) else f"{name}: {err.strerror or err}"

@@ -153,6 +153,22 @@ def test_kv_import_of_a_fifo_does_not_block(cache, tmp_path: Path, capsys) -> No
     assert rc == 0 and not err and len(json.loads(out)["saved"]) == 1
 
 
+def test_a_fifo_in_place_of_a_chain_parent_does_not_block(tmp_path: Path, capsys) -> None:
+    from test_kv_chain import conversation
+
+    d = tmp_path / "kv"
+    st = KVStore(d, budget_mb=None, min_tokens=1, kv_layout="chain")
+    for state, text in conversation(2, step=200):
+        st.save(state, text, SaveReason.CONTINUED)
+    base, leaf = sorted(st.entries(), key=lambda e: e.tokens)
+    base.path.unlink()
+    os.mkfifo(base.path)  # the leaf's walk to its base used to block in open()
+    rc, out, err = cli(capsys, "kv", "verify", str(d))
+    assert rc == 1 and not err and "is a FIFO" in out
+    assert "is a FIFO" in one_line_error(capsys, "kv", "show", str(leaf.path))
+    assert cli(capsys, "kv", "gc", str(d), "--dry-run")[0] == 0
+
+
 # ---- 2. the lock: timeouts naming the holder; FIFO, directory, unreadable ------------------------------
 def test_lock_wait_times_out_naming_the_holder(cache, capsys, monkeypatch) -> None:
     d, _ = cache

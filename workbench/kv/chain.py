@@ -56,6 +56,7 @@ from workbench.kv.header import (
 )
 from workbench.kv.stream import Sink, f32_bytes, write_all
 from workbench.kv.trailers import Trailer, read_trailer
+from workbench.safeopen import open_regular
 from workbench.spec.statelayout import F32, StateLayout
 from workbench.state import LayerState, SessionState
 
@@ -112,7 +113,7 @@ def read_link(path: Path, trailer: bool = True) -> "Link":
     """Header, raw header bytes, chain reference and (``trailer``) footer of one chain file."""
     name = str(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, follow=False) as f:  # a FIFO or link in chain/ is foreign: never blocks
             head = f.read(TEXT_OFFSET)
             header = parse_header(head, name, os.fstat(f.fileno()).st_size)
             ref = read_ref(f, header, name)

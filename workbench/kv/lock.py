@@ -36,7 +36,7 @@ from workbench.safeopen import kind_of
 LOCK_NAME = ".lock"
 LOCK_TIMEOUT_S = 60.0  # seconds a lock wait lasts before giving up
 TIMEOUT_ENV = "WORKBENCH_KV_LOCK_TIMEOUT_S"
-POLL_S = 0.05  # seconds between tries while another process holds the lock
+POLL_S = 0.05  # the longest wait between tries while another process holds the lock (from 1 ms, doubling)
 HOLDER_BYTES = 512  # the most of the holder line written or read
 
 
@@ -170,6 +170,7 @@ class DirLock:
 
     def _acquire(self, fd: int, mode: int) -> None:
         deadline = time.monotonic() + self.timeout_s
+        pause = 0.001
         while True:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -181,7 +182,8 @@ class DirLock:
             if time.monotonic() >= deadline:
                 raise LockError(f"{self.path}: still locked after {self.timeout_s:g} s by {self.holder(fd)} "
                                 f"(set {TIMEOUT_ENV} to wait longer)")
-            time.sleep(POLL_S)
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_S)
 
     def _name_holder(self, fd: int) -> bool:
         """Write this process's holder line into the lock file (False: read-only, not written)."""

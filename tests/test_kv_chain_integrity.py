@@ -118,3 +118,14 @@ def test_unusable_leaf_logits_are_refused_as_a_flat_files_are(tmp_path) -> None:
     assert res.saved and read_link(res.path).ref.parent is not None
     with pytest.raises(KVLoadError, match="not finite"):
         st.load(res.path, SMALL, CTX)
+
+
+def test_a_link_in_place_of_a_chain_piece_is_never_followed(tmp_path) -> None:
+    st, conv = _chained(tmp_path)
+    base, mid, leaf = sorted(st.entries(), key=lambda e: e.tokens)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.kvd"
+    os.replace(mid.path, outside)
+    os.symlink(outside, mid.path)  # the same bytes, reached through a link
+    with pytest.raises(KVLoadError, match=f"{mid.path.name}.*symbolic link"):
+        st.load(leaf.path, SMALL, CTX)
+    assert outside.exists() and leaf.path.exists()

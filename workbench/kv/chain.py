@@ -244,7 +244,7 @@ def chain_tokens(leaf: Path) -> list[int]:
     """The whole token list of a chain entry (reads only the token pieces)."""
     tokens: list[int] = []
     for link in walk(leaf):
-        with open(link.path, "rb") as f:
+        with open_regular(link.path, follow=False) as f:
             f.seek(link.header.payload_offset + REF_BYTES)
             raw = f.read(PAYLOAD_HEADER_BYTES)
             check(len(raw) == PAYLOAD_HEADER_BYTES, str(link.path), "truncated chain payload header")
@@ -328,7 +328,7 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
             model_check(link)
     name = str(leaf)
     last = links[-1]
-    with open(leaf, "rb") as f:
+    with open_regular(leaf, follow=False) as f:
         text = read_text(f, last.header, name)
         f.seek(last.header.payload_offset + REF_BYTES)
         ph = PayloadHeader(*_PAYLOAD_HEADER.unpack(f.read(PAYLOAD_HEADER_BYTES)))
@@ -353,7 +353,7 @@ def read_chain(leaf: Path, layout: StateLayout, ctx: int | None = None, *, prefi
         leafmost = link is last
         P, Ti = link.ref.parent_tokens, link.header.tokens
         lname = str(link.path)
-        with open(link.path, "rb", buffering=0) as f:
+        with open_regular(link.path, follow=False) as f:
             fd = f.fileno()
             crc = _checker(link, text if leafmost else None) if verify else None
             at = link.header.payload_offset + REF_BYTES
@@ -414,7 +414,7 @@ def chain_summary(leaf: Path) -> PayloadSummary:
     """The whole state's payload header and row counts of a chain entry (no tensors)."""
     header, ref = read_chain_header(leaf)
     name = str(leaf)
-    with open(leaf, "rb") as f:
+    with open_regular(leaf, follow=False) as f:
         f.seek(header.payload_offset + REF_BYTES)
         raw = f.read(PAYLOAD_HEADER_BYTES)
         check(len(raw) == PAYLOAD_HEADER_BYTES, name, "truncated chain payload header")

@@ -12,7 +12,7 @@ import pytest
 
 from workbench.kv.checksum import ChunkCRC
 from workbench.kv.errors import KVFormatError
-from workbench.kv.stream import PIECE, Sink, Source
+from workbench.kv.stream import PIECE, WRITE_PIECE, Sink, Source
 
 CHUNK = 1 << 20  # checksum chunk in these tests: several per piece boundary
 
@@ -29,17 +29,19 @@ def _expected(data: bytes) -> list[int]:
 
 
 def test_sink_writes_every_piece_in_order_with_checksums_and_progress(tmp_path: Path) -> None:
-    data = _data(3 * PIECE + 12345)
+    data = _data(3 * WRITE_PIECE + 12345)
     crc, seen = ChunkCRC(CHUNK), []
     path = tmp_path / "out.bin"
     with open(path, "wb", buffering=0) as f:
         out = Sink(f, [crc], lambda done, total: seen.append(done), len(data) + 10)
         assert out.put(b"0123456789") == 10  # small: inline
         assert out.put(data) == len(data)  # several pieces: pipelined
-        assert out.n == len(data) + 10
-    assert path.read_bytes() == b"0123456789" + data
-    assert crc.finish() == _expected(b"0123456789" + data)
-    assert seen == sorted(seen) and seen[-1] == len(data) + 10 and len(seen) == 1 + 4
+        assert out.put_many(iter([b"ab", data[:5], b""])) == 7  # many buffers: one pipeline
+        assert out.n == len(data) + 17
+    written = b"0123456789" + data + b"ab" + data[:5]
+    assert path.read_bytes() == written
+    assert crc.finish() == _expected(written)
+    assert seen == sorted(seen) and seen[-1] == len(written) and len(seen) == 1 + 4 + 2
 
 
 def test_source_fills_many_pieces_and_verifies_while_streaming(tmp_path: Path) -> None:
@@ -94,17 +96,36 @@ def test_streams_work_on_in_memory_files() -> None:
 
 def _write_in_child(q) -> None:  # runs in a forked child
     buf = io.BytesIO()
-    Sink(buf, [ChunkCRC(CHUNK)]).put(b"y" * (3 * PIECE))
+    Sink(buf, [ChunkCRC(CHUNK)]).put(b"y" * (3 * WRITE_PIECE))
     q.put(len(buf.getvalue()))
 
 
 def test_a_forked_child_gets_its_own_helper_thread() -> None:
     import multiprocessing
 
-    Sink(io.BytesIO(), [ChunkCRC(CHUNK)]).put(b"x" * (3 * PIECE))  # the parent's helper thread exists
+    Sink(io.BytesIO(), [ChunkCRC(CHUNK)]).put(b"x" * (3 * WRITE_PIECE))  # the parent's helper thread exists
     mp = multiprocessing.get_context("fork")
     q = mp.Queue()
     p = mp.Process(target=_write_in_child, args=(q,))
     p.start()
     p.join(30)
-    assert p.exitcode == 0 and q.get(timeout=1) == 3 * PIECE
+    assert p.exitcode == 0 and q.get(timeout=1) == 3 * WRITE_PIECE
+
+
+class _Failing:
+    """A hasher that raises on its second piece."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def update(self, data: memoryview, what: str = "") -> None:
+        self.calls += 1
+        if self.calls == 2:
+            raise ValueError("hasher broke")
+
+
+def test_a_hasher_error_surfaces_after_every_piece_is_written() -> None:
+    buf, data = io.BytesIO(), _data(3 * WRITE_PIECE)
+    with pytest.raises(ValueError, match="hasher broke"):
+        Sink(buf, [_Failing()]).put(data)
+    assert buf.getvalue() == data  # written in order; the error comes when the call returns

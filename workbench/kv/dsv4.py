@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import astuple, dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -157,18 +157,20 @@ def write_payload(f: BinaryIO, state: SessionState, crc: ChunkCRC | None = None,
         raise KVFormatError("cannot serialize session state: " + "; ".join(problems[:5]))
     lay, T = state.layout, state.n_tokens
     out = Sink(f, [crc] if crc is not None else [])
-    out.put(PayloadHeader.for_state(state).pack())
-    out.put(np.asarray(state.tokens, dtype="<u4").tobytes())
-    out.put(f32_bytes(state.logits))
-    out.put(struct.pack(f"<{lay.n_layer}I", *(lay.n_comp(L, T) for L in range(lay.n_layer))))
-    out.put(struct.pack(f"<{lay.n_layer}I", *(lay.n_idx(L, T) for L in range(lay.n_layer))))
     total = payload_bytes(state)
-    for ls in state.layers:
-        for _, arr in ls.tensors():
-            if arr.size:  # e.g. no ratio-128 rows below 128 tokens
-                out.put(f32_bytes(arr))
-        if progress is not None:
-            progress(out.n, total)
+
+    def fields() -> Iterator[bytes | memoryview]:
+        """The payload's fields in file order (one pipelined write); progress after each layer."""
+        yield (PayloadHeader.for_state(state).pack() + np.asarray(state.tokens, dtype="<u4").tobytes())
+        yield f32_bytes(state.logits)
+        yield struct.pack(f"<{2 * lay.n_layer}I", *(lay.n_comp(L, T) for L in range(lay.n_layer)),
+                          *(lay.n_idx(L, T) for L in range(lay.n_layer)))
+        for ls in state.layers:
+            yield from (f32_bytes(arr) for _, arr in ls.tensors() if arr.size)  # e.g. no ratio-128 rows < 128 tok
+            if progress is not None:
+                progress(out.n, total)
+
+    out.put_many(fields())
     return out.n
 
 

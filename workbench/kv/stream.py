@@ -1,16 +1,21 @@
 """The one streaming reader and writer both checkpoint payloads (DSV4, DSVL) use.
 
-Bytes move in pieces of ``PIECE`` (2 MiB), and every piece is fed to the stream's
-checksums while it is still in cache: the writer (``Sink``) hashes what it writes, the
-reader (``Source``) what it reads, straight into the caller's buffer (``readinto``, no
-payload-sized copy). The reader keeps a byte budget (the header's payload size), so a
-field that would run past it fails before any read, naming the field.
+Bytes move in pieces and every piece is fed to the stream's checksums while it is still
+in cache: the writer (``Sink``) hashes what it has just written, the reader (``Source``)
+what it has just read, straight into the caller's buffer (``readinto``, no payload-sized
+copy). The reader keeps a byte budget (the header's payload size), so a field that would
+run past it fails before any read, naming the field.
 
-When a write or read spans several pieces and there are checksums to compute, the system
-calls run on one helper thread (``os.write``/``readinto`` release the GIL) while this
-thread hashes: piece k+1 is hashed while piece k is written, piece k is hashed while piece
-k+1 is read. Pieces still move in file order, one system call at a time, and every call
-returns only after its last piece has moved (no I/O left in flight, whatever it raises).
+The writer moves ``WRITE_PIECE`` (8 MiB) per ``os.write``; with checksums to compute, a
+helper thread hashes each piece right after this thread has written it (the kernel's copy
+into the page cache has just pulled it into the CPU cache; ``xxhash`` and ``zlib`` release
+the GIL), so hashing overlaps the next write and never reads the state's bytes cold from
+memory. ``Sink.put_many`` keeps that pipeline across many tensors. The reader moves
+``PIECE`` (2 MiB) per call: when a read spans several pieces and there are checksums, the
+reads run on the helper thread while this thread hashes (piece k is hashed while piece k+1
+is read). Pieces move in file order, one system call at a time, and every call returns only
+after its last piece has moved and been hashed (no I/O or hashing left in flight, whatever
+it raises).
 """
 
 from __future__ import annotations
@@ -18,22 +23,25 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Sequence
+from queue import SimpleQueue
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
 
 from workbench.kv.checksum import Hasher
 from workbench.kv.errors import KVFormatError
 
-PIECE = 2 * 1024 * 1024  # bytes moved (and hashed while in cache) per read or write
+PIECE = 2 * 1024 * 1024  # bytes moved (and hashed while in cache) per read
+WRITE_PIECE = 8 * 1024 * 1024  # bytes per write (hashed right after, while in cache)
 Progress = Callable[[int, int], None]  # (bytes done, bytes total), called as bytes stream
 _io_pool: ThreadPoolExecutor | None = None
 _io_pool_lock = threading.Lock()
 
 
 def _io() -> ThreadPoolExecutor:
-    """The helper thread the pipelined reads and writes run their system calls on (made
-    on first use; one thread, so one process's streams share it in call order)."""
+    """The helper thread the pipelined reads run their system calls on, and the pipelined
+    writes their hashing (made on first use; one thread, so one process's streams share it
+    in call order)."""
     global _io_pool
     with _io_pool_lock:
         if _io_pool is None:
@@ -83,7 +91,8 @@ def f32_bytes(arr: Any) -> memoryview:
 
 class Sink:
     """Writes to ``f`` piece by piece, feeding every piece to ``hashers`` (and to the
-    per-call ones given to ``put``); ``progress`` gets (bytes written, ``total``) per piece."""
+    per-call ones given to ``put``/``put_many``) right after it is written; ``progress``
+    gets (bytes written, ``total``) per piece."""
 
     def __init__(self, f: BinaryIO, hashers: Sequence[Hasher] = (), progress: Progress | None = None,
                  total: int = 0) -> None:
@@ -91,35 +100,61 @@ class Sink:
         self.n = 0  # bytes written
 
     def put(self, data: bytes | memoryview, *also: Hasher) -> int:
-        """Write ``data``; return its length (every byte is written when it returns)."""
+        """Write ``data``; return its length (every byte is written and hashed when it returns)."""
         mv = memoryview(data).cast("B")
+        if len(mv) > WRITE_PIECE:
+            return self.put_many((mv,), *also)
         hashers = self.hashers + also
-        if len(mv) <= PIECE or not hashers:
-            for at in range(0, len(mv), PIECE):
-                piece = mv[at:at + PIECE]
-                for h in hashers:
-                    h.update(piece)
-                self._wrote(write_all(self.f, piece))
-            return len(mv)
-        pending: Future | None = None
-        try:
-            for at in range(0, len(mv), PIECE):
-                piece = mv[at:at + PIECE]
-                for h in hashers:  # while the previous piece is being written
-                    h.update(piece)
-                if pending is not None:
-                    self._wrote(pending.result())
-                pending = _io().submit(write_all, self.f, piece)
-            self._wrote(pending.result())
-            pending = None
-        finally:
-            _settle(pending)
+        self._wrote(write_all(self.f, mv))
+        for h in hashers:
+            h.update(mv)
         return len(mv)
+
+    def put_many(self, datas: Iterable[bytes | memoryview], *also: Hasher) -> int:
+        """Write each buffer of ``datas`` in order (a generator may yield them as it goes);
+        return the bytes written. With checksums, the helper thread hashes each piece after
+        it is written while this thread writes the next; every byte is written and hashed
+        when it returns."""
+        hashers = self.hashers + also
+        written: SimpleQueue[memoryview | None] = SimpleQueue()
+        hashing = _io().submit(_hash_pieces, written, hashers) if hashers else None
+        n = 0
+        try:
+            for data in datas:
+                mv = memoryview(data).cast("B")
+                for at in range(0, len(mv), WRITE_PIECE):
+                    piece = mv[at:at + WRITE_PIECE]
+                    self._wrote(write_all(self.f, piece))
+                    written.put(piece)
+                n += len(mv)
+        except BaseException:
+            written.put(None)
+            _settle(hashing)
+            raise
+        written.put(None)
+        if hashing is not None:
+            hashing.result()
+        return n
 
     def _wrote(self, n: int) -> None:
         self.n += n
         if self.progress is not None:
             self.progress(self.n, self.total)
+
+
+def _hash_pieces(written: SimpleQueue, hashers: tuple[Hasher, ...]) -> None:
+    """Feed each piece taken from ``written`` to ``hashers``, in order, until None (on the
+    helper thread); after a hasher raises, drain the rest unhashed, then raise its error."""
+    error: BaseException | None = None
+    while (piece := written.get()) is not None:
+        if error is None:
+            try:
+                for h in hashers:
+                    h.update(piece)
+            except BaseException as e:  # re-raised once the writer has finished
+                error = e
+    if error is not None:
+        raise error
 
 
 class Source:

@@ -115,10 +115,12 @@ class Attention:
                     cmask = cmask & allowed[b:e, :nc]
                 mask = mx.concatenate([mask, cmask], axis=1)
                 keys = mx.concatenate([keys, rows])
-            s = mx.where(mask, (q[:, b:e] @ keys.T) * scale, -mx.inf)  # [H, B, N]
+            # the heads share the keys: one [H·B, Dh] @ [Dh, N] product, not H small ones
+            s = (q[:, b:e].reshape(heads * (e - b), dh) @ keys.T).reshape(heads, e - b, -1)
+            s = mx.where(mask, s * scale, -mx.inf)  # [H, B, N]
             s = mx.concatenate([mx.broadcast_to(sink, (heads, e - b, 1)), s], axis=-1)
             p = mx.softmax(s, axis=-1)[..., 1:]  # the sink takes probability mass, no value
-            outs.append(p @ keys)
+            outs.append((p.reshape(heads * (e - b), -1) @ keys).reshape(heads, e - b, dh))
             if len(outs) > 1:
                 mx.eval(outs[-1])
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)

@@ -129,3 +129,25 @@ def test_a_hasher_error_surfaces_after_every_piece_is_written() -> None:
     with pytest.raises(ValueError, match="hasher broke"):
         Sink(buf, [_Failing()]).put(data)
     assert buf.getvalue() == data  # written in order; the error comes when the call returns
+
+
+@pytest.mark.parametrize("algorithm", [1, 2])
+def test_chunk_checksums_do_not_depend_on_how_the_bytes_are_fed(algorithm: int) -> None:
+    """Whole chunks (hashed in one call), chunks completed across calls and a short last
+    chunk give each chunk's own checksum, computed here independently."""
+    import zlib
+
+    xxhash = pytest.importorskip("xxhash") if algorithm == 2 else None
+    chunk, data = 4096, _data(5 * 4096 + 777, seed=3)
+    one = (lambda b: zlib.crc32(b)) if algorithm == 1 else (lambda b: xxhash.xxh3_64_intdigest(b) & 0xFFFFFFFF)
+    want = [one(data[at:at + chunk]) for at in range(0, len(data), chunk)]
+    cuts = [0, 1, 100, 4096, 4097, 3 * 4096 + 5, 3 * 4096 + 5, 5 * 4096, len(data)]  # empty, partial, whole
+    crc = ChunkCRC(chunk, algorithm=algorithm)
+    for a, b in zip(cuts, cuts[1:]):
+        crc.update(memoryview(data)[a:b])
+    assert crc.finish() == want
+    bad = bytearray(data)
+    bad[2 * 4096 + 9] ^= 1
+    check = ChunkCRC(chunk, expected=want, name="f.kv", algorithm=algorithm)
+    with pytest.raises(KVFormatError, match=r"f\.kv: payload checksum mismatch in chunk 2 \(payload bytes 8192\.\.12287"):
+        check.update(bytes(bad), "layer 3 comp")

@@ -83,6 +83,11 @@ class _XXH3Low32:
         return self._h.intdigest() & 0xFFFFFFFF
 
 
+def _xxh3_low32(data: memoryview) -> int:
+    """The low 32 bits of XXH3-64 (seed 0) of ``data`` in one call."""
+    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
+
+
 def footer_bytes(payload_len: int, chunk_bytes: int = CHECKSUM_CHUNK) -> int:
     """Size of the footer for a payload of ``payload_len`` bytes."""
     return legacy_trailer_bytes(payload_len, chunk_bytes) + FINGERPRINT_BYTES + _FOOTER_TAIL.size
@@ -122,6 +127,7 @@ class ChunkCRC:
         self.chunk_bytes = chunk_bytes
         self.algorithm = algorithm
         self._new = _XXH3Low32 if algorithm == XXH3_LOW32 else CRC32
+        self._digest = _xxh3_low32 if algorithm == XXH3_LOW32 else zlib.crc32  # of one whole chunk
         self.crcs: list[int] = []
         self.expected = expected
         self.name = name
@@ -130,23 +136,34 @@ class ChunkCRC:
 
     def update(self, data: memoryview | bytes, what: str = "") -> None:
         mv = memoryview(data).cast("B")
-        while len(mv):
-            take = min(len(mv), self.chunk_bytes - self._fill)
+        cb = self.chunk_bytes
+        if self._fill:  # complete the open chunk first
+            take = min(len(mv), cb - self._fill)
             self._crc.update(mv[:take])
             self._fill += take
             mv = mv[take:]
-            if self._fill == self.chunk_bytes:
-                self._close(what)
+            if self._fill < cb:
+                return
+            self._close(what)
+        whole = len(mv) - len(mv) % cb
+        for lo in range(0, whole, cb):  # whole chunks: one call each, no running state
+            self._append(self._digest(mv[lo:lo + cb]), cb, what)
+        if whole < len(mv):
+            self._crc.update(mv[whole:])
+            self._fill = len(mv) - whole
 
     def _close(self, what: str) -> None:
+        self._append(self._crc.value, self._fill, what)
+        self._crc, self._fill = self._new(), 0
+
+    def _append(self, value: int, size: int, what: str) -> None:
+        """Record (and check) the checksum of the next chunk, ``size`` bytes long."""
         i = len(self.crcs)
-        value = self._crc.value
         if self.expected is not None and (i >= len(self.expected) or self.expected[i] != value):
             lo = i * self.chunk_bytes
             raise KVFormatError(f"{self.name}: payload checksum mismatch in chunk {i} (payload bytes {lo}.."
-                                f"{lo + self._fill - 1}, while reading {what or 'the payload'})")
+                                f"{lo + size - 1}, while reading {what or 'the payload'})")
         self.crcs.append(value)
-        self._crc, self._fill = self._new(), 0
 
     def finish(self, what: str = "end of payload") -> list[int]:
         if self._fill:

@@ -27,3 +27,14 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     else:
         monkeypatch.setattr(quants, "_NATIVE", None)
     return request.param
+
+
+@pytest.fixture
+def on_cpu():
+    """Run MLX on the CPU (float32 matmuls), whatever the default device."""
+    import mlx.core as mx
+
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)

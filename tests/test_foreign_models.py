@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
@@ -52,15 +51,6 @@ MODELS = {
     "mixed": [MX, Q4, Q2, Q8],
 }
 TOKENS = [3, 141, 59, 26, 53, 58, 97, 93, 23, 84]
-
-
-@pytest.fixture
-def on_cpu():
-    """Run MLX on the CPU (float32 matmuls), whatever the default device."""
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
 
 
 @pytest.fixture(scope="module", params=list(MODELS))

@@ -413,15 +413,6 @@ def tiny_ref(tiny_gguf) -> npref.RefModel:
     return npref.RefModel(tiny_gguf)
 
 
-@pytest.fixture
-def on_cpu():
-    """Run MLX on the CPU (float32 matmuls), whatever the default device."""
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
-
-
 @pytest.fixture(scope="module")
 def lockstep(tiny_gguf, tiny_ref):
     """MLX prefill in chunks of LOCKSTEP_CHUNK, then DECODE_STEPS one-token steps, with the
